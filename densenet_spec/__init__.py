@@ -457,3 +457,21 @@ def check_state(p: Preset, shapes: Dict[str, Tuple[int, ...]]) -> None:
     misshapen = [(n, s, found[n]) for n, s in expected.items() if n in found and found[n] != s]
     if missing or unexpected or misshapen:
         raise StateMismatchError(missing, unexpected, misshapen)
+
+
+_LEGACY = None
+
+
+def remap_legacy_keys(state: Dict[str, object]) -> Dict[str, object]:
+    """Rename old-style torchvision keys (``denselayer1.norm.1.weight``) to the current ones
+    (``denselayer1.norm1.weight``), as torchvision's loader does; other keys pass unchanged."""
+    import re
+    global _LEGACY
+    if _LEGACY is None:
+        _LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|"
+                             r"running_mean|running_var))$")
+    out = {}
+    for k, v in state.items():
+        m = _LEGACY.match(k)
+        out[m.group(1) + m.group(2) if m else k] = v
+    return out

@@ -92,3 +92,57 @@ def book_examples(variant: str = "torch") -> dict:
     Y = DenseBlock(2, 3, 10)(X)
     Z = transition_block(23, 10)(Y)
     return {"dense_block": list(Y.shape), "transition": list(Z.shape)}
+
+
+# ---------------------------------------------------------------- numbers (same weights)
+# Every function below builds ``config``, loads the canonical ``state``, and works on the
+# canonical NCHW float32 input ``x``. Loss: mean softmax cross-entropy of the logits against
+# integer ``labels``. SGD: plain, no momentum, no weight decay (the book's optimiser).
+
+def _loaded(config, state, memory_efficient=False):
+    from densenet_torch.state import load_state
+    model = _build(config, memory_efficient=memory_efficient)
+    load_state(model, state)
+    return model
+
+
+def forward(config: dict, state: dict, x, train: bool = False, variant: str = "torch",
+            memory_efficient: bool = False) -> dict:
+    """Every stage's output (canonical NCHW) for eval mode or train mode (batch statistics)."""
+    model = _loaded(config, state, memory_efficient).train(train)
+    with torch.no_grad():
+        out = model.forward_stages(torch.as_tensor(x))
+    return {"arrays": {k: v.numpy() for k, v in out.items()}}
+
+
+def gradients(config: dict, state: dict, x, labels, variant: str = "torch",
+              memory_efficient: bool = False) -> dict:
+    """Train-mode loss and its gradient for every trainable parameter (canonical names)."""
+    model = _loaded(config, state, memory_efficient).train()
+    loss = torch.nn.functional.cross_entropy(model(torch.as_tensor(x)),
+                                             torch.as_tensor(labels, dtype=torch.int64))
+    loss.backward()
+    return {"loss": loss.item(), "arrays": {k: p.grad.numpy().copy()
+                                            for k, p in model.named_parameters()}}
+
+
+def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: str = "torch",
+               memory_efficient: bool = False) -> dict:
+    """One SGD step in train mode: the loss and the new canonical state (parameters and
+    BatchNorm running statistics)."""
+    from densenet_torch.state import export_state
+    model = _loaded(config, state, memory_efficient).train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(torch.as_tensor(x)),
+                                             torch.as_tensor(labels, dtype=torch.int64))
+    loss.backward()
+    opt.step()
+    return {"loss": loss.item(), "arrays": export_state(model)}
+
+
+def init_state(config: dict, seed: int = 0, variant: str = "torch") -> dict:
+    """A freshly initialised model's canonical state (the framework's own initialisers)."""
+    from densenet_torch.state import export_state
+    torch.manual_seed(seed)
+    return {"arrays": export_state(_build(config))}

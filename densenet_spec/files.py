@@ -1,0 +1,43 @@
+"""Canonical state files: safetensors, float32, torchvision names, PyTorch layout.
+
+Needs numpy and safetensors (both environments have them); no deep-learning framework.
+No pickle ever crosses a framework boundary: these files hold tensors and a JSON header.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+import densenet_spec as spec
+
+FORMAT = "densenet-suite/canonical-v1"
+
+
+def save_state(state: Dict[str, np.ndarray], path, config: Optional[spec.Preset] = None) -> None:
+    """Write a canonical state (name -> float32 array) to a safetensors file."""
+    from safetensors.numpy import save_file
+    meta = {"format": FORMAT}
+    if config is not None:
+        meta["config"] = json.dumps(config.to_dict())
+    arrays = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
+    tmp = f"{os.fspath(path)}.tmp"
+    save_file(arrays, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_state(path) -> Tuple[Dict[str, np.ndarray], Optional[spec.Preset]]:
+    """Read a canonical safetensors file: (state, config or None)."""
+    from safetensors import safe_open
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such state file: {path}")
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own types for a non-safetensors file
+        raise ValueError(f"{path} is not a safetensors file ({e})") from None
+    cfg = meta.get("config")
+    return state, (spec.Preset.from_dict(json.loads(cfg)) if cfg else None)
