@@ -23,6 +23,16 @@ def versions() -> dict:
     return {"torch": torch.__version__, "numpy": np.__version__}
 
 
+#: None: memory_efficient=True is supported; otherwise a line saying why not.
+MEMORY_EFFICIENT = None
+
+
+def info(variant: str = "torch") -> dict:
+    """Backend, device, versions and the memory-efficient mode's status, for reports."""
+    return {"backend": BACKEND, "variant": variant, "device": device(), "versions": versions(),
+            "memory_efficient": MEMORY_EFFICIENT}
+
+
 def _build(config: dict, memory_efficient=False, **_) -> DenseNet:
     cfg = spec.Preset.from_dict(config)
     return DenseNet(**cfg.options(), memory_efficient=memory_efficient, name=cfg.name)

@@ -1,0 +1,1 @@
+"""The parity suite and the parity report for densenet-suite."""

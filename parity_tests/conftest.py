@@ -1,0 +1,69 @@
+"""Fixtures: one adapter per backend for the whole session (the MXNet one is a worker process).
+
+A backend that cannot run is a loud skip that names the command that builds it, except where
+DENSENET_REQUIRE_MXNET=1 (CI): there a missing MXNet environment fails the test.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from parity_tests.backends import (BACKEND_NAMES, MXNET_HINT, BackendUnavailable, make_backend,
+                                   mxnet_python)
+
+_cache = {}
+
+
+def get_backend(name):
+    if name == "mxnet" and mxnet_python() is None:
+        if os.environ.get("DENSENET_REQUIRE_MXNET") == "1":
+            pytest.fail(f"DENSENET_REQUIRE_MXNET=1 but: {MXNET_HINT}")
+        pytest.skip(MXNET_HINT)
+    if name not in _cache:
+        _cache[name] = make_backend(name)
+    b = _cache[name]
+    try:
+        b.call("info")
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+    return b
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request):
+    """Every backend in turn: torch, mxnet (worker), flax-nnx, flax-linen."""
+    return get_backend(request.param)
+
+
+@pytest.fixture
+def backends():
+    """All backends at once, for cross-backend comparisons."""
+    return [get_backend(n) for n in BACKEND_NAMES]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for b in _cache.values():
+        b.close()
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def jax_gpu_available() -> bool:
+    try:
+        import jax
+        return any(d.platform == "gpu" for d in jax.devices())
+    except Exception:
+        return False
+
+
+requires_cuda = pytest.mark.skipif(not cuda_available(),
+                                   reason="no NVIDIA GPU: torch.cuda.is_available() is False")
+requires_jax_gpu = pytest.mark.skipif(not jax_gpu_available(),
+                                      reason="no NVIDIA GPU: jax.devices() has no gpu device")
