@@ -221,7 +221,7 @@ def check_layer_args(num_convs=None, input_channels=None, num_channels=None, bn_
     if input_channels is not None:
         _positive_int("input_channels", input_channels)
     if num_channels is not None:
-        _positive_int("num_channels (growth rate)", num_channels)
+        _positive_int("num_channels", num_channels)
     if bn_size is not None:
         _positive_int("bn_size", bn_size)
 

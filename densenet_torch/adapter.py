@@ -156,3 +156,22 @@ def init_state(config: dict, seed: int = 0, variant: str = "torch") -> dict:
     from densenet_torch.state import export_state
     torch.manual_seed(seed)
     return {"arrays": export_state(_build(config))}
+
+
+def roundtrip(config: dict, state: dict, variant: str = "torch") -> dict:
+    """Load a canonical state into a fresh model and export it again."""
+    from densenet_torch.state import export_state
+    return {"arrays": export_state(_loaded(config, state))}
+
+
+def load_error(config: dict, state: dict, variant: str = "torch"):
+    """Try to load ``state``; the error the user sees (or None), and whether the model kept its
+    own weights untouched (all-or-nothing loading)."""
+    from densenet_torch.state import export_state, load_state
+    model = _build(config)
+    before = export_state(model)
+    err = _error(lambda: load_state(model, state))
+    after = export_state(model)
+    if err is not None:
+        err["unchanged"] = all(np.array_equal(before[k], after[k]) for k in before)
+    return err

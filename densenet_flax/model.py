@@ -1,0 +1,337 @@
+"""DenseNet in Flax NNX: the book's pieces (conv_block, DenseBlock, transition_block) and the
+paper's DenseNet / DenseNet-BC family, with torchvision's tensor names.
+
+Read side by side with densenet_torch/model.py and densenet_mxnet/model.py: same names, same
+order, same options. Layout: NHWC (kernels HWIO). The book's linen version is
+densenet_flax/linen.py.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import densenet_spec as spec
+from densenet_spec import DenseNetInputError  # noqa: F401  (re-exported)
+
+__all__ = ["conv_block", "DenseBlock", "transition_block", "DenseNet", "build",
+           "book", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
+           "densenet40", "densenet_bc100", "densenet_bc250", "densenet_bc190"]
+
+
+# ---- BatchNorm with PyTorch's semantics. Why not nnx.BatchNorm: it updates the running
+# variance with the *biased* batch variance (and, by default, computes it as E[x^2] - E[x]^2);
+# PyTorch, whose behaviour is the canonical one, normalises with the biased variance but
+# updates the running variance with the *unbiased* one (times n / (n - 1), n = N * H * W), so
+# a ported training run would drift. These two functions are shared with linen.py.
+
+def batch_moments(x):
+    """Per-channel (last axis) mean, biased variance (to normalise with) and unbiased variance
+    (for the running average), as PyTorch computes them."""
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    var = jnp.mean(jnp.square(x - mean), axis=axes)
+    n = x.size // x.shape[-1]
+    return mean, var, var * (n / max(n - 1, 1))
+
+
+def normalize(x, mean, var, scale, bias, eps=spec.BN_EPS):
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over the channel (last) axis: params scale, bias; batch stats mean, var.
+    eps 1e-5; running = 0.9 * running + 0.1 * batch (PyTorch's momentum 0.1)."""
+
+    def __init__(self, num_features, *, use_running_average=False,
+                 momentum=1.0 - spec.TORCH_BN_MOMENTUM, epsilon=spec.BN_EPS):
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.use_running_average = use_running_average  # set by model.train() / model.eval()
+        self.momentum, self.epsilon = momentum, epsilon
+
+    def __call__(self, x):
+        if self.use_running_average:
+            return normalize(x, self.mean.value, self.var.value, self.scale.value,
+                             self.bias.value, self.epsilon)
+        mean, var, unbiased = batch_moments(x)
+        m = self.momentum
+        self.mean.value = jax.lax.stop_gradient(m * self.mean.value + (1 - m) * mean)
+        self.var.value = jax.lax.stop_gradient(m * self.var.value + (1 - m) * unbiased)
+        return normalize(x, mean, var, self.scale.value, self.bias.value, self.epsilon)
+
+    def set_view(self, use_running_average: bool | None = None):
+        """For nnx.view(model, use_running_average=...), like nnx.BatchNorm."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+def _batch_norm(channels):
+    # Our BatchNorm: eps 1e-5, PyTorch's momentum, unbiased running variance (see above).
+    return BatchNorm(channels)
+
+
+class Sequential(nnx.Module):
+    """Named layers applied in order, like torch's nn.Sequential(OrderedDict(...)). (nnx.Sequential
+    names its layers 0, 1, ...; we want torchvision's names in the state.) Layers are modules or
+    plain functions (nnx.relu, the pools); functions hold no state."""
+
+    def __init__(self, layers):
+        self._names = ()
+        for name, layer in layers.items():
+            self.add_module(name, layer)
+
+    def add_module(self, name, layer):
+        setattr(self, name, layer)
+        self._names += (name,)
+
+    def named_children(self):
+        return [(name, getattr(self, name)) for name in self._names]
+
+    def __getitem__(self, i):
+        return getattr(self, self._names[i])
+
+    def __call__(self, X):
+        for _, layer in self.named_children():
+            X = layer(X)
+        return X
+
+
+def _conv(input_channels, num_channels, kernel_size, bias, rngs, stride=1, padding=0):
+    # Explicit symmetric padding as in PyTorch: Flax's padding='SAME' with stride 2 pads
+    # asymmetrically (more at the end) and would shift every output pixel of the stem.
+    return nnx.Conv(input_channels, num_channels, kernel_size=(kernel_size, kernel_size),
+                    strides=(stride, stride), padding=((padding, padding), (padding, padding)),
+                    use_bias=bias, rngs=rngs)
+
+
+def _max_pool_3x3_s2(X):
+    # nn.MaxPool2d(kernel_size=3, stride=2, padding=1): Flax pads a max pool with -inf.
+    return nnx.max_pool(X, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _avg_pool_2x2_s2(X):
+    # nn.AvgPool2d(kernel_size=2, stride=2): no padding, an odd last row / column is dropped.
+    return nnx.avg_pool(X, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+
+def conv_block(input_channels, num_channels, bn_size=None, drop_rate=0.0, bias=True, *, rngs):
+    """The book's BN-ReLU-3x3 conv; with ``bn_size``, the paper's bottleneck layer
+    BN-ReLU-1x1 conv (bn_size * num_channels) - BN-ReLU-3x3 conv (num_channels).
+    ``drop_rate`` adds dropout after the new feature map (active in training only)."""
+    spec.check_layer_args(input_channels=input_channels, num_channels=num_channels, bn_size=bn_size)
+    layers = OrderedDict()
+    if bn_size is None:
+        layers["norm1"] = _batch_norm(input_channels)
+        layers["relu1"] = nnx.relu
+        layers["conv1"] = _conv(input_channels, num_channels, 3, bias, rngs, padding=1)
+    else:
+        width = bn_size * num_channels
+        layers["norm1"] = _batch_norm(input_channels)
+        layers["relu1"] = nnx.relu
+        layers["conv1"] = _conv(input_channels, width, 1, bias, rngs)
+        layers["norm2"] = _batch_norm(width)
+        layers["relu2"] = nnx.relu
+        layers["conv2"] = _conv(width, num_channels, 3, bias, rngs, padding=1)
+    if drop_rate:
+        layers["drop"] = nnx.Dropout(drop_rate, rngs=rngs)
+    return Sequential(layers)
+
+
+# ---- memory-efficient mode: recompute concat + first BN-ReLU-conv in the backward pass.
+# nnx.remat is jax.checkpoint lifted over modules: the modules' state goes in as inputs and the
+# updated BatchNorm running statistics come out as outputs, computed once, by the forward pass.
+# The backward pass recomputes values for the gradient only; being functional, it has no
+# side effect to repeat, so the running statistics get exactly one update per step (the bug
+# PyTorch must work around with a flag has no way to happen here; the parity tests check it).
+
+def _first(norm, conv, *features):
+    return conv(nnx.relu(norm(jnp.concatenate(features, axis=-1))))
+
+
+_first_checkpointed = nnx.remat(_first)
+
+
+class DenseBlock(nnx.Module):
+    """``num_convs`` conv_blocks; each one's input is the concatenation (channel axis) of the
+    block input and all earlier outputs. Output channels: input_channels + num_convs * num_channels.
+    """
+
+    def __init__(self, num_convs, input_channels, num_channels, bn_size=None, drop_rate=0.0,
+                 bias=True, memory_efficient=False, *, rngs):
+        spec.check_layer_args(num_convs=num_convs, input_channels=input_channels,
+                              num_channels=num_channels, bn_size=bn_size)
+        self.memory_efficient = memory_efficient
+        self.num_convs = num_convs
+        for i in range(num_convs):
+            setattr(self, f"denselayer{i + 1}",
+                    conv_block(input_channels + i * num_channels, num_channels,
+                               bn_size=bn_size, drop_rate=drop_rate, bias=bias, rngs=rngs))
+
+    def children(self):
+        return [getattr(self, f"denselayer{i + 1}") for i in range(self.num_convs)]
+
+    def __call__(self, X):
+        features = [X]
+        first = _first_checkpointed if self.memory_efficient else _first
+        for layer in self.children():
+            Y = first(layer.norm1, layer.conv1, *features)
+            for name, module in layer.named_children():
+                if name not in ("norm1", "relu1", "conv1"):
+                    Y = module(Y)
+            features.append(Y)
+        return jnp.concatenate(features, axis=-1)
+
+
+def transition_block(input_channels, num_channels, bias=True, *, rngs):
+    """BN-ReLU-1x1 conv to ``num_channels``, then 2x2 average pooling with stride 2."""
+    spec.check_layer_args(input_channels=input_channels, num_channels=num_channels)
+    return Sequential(OrderedDict([
+        ("norm", _batch_norm(input_channels)),
+        ("relu", nnx.relu),
+        ("conv", _conv(input_channels, num_channels, 1, bias, rngs)),
+        ("pool", _avg_pool_2x2_s2),
+    ]))
+
+
+class DenseNet(nnx.Module):
+    """The DenseNet family. ``features`` holds stem, dense blocks, transitions and the final
+    BatchNorm under torchvision's names; ``classifier`` is the dense layer. The head is
+    BN - ReLU - global average pooling - dense, so any input at least ``min_input_size`` works.
+    Training mode by default (as PyTorch); ``model.eval()`` / ``model.train()`` switch.
+    """
+
+    def __init__(self, growth_rate=32, block_config=(4, 4, 4, 4), num_init_features=64,
+                 bn_size=None, drop_rate=0.0, num_classes=10, compression=0.5, stem="imagenet",
+                 in_channels=1, conv_bias=True, memory_efficient=False, name="custom", *,
+                 rngs=None):
+        self.config = cfg = spec.config_from_options(
+            name, growth_rate=growth_rate,
+            block_config=block_config, num_init_features=num_init_features, bn_size=bn_size,
+            drop_rate=drop_rate, num_classes=num_classes, compression=compression, stem=stem,
+            in_channels=in_channels, conv_bias=conv_bias)
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.memory_efficient = memory_efficient
+        c = cfg.num_init_features
+        if cfg.stem == "imagenet":
+            stem = [("conv0", _conv(cfg.in_channels, c, 7, cfg.conv_bias, rngs, stride=2,
+                                    padding=3)),
+                    ("norm0", _batch_norm(c)),
+                    ("relu0", nnx.relu),
+                    ("pool0", _max_pool_3x3_s2)]
+        else:
+            stem = [("conv0", _conv(cfg.in_channels, c, 3, cfg.conv_bias, rngs, padding=1))]
+        self.features = Sequential(OrderedDict(stem))
+        for i, num_convs in enumerate(cfg.block_config):
+            self.features.add_module(f"denseblock{i + 1}", DenseBlock(
+                num_convs, c, cfg.growth_rate, bn_size=cfg.bn_size, drop_rate=cfg.drop_rate,
+                bias=cfg.conv_bias, memory_efficient=memory_efficient, rngs=rngs))
+            c += num_convs * cfg.growth_rate
+            if i != len(cfg.block_config) - 1:
+                out = spec.transition_channels(cfg, c)
+                self.features.add_module(f"transition{i + 1}",
+                                         transition_block(c, out, bias=cfg.conv_bias, rngs=rngs))
+                c = out
+        self.features.add_module(f"norm{len(cfg.block_config) + 1}", _batch_norm(c))
+        self.classifier = nnx.Linear(c, cfg.num_classes, rngs=rngs)
+
+    @classmethod
+    def from_preset(cls, preset, **options):
+        """Build a named preset; keyword options override its values."""
+        memory_efficient = options.pop("memory_efficient", False)
+        rngs = options.pop("rngs", None)
+        cfg = spec.make_config(preset, **options)
+        return cls(**cfg.options(), memory_efficient=memory_efficient, name=cfg.name, rngs=rngs)
+
+    def stage_modules(self):
+        """OrderedDict stage -> list of modules, in order (stem, denseblock1, ..., head)."""
+        stages = OrderedDict(stem=[])
+        for name, module in self.features.named_children():
+            if name.startswith(("denseblock", "transition")):
+                stages[name] = [module]
+            elif len(stages) == 1:
+                stages["stem"].append(module)
+        stages["head"] = [self.features[-1], self.classifier]
+        return stages
+
+    def forward_stages(self, X):
+        """Run the network and return an OrderedDict stage -> output (the head's is the logits)."""
+        spec.check_input(self.config, X.shape, layout="NHWC")
+        outputs = OrderedDict()
+        for name, modules in self.stage_modules().items():
+            if name == "head":
+                outputs[name] = self._head(modules[0](X))
+            else:
+                for module in modules:
+                    X = module(X)
+                outputs[name] = X
+        return outputs
+
+    def _head(self, X):
+        """ReLU - global average pooling - dense, on the final BatchNorm's output."""
+        X = jnp.mean(nnx.relu(X), axis=(1, 2))
+        return self.classifier(X)
+
+    def __call__(self, X):
+        spec.check_input(self.config, X.shape, layout="NHWC")
+        return self._head(self.features(X))
+
+
+def build(preset="book", **options):
+    """Build any preset by name (or a densenet_spec.Preset); options override it
+    (``rngs=nnx.Rngs(seed)`` and ``memory_efficient=True`` included)."""
+    return DenseNet.from_preset(preset, **options)
+
+
+@spec.preset_builder("book")
+def book(**options):
+    return build("book", **options)
+
+
+@spec.preset_builder("densenet121")
+def densenet121(**options):
+    return build("densenet121", **options)
+
+
+@spec.preset_builder("densenet161")
+def densenet161(**options):
+    return build("densenet161", **options)
+
+
+@spec.preset_builder("densenet169")
+def densenet169(**options):
+    return build("densenet169", **options)
+
+
+@spec.preset_builder("densenet201")
+def densenet201(**options):
+    return build("densenet201", **options)
+
+
+@spec.preset_builder("densenet264")
+def densenet264(**options):
+    return build("densenet264", **options)
+
+
+@spec.preset_builder("densenet40")
+def densenet40(**options):
+    return build("densenet40", **options)
+
+
+@spec.preset_builder("densenet_bc100")
+def densenet_bc100(**options):
+    return build("densenet_bc100", **options)
+
+
+@spec.preset_builder("densenet_bc250")
+def densenet_bc250(**options):
+    return build("densenet_bc250", **options)
+
+
+@spec.preset_builder("densenet_bc190")
+def densenet_bc190(**options):
+    return build("densenet_bc190", **options)

@@ -1,0 +1,61 @@
+"""Memory-efficient mode (recompute concat + first BN-ReLU-conv in the backward pass): same
+outputs, same gradients, and exactly one BatchNorm running-statistics update per step.
+A backend whose framework cannot do it must say so with a clear error, not fake it."""
+import numpy as np
+import pytest
+
+import densenet_spec as spec
+from parity_tests import compare
+from parity_tests.conftest import get_backend
+
+
+def _setup(name, size):
+    cfg = spec.get_preset(name)
+    state = get_backend("torch").call("init_state", config=cfg.to_dict(), seed=5)["arrays"]
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, cfg.in_channels, size, size)).astype(np.float32)
+    labels = rng.integers(0, cfg.num_classes, 3).astype(np.int64)
+    return cfg, state, x, labels
+
+
+@pytest.mark.parametrize("name, size", [("book", 32), ("densenet_bc100", 16)])
+def test_memory_efficient_equals_naive(backend, name, size):
+    cfg, state, x, labels = _setup(name, size)
+    reason = backend.call("info")["memory_efficient"]
+    kw = dict(config=cfg.to_dict(), state=state, x=x, labels=labels)
+    if reason is not None:
+        from parity_tests.backends import BackendError
+        with pytest.raises(BackendError) as e:
+            backend.call("gradients", memory_efficient=True, **kw)
+        assert "memory_efficient" in e.value.message and len(reason) > 20
+        return
+    naive = backend.call("gradients", memory_efficient=False, **kw)
+    eff = backend.call("gradients", memory_efficient=True, **kw)
+    assert eff["loss"] == pytest.approx(naive["loss"], rel=1e-6)
+    for k, g in naive["arrays"].items():
+        assert compare.rel_diff(eff["arrays"][k], g) <= 1e-5, k
+    out_naive = backend.call("forward", config=cfg.to_dict(), state=state, x=x, train=True)
+    out_eff = backend.call("forward", config=cfg.to_dict(), state=state, x=x, train=True,
+                           memory_efficient=True)
+    for k, v in out_naive["arrays"].items():
+        assert compare.rel_diff(out_eff["arrays"][k], v) <= 1e-6, k
+
+
+def test_memory_efficient_updates_batchnorm_statistics_once(backend):
+    cfg, state, x, labels = _setup("book", 32)
+    if backend.call("info")["memory_efficient"] is not None:
+        pytest.skip(f"{backend.name} has no memory-efficient mode: "
+                    f"{backend.call('info')['memory_efficient']}")
+    kw = dict(config=cfg.to_dict(), state=state, x=x, labels=labels, lr=0.1)
+    naive = backend.call("train_step", memory_efficient=False, **kw)["arrays"]
+    eff = backend.call("train_step", memory_efficient=True, **kw)["arrays"]
+    name = "features.denseblock2.denselayer3.norm1"
+    old_mean = state[f"{name}.running_mean"]
+    # One update moves the running mean by 0.1 * (batch mean - old); two would move it by 0.19.
+    step = naive[f"{name}.running_mean"] - old_mean
+    assert np.max(np.abs(step)) > 1e-4
+    for k in state:
+        if k.endswith(("running_mean", "running_var")):
+            assert compare.rel_diff(eff[k], naive[k]) <= 1e-6, k
+        else:
+            assert compare.rel_diff(eff[k], naive[k]) <= 1e-5, k
