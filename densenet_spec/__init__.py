@@ -22,7 +22,7 @@ __all__ = [
     "preset_names", "get_preset", "make_config", "config_from_options", "stage_names", "stage_channels",
     "stage_shapes", "min_input_size", "check_input", "canonical_tensors", "stage_of",
     "stage_counts", "total_counts", "BN_EPS", "TORCH_BN_MOMENTUM", "StateMismatchError",
-    "check_state",
+    "check_state", "remap_legacy_keys", "infer_config",
 ]
 
 #: BatchNorm epsilon used by every backend (PyTorch's default; set explicitly in Gluon and Flax).
@@ -475,3 +475,27 @@ def remap_legacy_keys(state: Dict[str, object]) -> Dict[str, object]:
         m = _LEGACY.match(k)
         out[m.group(1) + m.group(2) if m else k] = v
     return out
+
+
+def infer_config(shapes: Dict[str, Tuple[int, ...]]) -> Preset:
+    """The preset whose canonical tensors have exactly these shapes (input channels and classes
+    read off ``features.conv0.weight`` and ``classifier.weight``); a clear error otherwise."""
+    shapes = {k: tuple(v) for k, v in remap_legacy_keys(dict(shapes)).items()
+              if not k.endswith("num_batches_tracked")}
+    try:
+        in_ch = shapes["features.conv0.weight"][1]
+        classes = shapes["classifier.weight"][0]
+    except (KeyError, IndexError):
+        raise DenseNetConfigError(
+            "cannot tell which DenseNet this is: no features.conv0.weight / classifier.weight "
+            "(not a torchvision-style DenseNet state); pass --preset") from None
+    for p in PRESETS.values():
+        cand = dataclasses.replace(p, in_channels=in_ch, num_classes=classes)
+        try:
+            check_state(cand, shapes)
+        except StateMismatchError:
+            continue
+        return cand
+    raise DenseNetConfigError(
+        f"these tensors match no preset ({', '.join(PRESETS)}) with {in_ch} input channel(s) and "
+        f"{classes} classes; pass --preset and the options that built it")

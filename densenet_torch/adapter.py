@@ -175,3 +175,18 @@ def load_error(config: dict, state: dict, variant: str = "torch"):
     if err is not None:
         err["unchanged"] = all(np.array_equal(before[k], after[k]) for k in before)
     return err
+
+
+def save_native(config: dict, state: dict, path: str, variant: str = "torch") -> dict:
+    """Write ``state`` as this framework's own checkpoint file (a PyTorch state_dict)."""
+    torch.save(_loaded(config, state).state_dict(), path)
+    return {"path": path}
+
+
+def load_native(config: dict, path: str, variant: str = "torch") -> dict:
+    """Read this framework's own checkpoint file back into the canonical form."""
+    from densenet_torch.state import export_state, load_state
+    model = _build(config)
+    load_state(model, {k: v.numpy() for k, v in
+                       torch.load(path, map_location="cpu", weights_only=True).items()})
+    return {"arrays": export_state(model)}
