@@ -190,3 +190,12 @@ def load_native(config: dict, path: str, variant: str = "torch") -> dict:
     load_state(model, {k: v.numpy() for k, v in
                        torch.load(path, map_location="cpu", weights_only=True).items()})
     return {"arrays": export_state(model)}
+
+
+def summary(config: dict, batch: int, height: int, width: int, variant: str = "torch") -> dict:
+    """The framework-style per-layer summary text and its totals."""
+    from densenet_torch.summary import summary as text, summary_rows
+    model = _build(config)
+    shape = (batch, config["in_channels"], height, width)
+    rows = summary_rows(model, shape)
+    return {"text": text(model, shape), "params": rows[0][4], "state": rows[0][5]}

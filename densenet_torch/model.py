@@ -72,14 +72,14 @@ def _checkpoint_contexts():
     return contextlib.nullcontext(), _recomputing()
 
 
-def _norm_relu_conv(norm, conv, x):
+def _norm_relu_conv(norm, relu, conv, x):
     if norm.training and getattr(_recompute, "active", False):
         # Same computation as the forward pass, on throw-away copies of the running stats.
         x = F.batch_norm(x, norm.running_mean.clone(), norm.running_var.clone(), norm.weight,
                          norm.bias, True, norm.momentum, norm.eps)
     else:
         x = norm(x)
-    return conv(F.relu(x))
+    return conv(relu(x))
 
 
 class DenseBlock(nn.Module):
@@ -99,7 +99,7 @@ class DenseBlock(nn.Module):
                                        bn_size=bn_size, drop_rate=drop_rate, bias=bias))
 
     def _first(self, layer, *features):
-        return _norm_relu_conv(layer.norm1, layer.conv1, torch.cat(features, 1))
+        return _norm_relu_conv(layer.norm1, layer.relu1, layer.conv1, torch.cat(features, 1))
 
     def forward(self, X):
         features = [X]

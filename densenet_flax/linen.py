@@ -1,0 +1,355 @@
+"""DenseNet in Flax linen: the book's JAX version (Dive into Deep Learning), grown to the same
+options, the same tensor names and the same numbers as densenet_flax/model.py (NNX) and
+densenet_torch/model.py.
+
+As in the book, input channels are inferred (``conv_block(num_channels)``,
+``DenseBlock(num_convs, num_channels)``, ``transition_block(num_channels)``) and the mode is
+chosen at call time::
+
+    model = book()
+    variables = model.init(jax.random.key(0), x, train=False)      # x: NHWC
+    logits = model.apply(variables, x, train=False)
+    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": key})          # 'dropout' only if drop_rate
+
+Layout: NHWC (kernels HWIO). Variables: ``params`` (conv kernel / bias, BatchNorm scale / bias,
+dense kernel / bias) and ``batch_stats`` (BatchNorm mean / var), under torchvision's module
+names (features/denseblock1/denselayer1/norm1, ...).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+import densenet_spec as spec
+from densenet_spec import DenseNetInputError  # noqa: F401  (re-exported)
+from densenet_flax.model import batch_moments, normalize
+
+__all__ = ["conv_block", "DenseBlock", "transition_block", "DenseNet", "build",
+           "book", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
+           "densenet40", "densenet_bc100", "densenet_bc250", "densenet_bc190"]
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over the channel (last) axis with PyTorch's semantics: eps 1e-5, running =
+    0.9 * running + 0.1 * batch, running variance updated with the *unbiased* batch variance
+    while normalising with the biased one. nn.BatchNorm updates with the biased variance, so a
+    ported training run would drift (see densenet_flax/model.py). Same variable names as
+    nn.BatchNorm: params scale, bias; batch_stats mean, var."""
+
+    momentum: float = 1.0 - spec.TORCH_BN_MOMENTUM
+    epsilon: float = spec.BN_EPS
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        if not train:
+            return normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
+        mean, var, unbiased = batch_moments(x)
+        if not self.is_initializing():  # like nn.BatchNorm: init does not count as a step
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * mean
+            ra_var.value = m * ra_var.value + (1 - m) * unbiased
+        return normalize(x, mean, var, scale, bias, self.epsilon)
+
+
+def _conv(num_channels, kernel_size, bias, stride=1, padding=0):
+    # Explicit symmetric padding as in PyTorch: padding='SAME' with stride 2 pads asymmetrically.
+    return nn.Conv(num_channels, kernel_size=(kernel_size, kernel_size), strides=(stride, stride),
+                   padding=((padding, padding), (padding, padding)), use_bias=bias)
+
+
+def _max_pool_3x3_s2(X):
+    # nn.MaxPool2d(kernel_size=3, stride=2, padding=1): Flax pads a max pool with -inf.
+    return nn.max_pool(X, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _avg_pool_2x2_s2(X):
+    # nn.AvgPool2d(kernel_size=2, stride=2): no padding, an odd last row / column is dropped.
+    return nn.avg_pool(X, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+
+class ConvBlock(nn.Module):
+    """What conv_block returns: BN-ReLU-conv (norm1, conv1), then for the bottleneck
+    BN-ReLU-3x3 conv (norm2, conv2), then dropout (drop) if drop_rate. Unlike the book's
+    ConvBlock it returns only the new feature map; DenseBlock concatenates."""
+
+    num_channels: int
+    bn_size: Optional[int] = None
+    drop_rate: float = 0.0
+    bias: bool = True
+
+    def setup(self):
+        if self.bn_size is None:
+            self.norm1 = BatchNorm()
+            self.conv1 = _conv(self.num_channels, 3, self.bias, padding=1)
+        else:
+            self.norm1 = BatchNorm()
+            self.conv1 = _conv(self.bn_size * self.num_channels, 1, self.bias)
+            self.norm2 = BatchNorm()
+            self.conv2 = _conv(self.num_channels, 3, self.bias, padding=1)
+        if self.drop_rate:
+            self.drop = nn.Dropout(self.drop_rate)
+
+    def first(self, X, train: bool):
+        """norm1 - ReLU - conv1."""
+        return self.conv1(nn.relu(self.norm1(X, train)))
+
+    def rest(self, Y, train: bool):
+        """Everything after conv1: the bottleneck's second half, dropout."""
+        if self.bn_size is not None:
+            Y = self.conv2(nn.relu(self.norm2(Y, train)))
+        if self.drop_rate:
+            Y = self.drop(Y, deterministic=not train)  # needs rngs={'dropout': key} in training
+        return Y
+
+    def __call__(self, X, train: bool = True):
+        return self.rest(self.first(X, train), train)
+
+
+def conv_block(num_channels, bn_size=None, drop_rate=0.0, bias=True):
+    """The book's BN-ReLU-3x3 conv; with ``bn_size``, the paper's bottleneck layer
+    BN-ReLU-1x1 conv (bn_size * num_channels) - BN-ReLU-3x3 conv (num_channels).
+    ``drop_rate`` adds dropout after the new feature map (active in training only)."""
+    spec.check_layer_args(num_channels=num_channels, bn_size=bn_size)
+    return ConvBlock(num_channels, bn_size=bn_size, drop_rate=drop_rate, bias=bias)
+
+
+# ---- memory-efficient mode: recompute concat + first BN-ReLU-conv in the backward pass.
+# nn.remat is jax.checkpoint lifted over modules: the variables go in, the updated batch_stats
+# come out once, from the forward pass; the backward pass only recomputes values for the
+# gradient and has no side effect to repeat, so running statistics get one update per step.
+# (static_argnums counts the module as argument 0: ``train`` is a Python bool.)
+
+def _first(layer, features, train):
+    return layer.first(jnp.concatenate(features, axis=-1), train)
+
+
+_first_checkpointed = nn.remat(_first, static_argnums=(2,))
+
+
+class DenseBlock(nn.Module):
+    """``num_convs`` conv_blocks; each one's input is the concatenation (channel axis) of the
+    block input and all earlier outputs. Output channels: input channels + num_convs * num_channels.
+    """
+
+    num_convs: int
+    num_channels: int
+    bn_size: Optional[int] = None
+    drop_rate: float = 0.0
+    bias: bool = True
+    memory_efficient: bool = False
+
+    def __post_init__(self):
+        # linen modules are dataclasses: validate at construction, as the other backends do.
+        spec.check_layer_args(num_convs=self.num_convs, num_channels=self.num_channels,
+                              bn_size=self.bn_size)
+        super().__post_init__()
+
+    def setup(self):
+        for i in range(self.num_convs):
+            setattr(self, f"denselayer{i + 1}",
+                    conv_block(self.num_channels, bn_size=self.bn_size,
+                               drop_rate=self.drop_rate, bias=self.bias))
+
+    def __call__(self, X, train: bool = True):
+        features = [X]
+        first = _first_checkpointed if self.memory_efficient else _first
+        for i in range(self.num_convs):
+            layer = getattr(self, f"denselayer{i + 1}")
+            Y = layer.rest(first(layer, tuple(features), train), train)
+            features.append(Y)
+        return jnp.concatenate(features, axis=-1)
+
+
+class Transition(nn.Module):
+    """What transition_block returns: norm - ReLU - 1x1 conv - 2x2 average pool, stride 2."""
+
+    num_channels: int
+    bias: bool = True
+
+    def setup(self):
+        self.norm = BatchNorm()
+        self.conv = _conv(self.num_channels, 1, self.bias)
+
+    def __call__(self, X, train: bool = True):
+        return _avg_pool_2x2_s2(self.conv(nn.relu(self.norm(X, train))))
+
+
+def transition_block(num_channels, bias=True):
+    """BN-ReLU-1x1 conv to ``num_channels``, then 2x2 average pooling with stride 2."""
+    spec.check_layer_args(num_channels=num_channels)
+    return Transition(num_channels, bias=bias)
+
+
+class Features(nn.Module):
+    """torchvision's ``features``: conv0 (norm0, stem pool), denseblock1, transition1, ...,
+    norm<N+1>, as named submodules. DenseNet runs them (see DenseNet.forward_stages)."""
+
+    config: spec.Preset
+    memory_efficient: bool = False
+
+    def setup(self):
+        cfg = self.config
+        c = cfg.num_init_features
+        if cfg.stem == "imagenet":
+            self.conv0 = _conv(c, 7, cfg.conv_bias, stride=2, padding=3)
+            self.norm0 = BatchNorm()
+        else:
+            self.conv0 = _conv(c, 3, cfg.conv_bias, padding=1)
+        for i, num_convs in enumerate(cfg.block_config):
+            setattr(self, f"denseblock{i + 1}", DenseBlock(
+                num_convs, cfg.growth_rate, bn_size=cfg.bn_size, drop_rate=cfg.drop_rate,
+                bias=cfg.conv_bias, memory_efficient=self.memory_efficient))
+            c += num_convs * cfg.growth_rate
+            if i != len(cfg.block_config) - 1:
+                c = spec.transition_channels(cfg, c)
+                setattr(self, f"transition{i + 1}", transition_block(c, bias=cfg.conv_bias))
+        setattr(self, f"norm{len(cfg.block_config) + 1}", BatchNorm())
+
+
+class DenseNet(nn.Module):
+    """The DenseNet family, with the options of densenet_flax.model.DenseNet as fields.
+    ``name`` is linen's own module name, used as the preset name (None: 'custom').
+    ``features`` holds stem, dense blocks, transitions and the final BatchNorm under
+    torchvision's names; ``classifier`` is the dense layer. The head is BN - ReLU - global
+    average pooling - dense, so any input at least ``min_input_size`` works.
+    """
+
+    growth_rate: int = 32
+    block_config: Tuple[int, ...] = (4, 4, 4, 4)
+    num_init_features: int = 64
+    bn_size: Optional[int] = None
+    drop_rate: float = 0.0
+    num_classes: int = 10
+    compression: float = 0.5
+    stem: str = "imagenet"
+    in_channels: int = 1
+    conv_bias: bool = True
+    memory_efficient: bool = False
+
+    def __post_init__(self):
+        self.config  # validate at construction: linen modules are dataclasses
+        super().__post_init__()
+
+    @property
+    def config(self) -> spec.Preset:
+        return spec.config_from_options(
+            self.name or "custom", growth_rate=self.growth_rate,
+            block_config=self.block_config, num_init_features=self.num_init_features,
+            bn_size=self.bn_size, drop_rate=self.drop_rate, num_classes=self.num_classes,
+            compression=self.compression, stem=self.stem, in_channels=self.in_channels,
+            conv_bias=self.conv_bias)
+
+    @classmethod
+    def from_preset(cls, preset, **options):
+        """Build a named preset; keyword options override its values."""
+        memory_efficient = options.pop("memory_efficient", False)
+        cfg = spec.make_config(preset, **options)
+        return cls(**cfg.options(), memory_efficient=memory_efficient, name=cfg.name)
+
+    def setup(self):
+        self.features = Features(self.config, self.memory_efficient)
+        self.classifier = nn.Dense(self.num_classes)
+
+    def stage_paths(self):
+        """OrderedDict stage -> list of module paths into the variables, in order (stem,
+        denseblock1, ..., head): linen's counterpart of stage_modules (modules are unbound
+        here; their variables live outside). Needs no binding."""
+        n = len(self.config.block_config)
+        stages = OrderedDict(stem=[("features", "conv0")])
+        if self.config.stem == "imagenet":
+            stages["stem"].append(("features", "norm0"))
+        for i in range(n):
+            stages[f"denseblock{i + 1}"] = [("features", f"denseblock{i + 1}")]
+            if i != n - 1:
+                stages[f"transition{i + 1}"] = [("features", f"transition{i + 1}")]
+        stages["head"] = [("features", f"norm{n + 1}"), ("classifier",)]
+        return stages
+
+    def forward_stages(self, X, train: bool = True):
+        """Run the network and return an OrderedDict stage -> output (the head's is the logits).
+        ``model.apply(variables, x, train=False, method="forward_stages")``."""
+        spec.check_input(self.config, X.shape, layout="NHWC")
+        f, n = self.features, len(self.config.block_config)
+        outputs = OrderedDict()
+        X = f.conv0(X)
+        if self.config.stem == "imagenet":
+            X = _max_pool_3x3_s2(nn.relu(f.norm0(X, train)))
+        outputs["stem"] = X
+        for i in range(n):
+            X = outputs[f"denseblock{i + 1}"] = getattr(f, f"denseblock{i + 1}")(X, train)
+            if i != n - 1:
+                X = outputs[f"transition{i + 1}"] = getattr(f, f"transition{i + 1}")(X, train)
+        outputs["head"] = self._head(getattr(f, f"norm{n + 1}")(X, train))
+        return outputs
+
+    def _head(self, X):
+        """ReLU - global average pooling - dense, on the final BatchNorm's output."""
+        X = jnp.mean(nn.relu(X), axis=(1, 2))
+        return self.classifier(X)
+
+    def __call__(self, X, train: bool = True):
+        return self.forward_stages(X, train)["head"]
+
+
+def build(preset="book", **options):
+    """Build any preset by name (or a densenet_spec.Preset); options override it."""
+    return DenseNet.from_preset(preset, **options)
+
+
+@spec.preset_builder("book")
+def book(**options):
+    return build("book", **options)
+
+
+@spec.preset_builder("densenet121")
+def densenet121(**options):
+    return build("densenet121", **options)
+
+
+@spec.preset_builder("densenet161")
+def densenet161(**options):
+    return build("densenet161", **options)
+
+
+@spec.preset_builder("densenet169")
+def densenet169(**options):
+    return build("densenet169", **options)
+
+
+@spec.preset_builder("densenet201")
+def densenet201(**options):
+    return build("densenet201", **options)
+
+
+@spec.preset_builder("densenet264")
+def densenet264(**options):
+    return build("densenet264", **options)
+
+
+@spec.preset_builder("densenet40")
+def densenet40(**options):
+    return build("densenet40", **options)
+
+
+@spec.preset_builder("densenet_bc100")
+def densenet_bc100(**options):
+    return build("densenet_bc100", **options)
+
+
+@spec.preset_builder("densenet_bc250")
+def densenet_bc250(**options):
+    return build("densenet_bc250", **options)
+
+
+@spec.preset_builder("densenet_bc190")
+def densenet_bc190(**options):
+    return build("densenet_bc190", **options)
