@@ -109,31 +109,54 @@ def book_examples(variant: str = "torch") -> dict:
 # canonical NCHW float32 input ``x``. Loss: mean softmax cross-entropy of the logits against
 # integer ``labels``. SGD: plain, no momentum, no weight decay (the book's optimiser).
 
+import contextlib
+
+
+@contextlib.contextmanager
+def _full_precision():
+    """Parity runs with TF32 off on NVIDIA GPUs (PyTorch allows it for cuDNN convolutions by
+    default), so a GPU difference means a real difference."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def _loaded(config, state, memory_efficient=False):
+    """A model with the canonical ``state`` loaded, on the GPU when there is one."""
     from densenet_torch.state import load_state
     model = _build(config, memory_efficient=memory_efficient)
     load_state(model, state)
-    return model
+    return model.to(device())
+
+
+def _tensor(a, dtype=torch.float32):
+    return torch.as_tensor(np.asarray(a)).to(device=device(), dtype=dtype)
+
+
+def _numpy(t):
+    return t.detach().to("cpu", torch.float32).numpy().copy()
 
 
 def forward(config: dict, state: dict, x, train: bool = False, variant: str = "torch",
             memory_efficient: bool = False) -> dict:
     """Every stage's output (canonical NCHW) for eval mode or train mode (batch statistics)."""
     model = _loaded(config, state, memory_efficient).train(train)
-    with torch.no_grad():
-        out = model.forward_stages(torch.as_tensor(x))
-    return {"arrays": {k: v.numpy() for k, v in out.items()}}
+    with torch.no_grad(), _full_precision():
+        out = model.forward_stages(_tensor(x))
+    return {"arrays": {k: _numpy(v) for k, v in out.items()}}
 
 
 def gradients(config: dict, state: dict, x, labels, variant: str = "torch",
               memory_efficient: bool = False) -> dict:
     """Train-mode loss and its gradient for every trainable parameter (canonical names)."""
     model = _loaded(config, state, memory_efficient).train()
-    loss = torch.nn.functional.cross_entropy(model(torch.as_tensor(x)),
-                                             torch.as_tensor(labels, dtype=torch.int64))
-    loss.backward()
-    return {"loss": loss.item(), "arrays": {k: p.grad.numpy().copy()
-                                            for k, p in model.named_parameters()}}
+    with _full_precision():
+        loss = torch.nn.functional.cross_entropy(model(_tensor(x)), _tensor(labels, torch.int64))
+        loss.backward()
+    return {"loss": loss.item(), "arrays": {k: _numpy(p.grad) for k, p in model.named_parameters()}}
 
 
 def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: str = "torch",
@@ -144,9 +167,9 @@ def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: s
     model = _loaded(config, state, memory_efficient).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     opt.zero_grad()
-    loss = torch.nn.functional.cross_entropy(model(torch.as_tensor(x)),
-                                             torch.as_tensor(labels, dtype=torch.int64))
-    loss.backward()
+    with _full_precision():
+        loss = torch.nn.functional.cross_entropy(model(_tensor(x)), _tensor(labels, torch.int64))
+        loss.backward()
     opt.step()
     return {"loss": loss.item(), "arrays": export_state(model)}
 

@@ -1,0 +1,216 @@
+"""The parity adapter for MXNet Gluon: the same functions, with the same signatures, as
+densenet_torch/adapter.py and densenet_flax/adapter.py. Everything that goes in or out is
+framework-free: configs are densenet_spec.Preset dicts, shapes are canonical NCHW, arrays are
+float32 numpy in canonical (PyTorch) layout. The parity suite reaches it through
+``python -m densenet_mxnet.worker`` in the MXNet environment.
+"""
+from __future__ import annotations
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+
+import densenet_spec as spec
+from densenet_mxnet.model import DenseNet, DenseBlock, conv_block, transition_block
+
+BACKEND = "mxnet"
+VARIANTS = ("mxnet",)
+
+
+def _context():
+    # MXNet's last CUDA builds predate Hopper; a CPU build (or no GPU) runs on the CPU.
+    return mx.gpu(0) if mx.context.num_gpus() > 0 else mx.cpu()
+
+
+def device() -> str:
+    return "gpu(0)" if mx.context.num_gpus() > 0 else "cpu"
+
+
+def versions() -> dict:
+    return {"mxnet": mx.__version__, "numpy": np.__version__}
+
+
+def _memory_efficient_status():
+    try:
+        DenseBlock(1, 1, memory_efficient=True)
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
+#: None: memory_efficient=True is supported; otherwise a line saying why not.
+MEMORY_EFFICIENT = _memory_efficient_status()
+
+
+def info(variant: str = "mxnet") -> dict:
+    """Backend, device, versions and the memory-efficient mode's status, for reports."""
+    return {"backend": BACKEND, "variant": variant, "device": device(), "versions": versions(),
+            "memory_efficient": MEMORY_EFFICIENT}
+
+
+def _build(config: dict, memory_efficient=False, **_) -> DenseNet:
+    cfg = spec.Preset.from_dict(config)
+    return DenseNet(**cfg.options(), memory_efficient=memory_efficient, name=cfg.name)
+
+
+def _numel(shape):
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _counts(modules, shapes):
+    """Trainable parameters (grad_req != 'null') and BatchNorm running statistics of
+    ``modules``; ``shapes`` maps Gluon's parameter names to the shapes the framework found."""
+    params = sum(_numel(shapes[p.name]) for m in modules for p in m.collect_params().values()
+                 if p.grad_req != "null")
+    state = sum(_numel(shapes[p.name]) for m in modules
+                for n, p in m._collect_params_with_prefix().items()
+                if n.rsplit(".", 1)[-1] in ("running_mean", "running_var"))
+    return int(params), int(state)
+
+
+def describe(config: dict, batch: int, height: int, width: int, variant: str = "mxnet",
+             abstract: bool = True) -> dict:
+    """Per-stage output shape (canonical NCHW), trainable parameters and BN state, measured on
+    the framework's own model: symbolic shape inference (nothing computed), or a real forward."""
+    model = _build(config)
+    shape = (batch, config["in_channels"], height, width)
+    if abstract:
+        # A Symbol has no shape to check in forward_stages; check it as forward() would.
+        spec.check_input(model.config, shape, layout="NCHW")
+        outputs = model.forward_stages(mx.sym.var("data"))
+        graph = mx.sym.Group(list(outputs.values()))
+        arg_shapes, out_shapes, aux_shapes = graph.infer_shape(data=shape)
+        out = dict(zip(outputs, out_shapes))
+        shapes = dict(zip(graph.list_arguments(), arg_shapes))
+        shapes.update(zip(graph.list_auxiliary_states(), aux_shapes))
+    else:
+        ctx = _context()
+        model.initialize(ctx=ctx)
+        outputs = model.forward_stages(mx.nd.zeros(shape, ctx=ctx))
+        out = {k: v.shape for k, v in outputs.items()}
+        shapes = {p.name: p.shape for p in model.collect_params().values()}
+    stages = []
+    for name, modules in model.stage_modules().items():
+        params, state = _counts(modules, shapes)
+        stages.append({"name": name, "shape": [int(d) for d in out[name]],
+                       "params": params, "state": state})
+    params, state = _counts([model], shapes)
+    return {"backend": BACKEND, "variant": variant, "device": "symbolic" if abstract else device(),
+            "stages": stages, "params": params, "state": state}
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the point is to report what the user would see
+        return {"type": type(e).__name__, "message": str(e),
+                "is_spec_error": isinstance(e, (spec.DenseNetInputError, spec.DenseNetConfigError))}
+    return None
+
+
+def input_error(config: dict, shape, variant: str = "mxnet"):
+    """Build ``config`` and feed zeros of canonical ``shape``; the error the user sees, or None.
+    The model is hybridized, as Gluon models are run: the check must come before the cached graph."""
+    ctx = _context()
+    model = _build(config)
+    model.initialize(ctx=ctx)
+    model.hybridize()
+    return _error(lambda: model(mx.nd.zeros(tuple(shape), ctx=ctx)).wait_to_read())
+
+
+def layer_error(kind: str, args: list, variant: str = "mxnet"):
+    """Call one of the book's pieces with the book's arguments for Gluon; the error, or None.
+
+    kind: 'conv_block' (num_channels), 'DenseBlock' (num_convs, num_channels),
+    'transition_block' (num_channels), 'preset' (name), 'DenseNet' (options dict).
+    Gluon infers input channels, so the book's Gluon signatures take none.
+    """
+    if kind == "preset":
+        return _error(lambda: DenseNet.from_preset(args[0]))
+    if kind == "DenseNet":
+        return _error(lambda: DenseNet(**args[0]))
+    fn = {"conv_block": conv_block, "DenseBlock": DenseBlock, "transition_block": transition_block}[kind]
+    return _error(lambda: fn(*args))
+
+
+def book_examples(variant: str = "mxnet") -> dict:
+    """The book's two examples: DenseBlock(2 convs, 10 channels) on a 4x3x8x8 input, then
+    transition_block to 10 channels (input channels inferred, as in the book's Gluon code).
+    Shapes reported in canonical NCHW."""
+    X = mx.nd.random.uniform(shape=(4, 3, 8, 8))
+    blk = DenseBlock(2, 10)
+    blk.initialize()
+    Y = blk(X)
+    blk = transition_block(10)
+    blk.initialize()
+    Z = blk(Y)
+    return {"dense_block": list(Y.shape), "transition": list(Z.shape)}
+
+
+# ---------------------------------------------------------------- numbers (same weights)
+# Every function below builds ``config``, loads the canonical ``state``, and works on the
+# canonical NCHW float32 input ``x``. Loss: mean softmax cross-entropy of the logits against
+# integer ``labels``. SGD: plain, no momentum, no weight decay (the book's optimiser).
+# The models are hybridized (Gluon's cached graphs), as Gluon code runs them.
+
+def _loaded(config, state, memory_efficient=False):
+    from densenet_mxnet.state import load_state
+    model = _build(config, memory_efficient=memory_efficient)
+    with _context():
+        load_state(model, state)
+    model.hybridize()
+    return model
+
+
+def _loss(model, x, labels):
+    ctx = _context()
+    logits = model(mx.nd.array(x, ctx=ctx, dtype=np.float32))
+    labels = mx.nd.array(np.asarray(labels), ctx=ctx, dtype=np.float32)
+    return gluon.loss.SoftmaxCrossEntropyLoss()(logits, labels).mean()
+
+
+def forward(config: dict, state: dict, x, train: bool = False, variant: str = "mxnet",
+            memory_efficient: bool = False) -> dict:
+    """Every stage's output (canonical NCHW) for eval mode or train mode (batch statistics)."""
+    model = _loaded(config, state, memory_efficient)
+    with autograd.train_mode() if train else autograd.predict_mode():
+        out = model.forward_stages(mx.nd.array(x, ctx=_context(), dtype=np.float32))
+    return {"arrays": {k: v.asnumpy() for k, v in out.items()}}
+
+
+def gradients(config: dict, state: dict, x, labels, variant: str = "mxnet",
+              memory_efficient: bool = False) -> dict:
+    """Train-mode loss and its gradient for every trainable parameter (canonical names)."""
+    from densenet_mxnet.state import _canonical_params
+    model = _loaded(config, state, memory_efficient)
+    with autograd.record():  # recording implies train mode: batch statistics, dropout
+        loss = _loss(model, x, labels)
+    loss.backward()
+    return {"loss": float(loss.asscalar()),
+            "arrays": {k: p.grad().asnumpy() for k, p in _canonical_params(model).items()
+                       if p.grad_req != "null"}}
+
+
+def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: str = "mxnet",
+               memory_efficient: bool = False) -> dict:
+    """One SGD step in train mode: the loss and the new canonical state (parameters and
+    BatchNorm running statistics; Gluon updates the latter in the backward pass, with the
+    biased batch variance where PyTorch uses the unbiased one)."""
+    from densenet_mxnet.state import export_state
+    model = _loaded(config, state, memory_efficient)
+    trainer = gluon.Trainer(model.collect_params(), "sgd", {"learning_rate": lr})
+    with autograd.record():
+        loss = _loss(model, x, labels)
+    loss.backward()
+    trainer.step(1)  # the loss is already the batch mean; step(batch_size) would divide again
+    return {"loss": float(loss.asscalar()), "arrays": export_state(model)}
+
+
+def init_state(config: dict, seed: int = 0, variant: str = "mxnet") -> dict:
+    """A freshly initialised model's canonical state (the framework's own initialisers: Xavier
+    for weights as in the book's Gluon code, zeros for biases, BatchNorm ones / zeros)."""
+    from densenet_mxnet.state import export_state
+    mx.random.seed(seed)
+    model = _build(config)
+    model.initialize(mx.init.Xavier(), ctx=_context())
+    return {"arrays": export_state(model)}

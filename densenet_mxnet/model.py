@@ -1,0 +1,277 @@
+"""DenseNet in MXNet Gluon: the book's pieces (conv_block, DenseBlock, transition_block) and the
+paper's DenseNet / DenseNet-BC family, with torchvision's tensor names.
+
+Read side by side with densenet_torch/model.py and densenet_flax/model.py: same names, same
+order, same options. Layout: NCHW. Every block is a HybridBlock, so ``hybridize()`` works.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import mxnet as mx
+from mxnet.gluon import nn
+
+import densenet_spec as spec
+from densenet_spec import DenseNetInputError  # noqa: F401  (re-exported)
+
+__all__ = ["conv_block", "DenseBlock", "transition_block", "DenseNet", "build",
+           "book", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
+           "densenet40", "densenet_bc100", "densenet_bc250", "densenet_bc190"]
+
+
+def _batch_norm(channels):
+    # Gluon's momentum is the share of the running statistics *kept*: 0.9 = PyTorch's 0.1.
+    # Unlike PyTorch, Gluon updates the running statistics in the backward pass (a train-mode
+    # forward alone leaves them unchanged) and with the biased batch variance (PyTorch: in the
+    # forward pass, with the unbiased variance).
+    return nn.BatchNorm(momentum=1 - spec.TORCH_BN_MOMENTUM, epsilon=spec.BN_EPS,
+                        in_channels=channels)
+
+
+class _Sequential(nn.HybridSequential):
+    """HybridSequential with named children, like torch's nn.Sequential(OrderedDict): Gluon's
+    own names its children '0', '1', ...; these names give the parameters structural names
+    such as 'features.denseblock1.denselayer1.norm1.gamma' (Block._collect_params_with_prefix)."""
+
+    def __init__(self, layers=()):
+        super().__init__()
+        for name, block in OrderedDict(layers).items():
+            self.add_module(name, block)
+
+    def add_module(self, name, block):
+        self.register_child(block, name)
+
+    def named_children(self):
+        return self._children.items()
+
+
+def _known(input_channels):
+    """Gluon's convention: 0 input channels means 'infer them from the first input'."""
+    return None if input_channels == 0 else input_channels
+
+
+def conv_block(num_channels, bn_size=None, drop_rate=0.0, bias=True, input_channels=0):
+    """The book's BN-ReLU-3x3 conv; with ``bn_size``, the paper's bottleneck layer
+    BN-ReLU-1x1 conv (bn_size * num_channels) - BN-ReLU-3x3 conv (num_channels).
+    ``drop_rate`` adds dropout after the new feature map (active in training only)."""
+    spec.check_layer_args(input_channels=_known(input_channels), num_channels=num_channels,
+                          bn_size=bn_size)
+    layers = OrderedDict()
+    if bn_size is None:
+        layers["norm1"] = _batch_norm(input_channels)
+        layers["relu1"] = nn.Activation("relu")
+        layers["conv1"] = nn.Conv2D(num_channels, kernel_size=3, padding=1, use_bias=bias,
+                                    in_channels=input_channels)
+    else:
+        width = bn_size * num_channels
+        layers["norm1"] = _batch_norm(input_channels)
+        layers["relu1"] = nn.Activation("relu")
+        layers["conv1"] = nn.Conv2D(width, kernel_size=1, use_bias=bias, in_channels=input_channels)
+        layers["norm2"] = _batch_norm(width)
+        layers["relu2"] = nn.Activation("relu")
+        layers["conv2"] = nn.Conv2D(num_channels, kernel_size=3, padding=1, use_bias=bias,
+                                    in_channels=width)
+    if drop_rate:
+        layers["drop"] = nn.Dropout(drop_rate)
+    return _Sequential(layers)
+
+
+# ---- memory-efficient mode: not available. PyTorch recomputes concat + first BN-ReLU-conv in
+# the backward pass (torch.utils.checkpoint). MXNet 1.9.1's only recomputation ("mirroring":
+# MXNET_BACKWARD_DO_MIRROR=1, or the __force_mirroring__ attribute on a node) is applied by the
+# symbolic executor (Symbol.simple_bind / Module) alone; Gluon's CachedOp, which runs a
+# hybridized HybridBlock, builds its backward graph without it (measured: the mirrored node runs
+# once under hybridize(), twice under simple_bind). autograd.Function could recompute, but it is
+# imperative only and cannot sit inside a hybridized graph. So we refuse rather than pretend.
+_NO_RECOMPUTATION = (
+    "memory_efficient=True is not available in MXNet Gluon: MXNet 1.9.1 recomputes in the "
+    "backward pass (MXNET_BACKWARD_DO_MIRROR / __force_mirroring__) only in the symbolic "
+    "executor, never in a hybridized HybridBlock, and autograd.Function cannot be hybridized")
+
+
+class MemoryEfficientUnsupported(spec.DenseNetConfigError, NotImplementedError):
+    """memory_efficient=True asked of MXNet, which has no per-block recomputation."""
+
+
+class DenseBlock(nn.HybridBlock):
+    """``num_convs`` conv_blocks; each one's input is the concatenation (channel axis) of the
+    block input and all earlier outputs. Output channels: input_channels + num_convs * num_channels.
+    """
+
+    def __init__(self, num_convs, num_channels, bn_size=None, drop_rate=0.0, bias=True,
+                 memory_efficient=False, input_channels=0):
+        super().__init__()
+        spec.check_layer_args(num_convs=num_convs, input_channels=_known(input_channels),
+                              num_channels=num_channels, bn_size=bn_size)
+        if memory_efficient:
+            raise MemoryEfficientUnsupported(_NO_RECOMPUTATION)
+        self.memory_efficient = memory_efficient
+        for i in range(num_convs):
+            self.register_child(
+                conv_block(num_channels, bn_size=bn_size, drop_rate=drop_rate, bias=bias,
+                           input_channels=input_channels + i * num_channels if input_channels else 0),
+                f"denselayer{i + 1}")
+
+    def hybrid_forward(self, F, X):
+        features = [X]
+        for layer in self._children.values():
+            Y = layer(F.concat(*features, dim=1))
+            features.append(Y)
+        return F.concat(*features, dim=1)
+
+
+def transition_block(num_channels, bias=True, input_channels=0):
+    """BN-ReLU-1x1 conv to ``num_channels``, then 2x2 average pooling with stride 2."""
+    spec.check_layer_args(input_channels=_known(input_channels), num_channels=num_channels)
+    return _Sequential([
+        ("norm", _batch_norm(input_channels)),
+        ("relu", nn.Activation("relu")),
+        ("conv", nn.Conv2D(num_channels, kernel_size=1, use_bias=bias, in_channels=input_channels)),
+        ("pool", nn.AvgPool2D(pool_size=2, strides=2)),
+    ])
+
+
+class DenseNet(nn.HybridBlock):
+    """The DenseNet family. ``features`` holds stem, dense blocks, transitions and the final
+    BatchNorm under torchvision's names; ``classifier`` is the dense layer. The head is
+    BN - ReLU - global average pooling - dense, so any input at least ``min_input_size`` works.
+    Every layer is given its input channels, so all parameters exist right after initialize().
+    """
+
+    def __init__(self, growth_rate=32, block_config=(4, 4, 4, 4), num_init_features=64,
+                 bn_size=None, drop_rate=0.0, num_classes=10, compression=0.5, stem="imagenet",
+                 in_channels=1, conv_bias=True, memory_efficient=False, name="custom"):
+        super().__init__()
+        self.config = cfg = spec.config_from_options(
+            name, growth_rate=growth_rate,
+            block_config=block_config, num_init_features=num_init_features, bn_size=bn_size,
+            drop_rate=drop_rate, num_classes=num_classes, compression=compression, stem=stem,
+            in_channels=in_channels, conv_bias=conv_bias)
+        self.memory_efficient = memory_efficient
+        c = cfg.num_init_features
+        if cfg.stem == "imagenet":
+            stem = [("conv0", nn.Conv2D(c, kernel_size=7, strides=2, padding=3,
+                                        use_bias=cfg.conv_bias, in_channels=cfg.in_channels)),
+                    ("norm0", _batch_norm(c)),
+                    ("relu0", nn.Activation("relu")),
+                    ("pool0", nn.MaxPool2D(pool_size=3, strides=2, padding=1))]
+        else:
+            stem = [("conv0", nn.Conv2D(c, kernel_size=3, padding=1,
+                                        use_bias=cfg.conv_bias, in_channels=cfg.in_channels))]
+        self.features = _Sequential(stem)
+        for i, num_convs in enumerate(cfg.block_config):
+            self.features.add_module(f"denseblock{i + 1}", DenseBlock(
+                num_convs, cfg.growth_rate, bn_size=cfg.bn_size, drop_rate=cfg.drop_rate,
+                bias=cfg.conv_bias, memory_efficient=memory_efficient, input_channels=c))
+            c += num_convs * cfg.growth_rate
+            if i != len(cfg.block_config) - 1:
+                out = spec.transition_channels(cfg, c)
+                self.features.add_module(f"transition{i + 1}",
+                                         transition_block(out, bias=cfg.conv_bias, input_channels=c))
+                c = out
+        self.features.add_module(f"norm{len(cfg.block_config) + 1}", _batch_norm(c))
+        self.classifier = nn.Dense(cfg.num_classes, in_units=c)
+
+    @classmethod
+    def from_preset(cls, preset, **options):
+        """Build a named preset; keyword options override its values."""
+        memory_efficient = options.pop("memory_efficient", False)
+        cfg = spec.make_config(preset, **options)
+        return cls(**cfg.options(), memory_efficient=memory_efficient, name=cfg.name)
+
+    def stage_modules(self):
+        """OrderedDict stage -> list of modules, in order (stem, denseblock1, ..., head)."""
+        stages = OrderedDict(stem=[])
+        for name, module in self.features.named_children():
+            if name.startswith(("denseblock", "transition")):
+                stages[name] = [module]
+            elif len(stages) == 1:
+                stages["stem"].append(module)
+        stages["head"] = [self.features[-1], self.classifier]
+        return stages
+
+    def forward_stages(self, X):
+        """Run the network and return an OrderedDict stage -> output (the head's is the logits).
+        X is an NDArray, or a Symbol (shape inference; its shape cannot be checked here)."""
+        F = mx.sym if isinstance(X, mx.sym.Symbol) else mx.nd
+        if F is mx.nd:
+            spec.check_input(self.config, X.shape, layout="NCHW")
+        outputs = OrderedDict()
+        for name, modules in self.stage_modules().items():
+            if name == "head":
+                outputs[name] = self._head(F, modules[0](X))
+            else:
+                for module in modules:
+                    X = module(X)
+                outputs[name] = X
+        return outputs
+
+    def _head(self, F, X):
+        """ReLU - global average pooling - dense, on the final BatchNorm's output."""
+        X = F.flatten(F.Pooling(F.relu(X), kernel=(1, 1), global_pool=True, pool_type="avg"))
+        return self.classifier(X)
+
+    def forward(self, X):
+        # Checked on the NDArray here, before Gluon runs hybrid_forward or (once hybridized) its
+        # cached graph, so bad input is a DenseNetInputError and not an MXNet traceback.
+        if not isinstance(X, mx.sym.Symbol):
+            spec.check_input(self.config, X.shape, layout="NCHW")
+        return super().forward(X)
+
+    def hybrid_forward(self, F, X):
+        return self._head(F, self.features(X))
+
+
+def build(preset="book", **options):
+    """Build any preset by name (or a densenet_spec.Preset); options override it."""
+    return DenseNet.from_preset(preset, **options)
+
+
+@spec.preset_builder("book")
+def book(**options):
+    return build("book", **options)
+
+
+@spec.preset_builder("densenet121")
+def densenet121(**options):
+    return build("densenet121", **options)
+
+
+@spec.preset_builder("densenet161")
+def densenet161(**options):
+    return build("densenet161", **options)
+
+
+@spec.preset_builder("densenet169")
+def densenet169(**options):
+    return build("densenet169", **options)
+
+
+@spec.preset_builder("densenet201")
+def densenet201(**options):
+    return build("densenet201", **options)
+
+
+@spec.preset_builder("densenet264")
+def densenet264(**options):
+    return build("densenet264", **options)
+
+
+@spec.preset_builder("densenet40")
+def densenet40(**options):
+    return build("densenet40", **options)
+
+
+@spec.preset_builder("densenet_bc100")
+def densenet_bc100(**options):
+    return build("densenet_bc100", **options)
+
+
+@spec.preset_builder("densenet_bc250")
+def densenet_bc250(**options):
+    return build("densenet_bc250", **options)
+
+
+@spec.preset_builder("densenet_bc190")
+def densenet_bc190(**options):
+    return build("densenet_bc190", **options)

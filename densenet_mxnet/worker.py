@@ -1,0 +1,91 @@
+"""A persistent worker for the parity suite: ``python -m densenet_mxnet.worker``.
+
+JSON lines on stdin and stdout, one request and one response per line:
+
+    request   {"id": int, "fn": name, "kwargs": {...}, "arrays": path or null}
+    response  {"id": int, "ok": true, "result": <JSON>, "arrays": path or null}
+              {"id": int, "ok": false, "error_type": str, "error": str, "traceback": str}
+
+Arrays travel as safetensors files: in the request file, key "x" becomes kwargs["x"] and
+"state/<name>" becomes kwargs["state"][name] (any "<kwarg>/<name>" alike). The call is
+densenet_mxnet.adapter.<fn>(**kwargs); if its result has "arrays", they go to a safetensors file
+next to the request file, whose path the response gives. stdout carries the protocol and nothing
+else: everything else (MXNet's logs, warnings, stray prints) goes to stderr. EOF ends the worker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+
+def _protocol_stdout():
+    """Keep the real stdout for the protocol; send fd 1 and sys.stdout to stderr, so that
+    nothing else (Python prints, C++ writes to stdout) can break a response line."""
+    out = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return out
+
+
+def _plain(obj):
+    """json.dumps default: numpy scalars and arrays, tuples inside results."""
+    import numpy as np
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot send {type(obj).__name__} as JSON")
+
+
+def _handle(req: dict, adapter, scratch: str) -> dict:
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    fn = req.get("fn")
+    if not isinstance(fn, str) or fn.startswith("_") or not callable(getattr(adapter, fn, None)):
+        raise AttributeError(f"densenet_mxnet.adapter has no function {fn!r}")
+    kwargs = dict(req.get("kwargs") or {})
+    if req.get("arrays"):
+        for key, value in load_file(req["arrays"]).items():
+            if "/" in key:
+                group, name = key.split("/", 1)
+                kwargs.setdefault(group, {})[name] = value
+            else:
+                kwargs[key] = value
+    result = getattr(adapter, fn)(**kwargs)
+    path = None
+    if isinstance(result, dict) and "arrays" in result:
+        result = dict(result)
+        arrays = result.pop("arrays")
+        folder = os.path.dirname(req["arrays"]) if req.get("arrays") else scratch
+        path = os.path.join(folder, f"resp{req.get('id')}.safetensors")
+        save_file({k: np.ascontiguousarray(np.asarray(v, dtype=np.float32))
+                   for k, v in arrays.items()}, path)
+    return {"id": req.get("id"), "ok": True, "result": result, "arrays": path}
+
+
+def main() -> None:
+    out = _protocol_stdout()
+    from densenet_mxnet import adapter  # imports MXNet, after stdout is safe
+    with tempfile.TemporaryDirectory(prefix="densenet-mxnet-worker-") as scratch:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            req = {}
+            try:
+                req = json.loads(line)
+                resp = _handle(req, adapter, scratch)
+                text = json.dumps(resp, default=_plain)
+            except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
+                text = json.dumps({"id": req.get("id") if isinstance(req, dict) else None,
+                                   "ok": False, "error_type": type(e).__name__, "error": str(e),
+                                   "traceback": traceback.format_exc()})
+            out.write(text + "\n")
+            out.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""GPU parity: torch (CUDA) and Flax (JAX's GPU backend) against a float64 CPU reference
+(PyTorch on the CPU in float64: the same function, computed exactly enough to judge float32).
+TF32 is off for these checks (torch.backends flags; JAX matmul precision 'highest'); the TF32
+tolerance is measured separately. Skipped, with that reason, where there is no NVIDIA GPU.
+MXNet has no CUDA build for Hopper; its CPU results stand in (test_numeric.py)."""
+import numpy as np
+import pytest
+
+import densenet_spec as spec
+from parity_tests import compare
+from parity_tests.conftest import requires_cuda, requires_jax_gpu
+
+PRESETS = ["book", "densenet121", "densenet169", "densenet_bc100", "densenet40"]
+
+
+def _case(name, seed=0):
+    cfg = spec.get_preset(name)
+    size = 32 if cfg.stem == "cifar" else 96
+    from densenet_torch.adapter import init_state
+    state = init_state(cfg.to_dict(), seed=seed)["arrays"]
+    rng = np.random.default_rng(seed)
+    for k in state:
+        if k.endswith("running_mean"):
+            state[k] = rng.normal(0, 0.1, state[k].shape).astype(np.float32)
+        elif k.endswith("running_var"):
+            state[k] = rng.uniform(0.5, 1.5, state[k].shape).astype(np.float32)
+    x = rng.standard_normal((4, cfg.in_channels, size, size)).astype(np.float32)
+    labels = rng.integers(0, cfg.num_classes, 4)
+    return cfg, state, x, labels
+
+
+def _torch_run(cfg, state, x, labels, device, dtype):
+    """Eval stage outputs and train-mode gradients from densenet_torch on a device/dtype."""
+    import torch
+    from densenet_torch import DenseNet
+    from densenet_torch.state import load_state
+    model = DenseNet(**cfg.options(), name=cfg.name)
+    load_state(model, state)
+    model = model.to(device=device, dtype=dtype)
+    xt = torch.as_tensor(x).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        outs = {k: v.double().cpu().numpy() for k, v in model.eval().forward_stages(xt).items()}
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(xt), torch.as_tensor(labels).to(device))
+    loss.backward()
+    grads = {k: p.grad.double().cpu().numpy() for k, p in model.named_parameters()}
+    return outs, grads, float(loss)
+
+
+_refs = {}
+
+
+def reference(name):
+    if name not in _refs:
+        import torch
+        cfg, state, x, labels = _case(name)
+        _refs[name] = (cfg, state, x, labels,
+                       _torch_run(cfg, state, x, labels, "cpu", torch.float64))
+    return _refs[name]
+
+
+def _worst(got, ref):
+    d = {k: compare.rel_diff(got[k], ref[k]) for k in ref}
+    k = max(d, key=d.get)
+    return k, d[k]
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", PRESETS)
+def test_torch_cuda_matches_float64_cpu(name):
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg, state, x, labels, (ref_out, ref_grad, ref_loss) = reference(name)
+    outs, grads, loss = _torch_run(cfg, state, x, labels, "cuda", torch.float32)
+    k, d = _worst(outs, ref_out)
+    assert d <= compare.EVAL_RTOL, f"eval {k}: {d:.2e}"
+    k, d = _worst(grads, ref_grad)
+    assert d <= compare.TRAIN_RTOL, f"grad {k}: {d:.2e}"
+    assert abs(loss - ref_loss) <= 1e-5 * max(1, abs(ref_loss))
+
+
+@requires_jax_gpu
+@pytest.mark.parametrize("variant", ["nnx", "linen"])
+@pytest.mark.parametrize("name", PRESETS)
+def test_flax_gpu_matches_float64_cpu(name, variant):
+    import jax
+    from densenet_flax import adapter
+    assert jax.default_backend() == "gpu"
+    cfg, state, x, labels, (ref_out, ref_grad, ref_loss) = reference(name)
+    with jax.default_matmul_precision("highest"):
+        outs = adapter.forward(cfg.to_dict(), state, x, train=False, variant=variant)["arrays"]
+        g = adapter.gradients(cfg.to_dict(), state, x, labels, variant=variant)
+    k, d = _worst(outs, ref_out)
+    assert d <= compare.EVAL_RTOL, f"eval {k}: {d:.2e}"
+    k, d = _worst(g["arrays"], ref_grad)
+    assert d <= compare.TRAIN_RTOL, f"grad {k}: {d:.2e}"
+    assert abs(g["loss"] - ref_loss) <= 1e-5 * max(1, abs(ref_loss))
+
+
+@requires_cuda
+def test_torchvision_densenet121_converts_into_our_backends(tmp_path):
+    torchvision = pytest.importorskip(
+        "torchvision", reason="torchvision not installed (it is on the GPU machine)")
+    import torch
+    from densenet_spec import convert
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    tv = torchvision.models.densenet121(weights=None).eval()
+    # Non-trivial running statistics so that eval mode exercises them.
+    for m in tv.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    src = tmp_path / "tv121.pth"
+    torch.save(tv.state_dict(), src)
+    canonical = tmp_path / "tv121.safetensors"
+    cfg = convert.convert(str(src), str(canonical))
+    assert cfg.name == "densenet121"
+    assert [n for n, _, _ in spec.canonical_tensors(cfg)] == \
+        [k for k in tv.state_dict() if not k.endswith("num_batches_tracked")]
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        ref = tv.double()(torch.as_tensor(x).double()).numpy()
+    from densenet_spec import files
+    state, _ = files.load_state(canonical)
+    from densenet_torch.adapter import forward as torch_forward
+    got = {"torch": torch_forward(cfg.to_dict(), state, x)["arrays"]["head"]}
+    if compare_jax := __import__("importlib").util.find_spec("jax"):
+        import jax
+        from densenet_flax.adapter import forward as flax_forward
+        with jax.default_matmul_precision("highest"):
+            for v in ("nnx", "linen"):
+                got[f"flax-{v}"] = flax_forward(cfg.to_dict(), state, x, variant=v)["arrays"]["head"]
+    for name, logits in got.items():
+        assert compare.rel_diff(logits, ref) <= compare.EVAL_RTOL, name
