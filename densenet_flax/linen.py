@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 import densenet_spec as spec
@@ -126,13 +127,17 @@ def conv_block(num_channels, bn_size=None, drop_rate=0.0, bias=True):
 # nn.remat is jax.checkpoint lifted over modules: the variables go in, the updated batch_stats
 # come out once, from the forward pass; the backward pass only recomputes values for the
 # gradient and has no side effect to repeat, so running statistics get one update per step.
+# The naive mode runs the same checkpointed function saving every intermediate (no
+# recomputation), so the two modes give the same gradients bit for bit (see model.py).
 # (static_argnums counts the module as argument 0: ``train`` is a Python bool.)
 
 def _first(layer, features, train):
     return layer.first(jnp.concatenate(features, axis=-1), train)
 
 
-_first_checkpointed = nn.remat(_first, static_argnums=(2,))
+_first_saved = nn.remat(_first, static_argnums=(2,),
+                        policy=jax.checkpoint_policies.everything_saveable)
+_first_checkpointed = nn.remat(_first, static_argnums=(2,))  # recomputed in the backward pass
 
 
 class DenseBlock(nn.Module):
@@ -161,7 +166,7 @@ class DenseBlock(nn.Module):
 
     def __call__(self, X, train: bool = True):
         features = [X]
-        first = _first_checkpointed if self.memory_efficient else _first
+        first = _first_checkpointed if self.memory_efficient else _first_saved
         for i in range(self.num_convs):
             layer = getattr(self, f"denselayer{i + 1}")
             Y = layer.rest(first(layer, tuple(features), train), train)
@@ -236,7 +241,8 @@ class DenseNet(nn.Module):
     memory_efficient: bool = False
 
     def __post_init__(self):
-        self.config  # validate at construction: linen modules are dataclasses
+        # Validate at construction, as the other backends do (linen modules are dataclasses).
+        object.__setattr__(self, "block_config", self.config.block_config)  # a list -> tuple
         super().__post_init__()
 
     @property

@@ -153,20 +153,31 @@ def book_examples(variant: str = "mxnet") -> dict:
 # integer ``labels``. SGD: plain, no momentum, no weight decay (the book's optimiser).
 # The models are hybridized (Gluon's cached graphs), as Gluon code runs them.
 
-def _loaded(config, state, memory_efficient=False):
+def _loaded(config, state, memory_efficient=False, dtype="float32"):
     from densenet_mxnet.state import load_state
     model = _build(config, memory_efficient=memory_efficient)
     with _context():
         load_state(model, state)
+    if dtype != "float32":
+        model.cast(dtype)
     model.hybridize()
     return model
 
 
-def _loss(model, x, labels):
+def _loss(model, x, labels, dtype="float32"):
     ctx = _context()
-    logits = model(mx.nd.array(x, ctx=ctx, dtype=np.float32))
-    labels = mx.nd.array(np.asarray(labels), ctx=ctx, dtype=np.float32)
+    logits = model(mx.nd.array(x, ctx=ctx, dtype=dtype))
+    labels = mx.nd.array(np.asarray(labels), ctx=ctx, dtype=dtype)
     return gluon.loss.SoftmaxCrossEntropyLoss()(logits, labels).mean()
+
+
+def _state_in(model, dtype):
+    """The canonical state at ``dtype`` (float32 is export_state; float64 keeps the precision
+    of a float64 parity run)."""
+    from densenet_mxnet.state import _canonical_params, export_state
+    if dtype == "float32":
+        return export_state(model)
+    return {k: p.data().asnumpy().astype(dtype) for k, p in _canonical_params(model).items()}
 
 
 def forward(config: dict, state: dict, x, train: bool = False, variant: str = "mxnet",
@@ -179,12 +190,13 @@ def forward(config: dict, state: dict, x, train: bool = False, variant: str = "m
 
 
 def gradients(config: dict, state: dict, x, labels, variant: str = "mxnet",
-              memory_efficient: bool = False) -> dict:
-    """Train-mode loss and its gradient for every trainable parameter (canonical names)."""
+              memory_efficient: bool = False, dtype: str = "float32") -> dict:
+    """Train-mode loss and its gradient for every trainable parameter (canonical names).
+    ``dtype`` 'float64' computes in double precision (the parity suite's gradient check)."""
     from densenet_mxnet.state import _canonical_params
-    model = _loaded(config, state, memory_efficient)
+    model = _loaded(config, state, memory_efficient, dtype)
     with autograd.record():  # recording implies train mode: batch statistics, dropout
-        loss = _loss(model, x, labels)
+        loss = _loss(model, x, labels, dtype)
     loss.backward()
     return {"loss": float(loss.asscalar()),
             "arrays": {k: p.grad().asnumpy() for k, p in _canonical_params(model).items()
@@ -192,18 +204,18 @@ def gradients(config: dict, state: dict, x, labels, variant: str = "mxnet",
 
 
 def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: str = "mxnet",
-               memory_efficient: bool = False) -> dict:
+               memory_efficient: bool = False, dtype: str = "float32") -> dict:
     """One SGD step in train mode: the loss and the new canonical state (parameters and
     BatchNorm running statistics; Gluon updates the latter in the backward pass, with the
     biased batch variance where PyTorch uses the unbiased one)."""
     from densenet_mxnet.state import export_state
-    model = _loaded(config, state, memory_efficient)
+    model = _loaded(config, state, memory_efficient, dtype)
     trainer = gluon.Trainer(model.collect_params(), "sgd", {"learning_rate": lr})
     with autograd.record():
-        loss = _loss(model, x, labels)
+        loss = _loss(model, x, labels, dtype)
     loss.backward()
     trainer.step(1)  # the loss is already the batch mean; step(batch_size) would divide again
-    return {"loss": float(loss.asscalar()), "arrays": export_state(model)}
+    return {"loss": float(loss.asscalar()), "arrays": _state_in(model, dtype)}
 
 
 def init_state(config: dict, seed: int = 0, variant: str = "mxnet") -> dict:
@@ -214,3 +226,48 @@ def init_state(config: dict, seed: int = 0, variant: str = "mxnet") -> dict:
     model = _build(config)
     model.initialize(mx.init.Xavier(), ctx=_context())
     return {"arrays": export_state(model)}
+
+
+def roundtrip(config: dict, state: dict, variant: str = "mxnet") -> dict:
+    """Load a canonical state into a fresh model and export it again."""
+    from densenet_mxnet.state import export_state
+    return {"arrays": export_state(_loaded(config, state))}
+
+
+def load_error(config: dict, state: dict, variant: str = "mxnet"):
+    """Try to load ``state``; the error the user sees (or None), and whether the model kept its
+    own weights untouched (all-or-nothing loading)."""
+    from densenet_mxnet.state import export_state, load_state
+    model = _build(config)
+    model.initialize(ctx=_context())
+    before = export_state(model)
+    err = _error(lambda: load_state(model, state))
+    after = export_state(model)
+    if err is not None:
+        err["unchanged"] = all(np.array_equal(before[k], after[k]) for k in before)
+    return err
+
+
+def save_native(config: dict, state: dict, path: str, variant: str = "mxnet") -> dict:
+    """Write ``state`` as this framework's own checkpoint file (Gluon's save_parameters, whose
+    keys are the structural names: 'features.norm0.gamma', ...)."""
+    _loaded(config, state).save_parameters(path)
+    return {"path": path}
+
+
+def load_native(config: dict, path: str, variant: str = "mxnet") -> dict:
+    """Read this framework's own checkpoint file back into the canonical form."""
+    from densenet_mxnet.state import export_state
+    model = _build(config)
+    model.load_parameters(path, ctx=_context())
+    return {"arrays": export_state(model)}
+
+
+def summary(config: dict, batch: int, height: int, width: int, variant: str = "mxnet") -> dict:
+    """The framework-style per-layer summary text and its totals."""
+    from densenet_mxnet.summary import summary as text, summary_rows
+    model = _build(config)
+    model.initialize(ctx=_context())
+    shape = (batch, config["in_channels"], height, width)
+    rows = summary_rows(model, shape)
+    return {"text": text(model, shape), "params": rows[0][4], "state": rows[0][5]}

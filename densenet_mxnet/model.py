@@ -39,7 +39,7 @@ class _Sequential(nn.HybridSequential):
             self.add_module(name, block)
 
     def add_module(self, name, block):
-        self.register_child(block, name)
+        setattr(self, name, block)  # Block.__setattr__ registers it as child ``name``
 
     def named_children(self):
         return self._children.items()
@@ -93,6 +93,18 @@ class MemoryEfficientUnsupported(spec.DenseNetConfigError, NotImplementedError):
     """memory_efficient=True asked of MXNet, which has no per-block recomputation."""
 
 
+def _concat(F, features):
+    """Concatenate on the channel axis (axis 1), in order.
+
+    Done on 5-D views (N, C, 1, H, W) because MXNet 1.9.1's oneDNN Concat, which takes 4-D
+    arrays, fails in the backward pass ("could not construct a sub-memory") when the incoming
+    gradient has a blocked layout (nChw8c / nChw16c) and is split at channel offsets that are
+    not multiples of the block, as growth rate 12 (densenet40, densenet_bc100) gives. A 5-D
+    Concat runs MXNet's own kernel; the result is the same copy, back in 4-D NCHW."""
+    cat = F.concat(*[F.expand_dims(f, axis=2) for f in features], dim=1)
+    return F.reshape(cat, shape=(0, -3, -2))
+
+
 class DenseBlock(nn.HybridBlock):
     """``num_convs`` conv_blocks; each one's input is the concatenation (channel axis) of the
     block input and all earlier outputs. Output channels: input_channels + num_convs * num_channels.
@@ -107,17 +119,16 @@ class DenseBlock(nn.HybridBlock):
             raise MemoryEfficientUnsupported(_NO_RECOMPUTATION)
         self.memory_efficient = memory_efficient
         for i in range(num_convs):
-            self.register_child(
-                conv_block(num_channels, bn_size=bn_size, drop_rate=drop_rate, bias=bias,
-                           input_channels=input_channels + i * num_channels if input_channels else 0),
-                f"denselayer{i + 1}")
+            setattr(self, f"denselayer{i + 1}", conv_block(
+                num_channels, bn_size=bn_size, drop_rate=drop_rate, bias=bias,
+                input_channels=input_channels + i * num_channels if input_channels else 0))
 
     def hybrid_forward(self, F, X):
         features = [X]
         for layer in self._children.values():
-            Y = layer(F.concat(*features, dim=1))
+            Y = layer(_concat(F, features))
             features.append(Y)
-        return F.concat(*features, dim=1)
+        return _concat(F, features)
 
 
 def transition_block(num_channels, bias=True, input_channels=0):

@@ -124,20 +124,20 @@ def _full_precision():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-def _loaded(config, state, memory_efficient=False):
+def _loaded(config, state, memory_efficient=False, dtype="float32"):
     """A model with the canonical ``state`` loaded, on the GPU when there is one."""
     from densenet_torch.state import load_state
     model = _build(config, memory_efficient=memory_efficient)
     load_state(model, state)
-    return model.to(device())
+    return model.to(device=device(), dtype=getattr(torch, dtype))
 
 
-def _tensor(a, dtype=torch.float32):
-    return torch.as_tensor(np.asarray(a)).to(device=device(), dtype=dtype)
+def _tensor(a, dtype="float32"):
+    return torch.as_tensor(np.asarray(a)).to(device=device(), dtype=getattr(torch, dtype))
 
 
-def _numpy(t):
-    return t.detach().to("cpu", torch.float32).numpy().copy()
+def _numpy(t, dtype="float32"):
+    return t.detach().to("cpu", getattr(torch, dtype)).numpy().copy()
 
 
 def forward(config: dict, state: dict, x, train: bool = False, variant: str = "torch",
@@ -150,28 +150,31 @@ def forward(config: dict, state: dict, x, train: bool = False, variant: str = "t
 
 
 def gradients(config: dict, state: dict, x, labels, variant: str = "torch",
-              memory_efficient: bool = False) -> dict:
-    """Train-mode loss and its gradient for every trainable parameter (canonical names)."""
-    model = _loaded(config, state, memory_efficient).train()
+              memory_efficient: bool = False, dtype: str = "float32") -> dict:
+    """Train-mode loss and its gradient for every trainable parameter (canonical names).
+    ``dtype`` 'float64' computes in double precision (the parity suite's gradient check)."""
+    model = _loaded(config, state, memory_efficient, dtype).train()
     with _full_precision():
-        loss = torch.nn.functional.cross_entropy(model(_tensor(x)), _tensor(labels, torch.int64))
+        loss = torch.nn.functional.cross_entropy(model(_tensor(x, dtype)), _tensor(labels, "int64"))
         loss.backward()
-    return {"loss": loss.item(), "arrays": {k: _numpy(p.grad) for k, p in model.named_parameters()}}
+    return {"loss": loss.item(),
+            "arrays": {k: _numpy(p.grad, dtype) for k, p in model.named_parameters()}}
 
 
 def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: str = "torch",
-               memory_efficient: bool = False) -> dict:
+               memory_efficient: bool = False, dtype: str = "float32") -> dict:
     """One SGD step in train mode: the loss and the new canonical state (parameters and
-    BatchNorm running statistics)."""
-    from densenet_torch.state import export_state
-    model = _loaded(config, state, memory_efficient).train()
+    BatchNorm running statistics), at ``dtype``."""
+    model = _loaded(config, state, memory_efficient, dtype).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     opt.zero_grad()
     with _full_precision():
-        loss = torch.nn.functional.cross_entropy(model(_tensor(x)), _tensor(labels, torch.int64))
+        loss = torch.nn.functional.cross_entropy(model(_tensor(x, dtype)), _tensor(labels, "int64"))
         loss.backward()
     opt.step()
-    return {"loss": loss.item(), "arrays": export_state(model)}
+    return {"loss": loss.item(),
+            "arrays": {k: _numpy(v, dtype) for k, v in model.state_dict().items()
+                       if not k.endswith("num_batches_tracked")}}
 
 
 def init_state(config: dict, seed: int = 0, variant: str = "torch") -> dict:

@@ -1,8 +1,16 @@
 """Same weights, same numbers: every backend against PyTorch, from the same canonical state
 (exported from a PyTorch-initialised model) and the same input.
 
-Tolerances (relative to the largest magnitude of the reference tensor, float32 on CPU):
-eval-mode outputs 1e-5, train-mode outputs / gradients / one SGD step 1e-4.
+Tolerances (relative to the largest magnitude of the reference tensor): eval-mode outputs
+1e-5 and train-mode outputs 1e-4 in float32; gradients and one SGD step 1e-4 in float64.
+
+Why float64 for gradients: at random initialisation train-mode BatchNorm is badly conditioned
+in some channels (tiny batch variance), and PyTorch's own float32 gradients differ from its
+float64 ones by up to 1e-1 relative in a few tensors (densenet121, densenet_bc100). No float32
+implementation can then agree with another to 1e-4; in float64 the backends agree to ~1e-10,
+so a 1e-4 tolerance there is a real test of "same function". The book's conv biases all feed a
+BatchNorm, so their exact gradient is zero: a tensor is compared relative to at least 1e-8 of
+the largest gradient of the network, not to its own rounding noise.
 """
 import numpy as np
 import pytest
@@ -23,9 +31,9 @@ def _size(cfg):
 _cache = {}
 
 
-def reference(name, train=False, what="forward"):
+def reference(name, train=False, what="forward", dtype="float32"):
     """Torch's results for a preset (cached): config, state, input, labels, result."""
-    key = (name, train, what)
+    key = (name, train, what, dtype)
     if key not in _cache:
         cfg = spec.get_preset(name)
         torch_b = get_backend("torch")
@@ -43,13 +51,15 @@ def reference(name, train=False, what="forward"):
         if what == "forward":
             res = torch_b.call("forward", train=train, **kw)
         else:
-            res = torch_b.call(what, labels=labels, **kw)
+            res = torch_b.call(what, labels=labels, dtype=dtype, **kw)
         _cache[key] = (cfg, state, x, labels, res)
     return _cache[key]
 
 
-def assert_close(got, ref, rtol, what):
-    bad = {k: compare.rel_diff(got[k], ref[k]) for k in ref}
+def assert_close(got, ref, rtol, what, floor=0.0):
+    scale = floor * max(float(np.max(np.abs(v))) for v in ref.values())
+    bad = {k: compare.abs_diff(got[k], ref[k]) / max(float(np.max(np.abs(ref[k]))), scale, 1e-300)
+           for k in ref}
     worst = max(bad, key=bad.get)
     assert set(got) == set(ref), f"{what}: names differ: {set(got) ^ set(ref)}"
     assert bad[worst] <= rtol, f"{what}: {worst} differs by {bad[worst]:.2e} (rel) > {rtol:g}"
@@ -73,11 +83,21 @@ def test_train_forward_every_stage(other, name):
 
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("other", OTHERS)
-def test_gradients_of_every_parameter(other, name):
+def test_float32_loss_agrees(other, name):
     cfg, state, x, labels, ref = reference(name, what="gradients")
     got = get_backend(other).call("gradients", config=cfg.to_dict(), state=state, x=x, labels=labels)
     assert abs(got["loss"] - ref["loss"]) <= 1e-5 * max(1.0, abs(ref["loss"]))
-    assert_close(got["arrays"], ref["arrays"], compare.TRAIN_RTOL, f"{other} {name} grads")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("other", OTHERS)
+def test_gradients_of_every_parameter(other, name):
+    cfg, state, x, labels, ref = reference(name, what="gradients", dtype="float64")
+    got = get_backend(other).call("gradients", config=cfg.to_dict(), state=state, x=x,
+                                  labels=labels, dtype="float64")
+    assert abs(got["loss"] - ref["loss"]) <= 1e-10 * max(1.0, abs(ref["loss"]))
+    assert_close(got["arrays"], ref["arrays"], compare.TRAIN_RTOL, f"{other} {name} grads",
+                 floor=1e-8)
     assert set(got["arrays"]) == {n for n, _, k in spec.canonical_tensors(cfg) if k == "param"}
 
 
@@ -102,10 +122,10 @@ def _biased_update(cfg, name, batch, size, old, torch_new):
 @pytest.mark.parametrize("name", ["book", "densenet121", "densenet_bc100", "densenet40"])
 @pytest.mark.parametrize("other", OTHERS)
 def test_one_sgd_step(other, name):
-    cfg, state, x, labels, ref = reference(name, what="train_step")
+    cfg, state, x, labels, ref = reference(name, what="train_step", dtype="float64")
     got = get_backend(other).call("train_step", config=cfg.to_dict(), state=state, x=x,
-                                  labels=labels, lr=0.1)
-    assert abs(got["loss"] - ref["loss"]) <= 1e-5 * max(1.0, abs(ref["loss"]))
+                                  labels=labels, lr=0.1, dtype="float64")
+    assert abs(got["loss"] - ref["loss"]) <= 1e-10 * max(1.0, abs(ref["loss"]))
     new, want = got["arrays"], dict(ref["arrays"])
     if other == "mxnet":
         # MXNet's BatchNorm op updates the running variance with the biased batch variance and
@@ -113,7 +133,7 @@ def test_one_sgd_step(other, name):
         for k in want:
             if k.endswith("running_var"):
                 want[k] = _biased_update(cfg, k, x.shape[0], x.shape[2], state[k], want[k])
-    assert_close(new, want, compare.TRAIN_RTOL, f"{other} {name} sgd step")
+    assert_close(new, want, compare.TRAIN_RTOL, f"{other} {name} sgd step", floor=1e-8)
     # The step did something: parameters and running statistics moved.
     assert not np.allclose(new["classifier.weight"], state["classifier.weight"])
     assert not np.allclose(new["features.norm0.running_mean" if cfg.stem == "imagenet" else

@@ -1,0 +1,81 @@
+"""The benchmark's fast paths compute what the plain configuration computes, and the benchmark
+command runs.
+
+Every fast path that benchmarks/bench.py measures (torch channels_last, cudnn.benchmark,
+torch.compile, autocast bfloat16; Flax nnx.jit / jax.jit, donated buffers, bfloat16 compute;
+Gluon hybridize, static_alloc/static_shape, AMP bfloat16) is run by the benchmark's own code
+(benchmarks/run_*.py) next to its backend's plain configuration on the same weights and data,
+and must agree at the parity suite's tolerances (bfloat16: the stated ones in
+benchmarks/check_fast_paths.py). A fast path this machine cannot run (bfloat16 AMP in MXNet
+without AVX-512) must say so clearly; it is never skipped silently. No timing is asserted.
+
+The Flax checks compile every path with XLA (about a minute per backend on a small CPU), so
+they are marked slow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import check_fast_paths as cfp
+from parity_tests.backends import MXNET_HINT, ROOT, mxnet_python
+
+_results = {}
+
+
+def _checks(backend):
+    if backend == "mxnet" and mxnet_python() is None:
+        if os.environ.get("DENSENET_REQUIRE_MXNET") == "1":
+            pytest.fail(f"DENSENET_REQUIRE_MXNET=1 but: {MXNET_HINT}")
+        pytest.skip(MXNET_HINT)
+    if backend not in _results:
+        _results[backend] = {r["name"]: r for r in cfp.run_backend(backend)}
+    return _results[backend]
+
+
+PARAMS = [pytest.param(b, name, id=f"{b}-{name}",
+                       marks=[pytest.mark.slow] if b.startswith("flax") else [])
+          for b, (_, checks) in cfp.CHECKS.items() for name, _, _ in checks]
+
+
+@pytest.mark.parametrize("backend,name", PARAMS)
+def test_fast_path_agrees_with_plain(backend, name):
+    r = _checks(backend)[name]
+    if r["status"] == "unsupported":
+        # Only a hardware/build limitation may stop a fast path, and it must say which.
+        assert r["dtype"] == "bfloat16" and "bfloat16" in r["error"]["message"], r
+        return
+    assert r["status"] == "ok", f"{backend} {name}: {r.get('error')}\n{r.get('stderr_tail', '')}"
+    bad = {k: (r["diffs"][k], tol) for k, tol in r["tolerances"].items() if r["diffs"][k] > tol}
+    assert not bad, (f"{backend} {name} differs from the plain configuration: "
+                     + ", ".join(f"{k} {d:.2e} > {t:g}" for k, (d, t) in bad.items())
+                     + f" (worst gradient {r.get('worst_gradient')})")
+
+
+def test_bench_quick_writes_results(tmp_path):
+    """The command end to end on the smallest case: one JSON with the documented keys, and the
+    markdown and plot next to it."""
+    out = tmp_path / "quick"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick", "--backends",
+                           "torch", "--out", str(out)], cwd=str(ROOT), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "quick.json").read_text())
+    assert {"command", "machine", "settings", "results", "started", "finished"} <= set(data)
+    assert data["command"].startswith("python -m benchmarks.bench --quick")
+    (r,) = data["results"]
+    assert r["status"] == "ok", r
+    assert {"case", "device", "versions", "opts", "phases"} <= set(r)
+    for phase in ("eval", "train"):
+        p = r["phases"][phase]
+        assert {"img_s", "runs_img_s", "first_s", "step_s", "memory"} <= set(p)
+        assert p["img_s"] > 0 and len(p["runs_img_s"]) == data["settings"]["repeats"]
+        assert p["memory"]["rss_peak_bytes"] > 0
+    md = (tmp_path / "quick.md").read_text()
+    assert data["command"] in md and "(a) Backends" in md
+    assert (tmp_path / "quick.png").stat().st_size > 10_000
