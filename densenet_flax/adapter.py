@@ -9,6 +9,7 @@ and outputs are here, the conversion of weights is in densenet_flax/state.py.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -67,8 +68,8 @@ def _nhwc_shape(shape):
     return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else shape
 
 
-def _nhwc(x):
-    x = jnp.asarray(np.asarray(x, dtype=np.float32))
+def _nhwc(x, dtype="float32"):
+    x = jnp.asarray(np.asarray(x, dtype=dtype))
     return jnp.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x
 
 
@@ -204,23 +205,38 @@ def book_examples(variant: str = "nnx") -> dict:
 # Every function below builds ``config``, loads the canonical ``state``, and works on the
 # canonical NCHW float32 input ``x`` (transposed to NHWC here). Loss: mean softmax
 # cross-entropy of the logits against integer ``labels``. SGD: plain, no momentum, no weight
-# decay (the book's optimiser). Matmuls and convolutions run at full float32 precision: on
-# GPUs JAX's default precision may use TF32 (or bf16 passes), which is not what a parity claim
-# at 1e-5 is about; on the CPU 'highest' is what JAX does anyway.
+# decay (the book's optimiser). Matmuls and convolutions run at full precision: on GPUs JAX's
+# default precision may use TF32 (or bf16 passes), which is not what a parity claim at 1e-5 is
+# about; on the CPU 'highest' is what JAX does anyway. ``dtype`` 'float64' (gradients and
+# train_step, the parity suite's gradient check) computes in double precision: JAX's x64 mode
+# for the call, the loaded weights cast to float64, float64 results.
 
-def _float32(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with jax.default_matmul_precision("highest"):
-            return fn(*args, **kwargs)
-    return wrapper
+@contextlib.contextmanager
+def _numerics(dtype="float32"):
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(jax.default_matmul_precision("highest"))
+        if dtype == "float64":
+            stack.enter_context(jax.enable_x64(True))
+        yield
 
 
-def _loaded(config, state, memory_efficient=False, variant="nnx"):
-    """NNX: the model, loaded. linen: (model, variables)."""
-    model = _build(config, memory_efficient=memory_efficient, variant=variant)
+def _loaded(config, state, memory_efficient=False, variant="nnx", dtype="float32"):
+    """NNX: the model, loaded. linen: (model, variables). At ``dtype`` (inside _numerics).
+    NNX builds abstractly (nnx.eval_shape: no random initialisation, which would compile an
+    initialiser per weight shape) unless dropout needs its RNG streams."""
+    if variant == "nnx" and not config.get("drop_rate"):
+        model = nnx.eval_shape(lambda: _build(config, memory_efficient=memory_efficient))
+    else:
+        model = _build(config, memory_efficient=memory_efficient, variant=variant)
     variables = load_state(model, state)
-    return model if variant == "nnx" else (model, variables)
+    cast = functools.partial(jax.tree.map, lambda a: a.astype(dtype))
+    if variant == "nnx":
+        if dtype != "float32":
+            nnx.update(model, cast(nnx.state(model, (nnx.Param, nnx.BatchStat))))
+        return model
+    return model, (cast(variables) if dtype != "float32" else variables)
 
 
 def _loss(logits, labels):
@@ -239,61 +255,93 @@ def _linen_loss(model, batch_stats, x, labels):
     return loss_fn
 
 
-@_float32
+# The computations are compiled whole (nnx.jit / jax.jit), as Flax code runs them: op-by-op
+# ("eager") JAX compiles every primitive for every new shape, which for a DenseNet (a new
+# channel count at every layer) is many times slower than one compilation of the network.
+
+@nnx.jit
+def _nnx_stages(model, x):
+    return model.forward_stages(x)
+
+
+@nnx.jit
+def _nnx_grads(model, x, labels):
+    return nnx.value_and_grad(lambda m: _loss(m(x), labels))(model)
+
+
+@nnx.jit
+def _nnx_sgd(model, optimizer, x, labels):
+    loss, grads = nnx.value_and_grad(lambda m: _loss(m(x), labels))(model)
+    optimizer.update(model, grads)
+    return loss, grads
+
+
+@functools.partial(jax.jit, static_argnames=("model", "train"))
+def _linen_stages(model, variables, x, train):
+    out = model.apply(variables, x, train=train, method="forward_stages",
+                      mutable=["batch_stats"] if train else False, rngs=_DROPOUT)
+    return out[0] if train else out
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _linen_grads(model, variables, x, labels):
+    loss_fn = _linen_loss(model, variables["batch_stats"], x, labels)
+    return jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+
+
 def forward(config: dict, state: dict, x, train: bool = False, variant: str = "nnx",
             memory_efficient: bool = False) -> dict:
     """Every stage's output (canonical NCHW) for eval mode or train mode (batch statistics)."""
-    x = _nhwc(x)
-    if _module(variant) is nnx_model:
-        model = _loaded(config, state, memory_efficient)
-        model.train() if train else model.eval()
-        out = model.forward_stages(x)
-    else:
-        model, variables = _loaded(config, state, memory_efficient, variant)
-        out = model.apply(variables, x, train=train, method="forward_stages",
-                          mutable=["batch_stats"] if train else False, rngs=_DROPOUT)
-        out = out[0] if train else out
-    return {"arrays": {k: _nchw(v) for k, v in out.items()}}
+    with _numerics():
+        x = _nhwc(x)
+        if _module(variant) is nnx_model:
+            model = _loaded(config, state, memory_efficient)
+            model.train() if train else model.eval()
+            out = _nnx_stages(model, x)
+        else:
+            model, variables = _loaded(config, state, memory_efficient, variant)
+            out = _linen_stages(model, variables, x, train)
+        return {"arrays": {k: _nchw(v) for k, v in out.items()}}
 
 
-@_float32
 def gradients(config: dict, state: dict, x, labels, variant: str = "nnx",
-              memory_efficient: bool = False) -> dict:
-    """Train-mode loss and its gradient for every trainable parameter (canonical names)."""
-    x, labels = _nhwc(x), jnp.asarray(labels, jnp.int32)
-    if _module(variant) is nnx_model:
-        model = _loaded(config, state, memory_efficient)
-        model.train()
-        loss, grads = nnx.value_and_grad(lambda m: _loss(m(x), labels))(model)
-    else:
-        model, variables = _loaded(config, state, memory_efficient, variant)
-        loss_fn = _linen_loss(model, variables["batch_stats"], x, labels)
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-    return {"loss": float(loss), "arrays": to_canonical(grads)}
+              memory_efficient: bool = False, dtype: str = "float32") -> dict:
+    """Train-mode loss and its gradient for every trainable parameter (canonical names), at
+    ``dtype``."""
+    with _numerics(dtype):
+        x, labels = _nhwc(x, dtype), jnp.asarray(labels, jnp.int32)
+        if _module(variant) is nnx_model:
+            model = _loaded(config, state, memory_efficient, dtype=dtype)
+            model.train()
+            loss, grads = _nnx_grads(model, x, labels)
+        else:
+            model, variables = _loaded(config, state, memory_efficient, variant, dtype)
+            (loss, _), grads = _linen_grads(model, variables, x, labels)
+        return {"loss": float(loss), "arrays": to_canonical(grads, dtype=dtype)}
 
 
-@_float32
 def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: str = "nnx",
-               memory_efficient: bool = False) -> dict:
-    """One SGD step in train mode: the loss and the new canonical state (parameters and
-    BatchNorm running statistics)."""
-    x, labels = _nhwc(x), jnp.asarray(labels, jnp.int32)
-    tx = optax.sgd(lr)
-    if _module(variant) is nnx_model:
-        model = _loaded(config, state, memory_efficient)
-        model.train()
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-        loss, grads = nnx.value_and_grad(lambda m: _loss(m(x), labels))(model)
-        optimizer.update(model, grads)
-        return {"loss": float(loss), "arrays": export_state(model)}
-    model, variables = _loaded(config, state, memory_efficient, variant)
-    params = variables["params"]
-    loss_fn = _linen_loss(model, variables["batch_stats"], x, labels)
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, _ = tx.update(grads, tx.init(params), params)
-    params = optax.apply_updates(params, updates)
-    return {"loss": float(loss),
-            "arrays": export_state(model, {"params": params, "batch_stats": batch_stats})}
+               memory_efficient: bool = False, dtype: str = "float32") -> dict:
+    """One SGD step (optax.sgd) in train mode: the loss, the gradients it applied and the new
+    canonical state (parameters and BatchNorm running statistics), at ``dtype``."""
+    with _numerics(dtype):
+        x, labels = _nhwc(x, dtype), jnp.asarray(labels, jnp.int32)
+        tx = optax.sgd(lr)
+        if _module(variant) is nnx_model:
+            model = _loaded(config, state, memory_efficient, dtype=dtype)
+            model.train()
+            optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+            loss, grads = _nnx_sgd(model, optimizer, x, labels)
+            return {"loss": float(loss), "grads": to_canonical(grads, dtype=dtype),
+                    "arrays": export_state(model, dtype=dtype)}
+        model, variables = _loaded(config, state, memory_efficient, variant, dtype)
+        params = variables["params"]
+        (loss, batch_stats), grads = _linen_grads(model, variables, x, labels)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        params = optax.apply_updates(params, updates)
+        return {"loss": float(loss), "grads": to_canonical(grads, dtype=dtype),
+                "arrays": export_state(model, {"params": params, "batch_stats": batch_stats},
+                                       dtype=dtype)}
 
 
 def init_state(config: dict, seed: int = 0, variant: str = "nnx") -> dict:

@@ -40,9 +40,10 @@ def _is_nnx(model) -> bool:
     return isinstance(model, nnx.Module)
 
 
-def to_canonical(*trees) -> Dict[str, np.ndarray]:
+def to_canonical(*trees, dtype=np.float32) -> Dict[str, np.ndarray]:
     """Flax trees (nested dicts such as linen's ``params`` / ``batch_stats``, or nnx.State:
-    a model's variables or gradients) -> canonical name -> float32 numpy, PyTorch layout."""
+    a model's variables or gradients) -> canonical name -> float32 numpy, PyTorch layout.
+    (``dtype`` float64 only for the parity suite's double-precision checks.)"""
     out = {}
     for tree in trees:
         if isinstance(tree, nnx.State):
@@ -51,7 +52,7 @@ def to_canonical(*trees) -> Dict[str, np.ndarray]:
             *module, leaf = (str(p) for p in path)
             if leaf not in _TO_CANONICAL:
                 raise ValueError(f"not a DenseNet variable: {'/'.join(map(str, path))}")
-            a = np.asarray(a, dtype=np.float32)
+            a = np.asarray(a, dtype=dtype)
             if leaf == "kernel":  # conv HWIO -> OIHW; dense [in, out] -> [out, in]
                 a = a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T
             out[".".join(module + [_TO_CANONICAL[leaf]])] = np.ascontiguousarray(a)
@@ -78,14 +79,14 @@ def from_canonical(state: Mapping[str, np.ndarray]) -> Dict[str, dict]:
             "batch_stats": traverse_util.unflatten_dict(stats)}
 
 
-def export_state(model, variables=None) -> Dict[str, np.ndarray]:
+def export_state(model, variables=None, dtype=np.float32) -> Dict[str, np.ndarray]:
     """name -> float32 numpy array, torchvision names, PyTorch layout (OIHW, [out, in]).
     NNX: ``export_state(model)``; linen: ``export_state(model, variables)``."""
     if _is_nnx(model):
-        return to_canonical(nnx.state(model, (nnx.Param, nnx.BatchStat)))
+        return to_canonical(nnx.state(model, (nnx.Param, nnx.BatchStat)), dtype=dtype)
     if variables is None:
         raise TypeError("a linen model holds no variables: export_state(model, variables)")
-    return to_canonical(variables["params"], variables.get("batch_stats", {}))
+    return to_canonical(variables["params"], variables.get("batch_stats", {}), dtype=dtype)
 
 
 def load_state(model, state: Dict[str, np.ndarray]):

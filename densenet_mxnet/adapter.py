@@ -193,20 +193,24 @@ def gradients(config: dict, state: dict, x, labels, variant: str = "mxnet",
               memory_efficient: bool = False, dtype: str = "float32") -> dict:
     """Train-mode loss and its gradient for every trainable parameter (canonical names).
     ``dtype`` 'float64' computes in double precision (the parity suite's gradient check)."""
-    from densenet_mxnet.state import _canonical_params
     model = _loaded(config, state, memory_efficient, dtype)
     with autograd.record():  # recording implies train mode: batch statistics, dropout
         loss = _loss(model, x, labels, dtype)
     loss.backward()
-    return {"loss": float(loss.asscalar()),
-            "arrays": {k: p.grad().asnumpy() for k, p in _canonical_params(model).items()
-                       if p.grad_req != "null"}}
+    return {"loss": float(loss.asscalar()), "arrays": _grads(model)}
+
+
+def _grads(model):
+    """Every trainable parameter's gradient, canonical names."""
+    from densenet_mxnet.state import _canonical_params
+    return {k: p.grad().asnumpy() for k, p in _canonical_params(model).items()
+            if p.grad_req != "null"}
 
 
 def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: str = "mxnet",
                memory_efficient: bool = False, dtype: str = "float32") -> dict:
-    """One SGD step in train mode: the loss and the new canonical state (parameters and
-    BatchNorm running statistics; Gluon updates the latter in the backward pass, with the
+    """One SGD step in train mode: the loss, the gradients it applied and the new canonical
+    state (parameters and BatchNorm running statistics; Gluon updates the latter in the backward pass, with the
     biased batch variance where PyTorch uses the unbiased one)."""
     from densenet_mxnet.state import export_state
     model = _loaded(config, state, memory_efficient, dtype)
@@ -215,7 +219,8 @@ def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: s
         loss = _loss(model, x, labels, dtype)
     loss.backward()
     trainer.step(1)  # the loss is already the batch mean; step(batch_size) would divide again
-    return {"loss": float(loss.asscalar()), "arrays": _state_in(model, dtype)}
+    return {"loss": float(loss.asscalar()), "grads": _grads(model),
+            "arrays": _state_in(model, dtype)}
 
 
 def init_state(config: dict, seed: int = 0, variant: str = "mxnet") -> dict:

@@ -8,8 +8,9 @@ JSON lines on stdin and stdout, one request and one response per line:
 
 Arrays travel as safetensors files: in the request file, key "x" becomes kwargs["x"] and
 "state/<name>" becomes kwargs["state"][name] (any "<kwarg>/<name>" alike). The call is
-densenet_mxnet.adapter.<fn>(**kwargs); if its result has "arrays", they go to a safetensors file
-next to the request file, whose path the response gives. stdout carries the protocol and nothing
+densenet_mxnet.adapter.<fn>(**kwargs); the entries of its result that are dicts of arrays
+("arrays", "grads") go to a safetensors file next to the request file ("<entry>/<name>", dtype
+kept), whose path the response gives. stdout carries the protocol and nothing
 else: everything else (MXNet's logs, warnings, stray prints) goes to stderr. EOF ends the worker.
 """
 from __future__ import annotations
@@ -41,8 +42,9 @@ def _plain(obj):
 
 
 def _handle(req: dict, adapter, scratch: str) -> dict:
-    import numpy as np
     from safetensors.numpy import load_file, save_file
+
+    from densenet_spec.files import split_arrays
 
     fn = req.get("fn")
     if not isinstance(fn, str) or fn.startswith("_") or not callable(getattr(adapter, fn, None)):
@@ -57,13 +59,12 @@ def _handle(req: dict, adapter, scratch: str) -> dict:
                 kwargs[key] = value
     result = getattr(adapter, fn)(**kwargs)
     path = None
-    if isinstance(result, dict) and "arrays" in result:
-        result = dict(result)
-        arrays = result.pop("arrays")
+    packed = split_arrays(result) if isinstance(result, dict) else {}
+    if packed:
+        result = {k: v for k, v in result.items() if not any(n.startswith(f"{k}/") for n in packed)}
         folder = os.path.dirname(req["arrays"]) if req.get("arrays") else scratch
         path = os.path.join(folder, f"resp{req.get('id')}.safetensors")
-        save_file({k: np.ascontiguousarray(np.asarray(v, dtype=np.float32))
-                   for k, v in arrays.items()}, path)
+        save_file(packed, path)
     return {"id": req.get("id"), "ok": True, "result": result, "arrays": path}
 
 

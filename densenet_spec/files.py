@@ -41,3 +41,25 @@ def load_state(path) -> Tuple[Dict[str, np.ndarray], Optional[spec.Preset]]:
         raise ValueError(f"{path} is not a safetensors file ({e})") from None
     cfg = meta.get("config")
     return state, (spec.Preset.from_dict(json.loads(cfg)) if cfg else None)
+
+
+def split_arrays(result: dict) -> dict:
+    """The entries of a result that are dicts of numpy arrays (an adapter's "arrays",
+    "grads"), flattened to "<entry>/<name>" for one safetensors file, dtype kept (float64
+    results stay float64). Used by the MXNet worker to send results across processes."""
+    out = {}
+    for key, value in result.items():
+        if isinstance(value, dict) and value and all(isinstance(a, np.ndarray)
+                                                    for a in value.values()):
+            for name, a in value.items():
+                out[f"{key}/{name}"] = np.ascontiguousarray(a)
+    return out
+
+
+def join_arrays(result: dict, arrays: dict) -> dict:
+    """The inverse of split_arrays: ``result`` with the flattened ``arrays`` put back."""
+    result = dict(result) if isinstance(result, dict) else {"value": result}
+    for key, a in arrays.items():
+        group, name = key.split("/", 1)
+        result.setdefault(group, {})[name] = a
+    return result

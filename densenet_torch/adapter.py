@@ -163,8 +163,8 @@ def gradients(config: dict, state: dict, x, labels, variant: str = "torch",
 
 def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: str = "torch",
                memory_efficient: bool = False, dtype: str = "float32") -> dict:
-    """One SGD step in train mode: the loss and the new canonical state (parameters and
-    BatchNorm running statistics), at ``dtype``."""
+    """One SGD step in train mode: the loss, the gradients it applied and the new canonical
+    state (parameters and BatchNorm running statistics), at ``dtype``."""
     model = _loaded(config, state, memory_efficient, dtype).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     opt.zero_grad()
@@ -173,6 +173,7 @@ def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: s
         loss.backward()
     opt.step()
     return {"loss": loss.item(),
+            "grads": {k: _numpy(p.grad, dtype) for k, p in model.named_parameters()},
             "arrays": {k: _numpy(v, dtype) for k, v in model.state_dict().items()
                        if not k.endswith("num_batches_tracked")}}
 

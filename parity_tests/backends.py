@@ -143,8 +143,8 @@ class MXNetBackend(Backend):
                                    resp.get("traceback", ""))
             result = resp["result"]
             if resp.get("arrays"):
-                result = dict(result) if isinstance(result, dict) else {"value": result}
-                result["arrays"] = load_file(resp["arrays"])
+                from densenet_spec.files import join_arrays
+                result = join_arrays(result, load_file(resp["arrays"]))
                 os.remove(resp["arrays"])
             if req["arrays"]:
                 os.remove(req["arrays"])

@@ -7,6 +7,15 @@ from __future__ import annotations
 
 import os
 
+# XLA on the CPU: compile for compile speed, not run speed. The suite compiles dozens of whole
+# networks once each on tiny batches, where XLA's default (LLVM -O2, fusion emitters) spends
+# ~3x longer compiling than running. Same operations, same IEEE arithmetic: only the machine
+# code differs. Set before JAX starts; the benchmarks (benchmarks/) keep XLA's defaults.
+_FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                 "--xla_cpu_use_fusion_emitters=false")
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+
 import pytest
 
 from parity_tests.backends import (BACKEND_NAMES, MXNET_HINT, BackendUnavailable, make_backend,
