@@ -264,14 +264,16 @@ def _nnx_stages(model, x):
     return model.forward_stages(x)
 
 
-@nnx.jit
-def _nnx_grads(model, x, labels):
+def _nnx_value_and_grad(model, x, labels):
     return nnx.value_and_grad(lambda m: _loss(m(x), labels))(model)
+
+
+_nnx_grads = nnx.jit(_nnx_value_and_grad)
 
 
 @nnx.jit
 def _nnx_sgd(model, optimizer, x, labels):
-    loss, grads = nnx.value_and_grad(lambda m: _loss(m(x), labels))(model)
+    loss, grads = _nnx_value_and_grad(model, x, labels)
     optimizer.update(model, grads)
     return loss, grads
 

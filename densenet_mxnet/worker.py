@@ -61,7 +61,8 @@ def _handle(req: dict, adapter, scratch: str) -> dict:
     path = None
     packed = split_arrays(result) if isinstance(result, dict) else {}
     if packed:
-        result = {k: v for k, v in result.items() if not any(n.startswith(f"{k}/") for n in packed)}
+        sent = {n.split("/", 1)[0] for n in packed}
+        result = {k: v for k, v in result.items() if k not in sent}
         folder = os.path.dirname(req["arrays"]) if req.get("arrays") else scratch
         path = os.path.join(folder, f"resp{req.get('id')}.safetensors")
         save_file(packed, path)
