@@ -44,6 +44,9 @@ from benchmarks.defaults import default_opts
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("torch", "mxnet", "flax-nnx", "flax-linen")
 REFERENCE_OF = {"torch": "torchvision", "mxnet": "mxnet-zoo"}
+#: backends whose memory cases also report what the framework keeps for the backward pass
+#: (benchmarks/saved_for_backward.py)
+SAVED_FOR_BACKWARD = ("torch", "flax-nnx", "flax-linen")
 MXNET_HINT = ("MXNet environment not found: set DENSENET_MXNET_PYTHON to its python, or build "
               ".venv-mxnet with `make mxnet-env`")
 
@@ -156,7 +159,8 @@ def plan(args, gpu: bool) -> List[dict]:
         for b in backends:
             for mode in ("naive", "efficient"):
                 add("memory", b, args.mem_preset, args.mem_size, args.mem_batch, args.mem_dtype,
-                    mode, phases=("train",), **_timing_override(args.mem_repeats, args.mem_iters))
+                    mode, phases=("train",), **_timing_override(args.mem_repeats, args.mem_iters),
+                    **({"saved": True} if b in SAVED_FOR_BACKWARD else {}))
     return cases
 
 

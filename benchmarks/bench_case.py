@@ -7,7 +7,10 @@ a JSON object::
      "preset": "book", "size": 96, "batch": 32, "dtype": "float32" | "bfloat16",
      "mode": "naive" | "efficient", "phases": ["eval", "train"],
      "opts": {fast-path switches of the backend, missing ones at their defaults},
-     "warmup": 2, "repeats": 5, "iters": 2}
+     "warmup": 2, "repeats": 5, "iters": 2, "saved": false}
+
+``saved``: also report what the framework keeps for the backward pass in this mode
+(torch and Flax; benchmarks/saved_for_backward.py), measured after the timed phases.
 
 Phases run in order in the same process: 'eval' is a forward pass in inference mode, 'train'
 one SGD step (forward, cross-entropy, backward, update; lr 0.1). Memory per phase: the
@@ -96,6 +99,14 @@ def run_case(case) -> dict:
         out["phases"][phase] = dict(timing, memory=mem)
         print(f"  {case['backend']} {phase}: {timing['img_s']:.2f} img/s, "
               f"first step {timing['first_s']:.1f} s", file=sys.stderr, flush=True)
+    if case.get("saved"):
+        # After the timed phases, so it cannot raise their peak: what the framework keeps for
+        # the backward pass in this case's mode (benchmarks/saved_for_backward.py).
+        from benchmarks import saved_for_backward as sfb
+        fn = (sfb.torch_saved_bytes if case["backend"] == "torch" else
+              lambda *a: sfb.flax_saved_bytes(*a, variant=case["backend"].split("-")[1]))
+        out["saved_for_backward"] = fn(case["preset"], case["size"], case["batch"],
+                                       case["mode"] == "efficient")
     out["status"] = "ok"
     return out
 
