@@ -218,9 +218,37 @@ def run_one(case: dict, timeout: float, verbose: bool) -> dict:
     return result
 
 
+def combine_rounds(rs: List[dict]) -> dict:
+    """One result from the same case run in several rounds (fresh processes, interleaved with
+    the other cases): per phase the median throughput over rounds, each round's figure kept
+    in 'rounds_img_s'; everything else (memory included) from the round whose train (else
+    first) phase throughput is the median. A failed round makes the case failed."""
+    if len(rs) == 1 or any(r.get("status") != "ok" for r in rs):
+        return next((r for r in rs if r.get("status") != "ok"), rs[-1])
+    import statistics
+    first = next(iter(rs[0]["phases"]))
+    pick = "train" if "train" in rs[0]["phases"] else first
+    order = sorted(rs, key=lambda r: r["phases"][pick]["img_s"])
+    out = json.loads(json.dumps(order[(len(order) - 1) // 2]))
+    for phase, p in out["phases"].items():
+        vals = [r["phases"][phase]["img_s"] for r in rs]
+        p["rounds_img_s"] = vals
+        p["img_s"] = statistics.median(vals)
+        p["step_s"] = out["case"]["batch"] / p["img_s"]
+    out["rounds"] = len(rs)
+    return out
+
+
 def case_key(c: dict) -> str:
     """What makes two planned cases the same measurement (the suite and label do not)."""
     return json.dumps({k: v for k, v in c.items() if k not in ("group", "variant")},
+                      sort_keys=True)
+
+
+def measurement_key(c: dict) -> str:
+    """What is measured, without how long (warm-up, repeats, iterations): for --merge."""
+    return json.dumps({k: v for k, v in c.items()
+                       if k not in ("group", "variant", "warmup", "repeats", "iters")},
                       sort_keys=True)
 
 
@@ -272,6 +300,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="run each case on this many CPUs (affinity mask + OMP/MKL thread counts); "
                          "default: all. On a shared machine 1 avoids OpenMP oversubscription")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every case this many times, round after round (fresh processes, "
+                         "interleaved), and report the median per phase: for noisy machines")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per phase (default 2)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per phase; median (default 5)")
     ap.add_argument("--iters", type=int, default=2, help="steps per timed run (default 2)")
@@ -337,8 +368,9 @@ def main(argv=None):
     kept = []
     if args.merge:
         old = json.loads(Path(args.merge).read_text())
-        redo = {(c["group"], case_key(c)) for c in cases}
-        kept = [r for r in old["results"] if (r["case"].get("group"), case_key(r["case"]))
+        # A case measured again replaces its earlier result, whatever the timing settings
+        redo = {(c["group"], measurement_key(c)) for c in cases}
+        kept = [r for r in old["results"] if (r["case"].get("group"), measurement_key(r["case"]))
                 not in redo]
         data["merged_from"] = {"file": args.merge, "command": old.get("command"),
                                "kept_results": len(kept)}
@@ -346,21 +378,29 @@ def main(argv=None):
     print(f"densenet benchmarks: {len(cases)} case(s); machine: {data['machine']['cpu']}, "
           f"{data['machine']['cores']} cores, {'GPU ' + gpu if gpu else 'no GPU'}", file=sys.stderr)
     t_start = time.perf_counter()
-    results, done = [], {}
-    for i, case in enumerate(cases, 1):
-        key = case_key(case)
-        if key in done:  # the same measurement planned by two suites: run once
-            r = dict(done[key], case=case, same_as=done[key]["case"].get("group"))
-            print(f"[{i}/{len(cases)}] {describe_case(case)}: same case as in "
-                  f"'{r['same_as']}', not run again", file=sys.stderr, flush=True)
-        else:
-            print(f"[{i}/{len(cases)}] {describe_case(case)} ...", file=sys.stderr, flush=True)
-            r = done[key] = run_one(case, args.case_timeout, args.verbose)
-            print(f"    {summary_line(r)}  ({r.get('wall_s', 0):.0f} s)", file=sys.stderr,
-                  flush=True)
-        results.append(r)
-        data["results"] = kept + results
-        Path(str(out) + ".json").write_text(json.dumps(data, indent=1))
+    runs = {}  # case key -> one result per round
+    for rnd in range(1, args.rounds + 1):
+        results, done = [], {}
+        tag = f" round {rnd}/{args.rounds}" if args.rounds > 1 else ""
+        for i, case in enumerate(cases, 1):
+            key = case_key(case)
+            if key in done:  # the same measurement planned by two suites: run once
+                r = dict(done[key], case=case, same_as=done[key]["case"].get("group"))
+                print(f"[{i}/{len(cases)}{tag}] {describe_case(case)}: same case as in "
+                      f"'{r['same_as']}', not run again", file=sys.stderr, flush=True)
+            else:
+                print(f"[{i}/{len(cases)}{tag}] {describe_case(case)} ...", file=sys.stderr,
+                      flush=True)
+                r = run_one(case, args.case_timeout, args.verbose)
+                runs.setdefault(key, []).append(r)
+                r = done[key] = combine_rounds(runs[key])
+                print(f"    {summary_line(r)}  ({r.get('wall_s', 0):.0f} s)", file=sys.stderr,
+                      flush=True)
+            results.append(r)
+            data["results"] = kept + results + [
+                dict(combine_rounds(runs[case_key(c)]), case=c) for c in cases[i:]
+                if case_key(c) in runs]
+            Path(str(out) + ".json").write_text(json.dumps(data, indent=1))
     data["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     data["duration_s"] = time.perf_counter() - t_start
     Path(str(out) + ".json").write_text(json.dumps(data, indent=1))

@@ -101,11 +101,12 @@ def is_gpu_run(data) -> bool:
 def header(data, title) -> List[str]:
     m = data["machine"]
     devices = sorted({r.get("device") for r in data["results"] if ok(r)})
-    versions: Dict[str, str] = {}
+    versions: Dict[str, List[str]] = {}
     for r in data["results"]:
         for k, v in (r.get("versions") or {}).items():
             if k in ("torch", "torchvision", "jax", "jaxlib", "flax", "mxnet", "cuda", "cudnn"):
-                versions.setdefault(k, v)
+                if v not in versions.setdefault(k, []):
+                    versions[k].append(v)
     numpys = sorted({(r.get("versions") or {}).get("numpy") for r in data["results"]} - {None})
     loads = [x for r in data["results"] for x in (r.get("loadavg_before") or [])[:1]]
     lines = [f"# {title}", "",
@@ -115,10 +116,13 @@ def header(data, title) -> List[str]:
              f"{' '.join(m.get('cpu_flags') or []) or 'n/a'}); "
              + (f"GPU: {m['gpu']}" if m.get("gpu") else "no GPU"),
              f"- Devices used: {', '.join(devices) or 'none'}",
-             f"- Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}; "
+             "- Versions: " + ", ".join(k + " " + " / ".join(v) for k, v in versions.items())
+             + "; "
              f"numpy {' / '.join(numpys)}; Python {m['python']}",
              f"- Started {data['started']}"
-             + (f", took {data['duration_s'] / 60:.1f} min" if data.get("duration_s") else ""),
+             + (f", took {data['duration_s'] / 60:.1f} min" if data.get("duration_s") else "")
+             + (f" (the last command; {data['merged_from']['kept_results']} results kept from "
+                "the earlier one(s))" if data.get("merged_from") else ""),
              ]
     if loads:
         lines.append(f"- Load average (1 min) at the start of the cases: {min(loads):.1f} to "
@@ -129,7 +133,10 @@ def header(data, title) -> List[str]:
     lines += ["", "Method: each case is a fresh process; per phase "
               f"{s['warmup']} warm-up step(s) (the first one, which holds compilation, reported "
               f"apart), then the median of {s['repeats']} timed runs of {s['iters']} step(s) "
-              "(the reference and memory suites may use fewer, see the JSON), the device "
+              "(the reference and memory suites may use fewer, see the JSON)"
+              + (f"; each case run in {s['rounds']} rounds (interleaved fresh processes), the "
+                 "median over rounds reported" if s.get("rounds", 1) > 1 else "")
+              + ", the device "
               "synchronised before each clock read. 'eval' = forward in inference mode; 'train' "
               "= forward + cross-entropy + backward + plain SGD update (lr 0.1). Memory: CPU = "
               "the case process's peak RSS (getrusage), GPU = the framework allocator's peak "
