@@ -18,17 +18,40 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import pytest
 
-from parity_tests.backends import (BACKEND_NAMES, MXNET_HINT, BackendUnavailable, make_backend,
-                                   mxnet_python)
+from parity_tests.backends import (BACKEND_NAMES, MXNET_HINT, ROOT, BackendUnavailable,
+                                   make_backend, mxnet_python)
 
 _cache = {}
 
 
-def get_backend(name):
-    if name == "mxnet" and mxnet_python() is None:
+def need_mxnet() -> str:
+    """The MXNet interpreter, or a skip saying how to build it (a failure under
+    DENSENET_REQUIRE_MXNET=1, as CI sets: there only GPU tests may skip)."""
+    py = mxnet_python()
+    if py is None:
         if os.environ.get("DENSENET_REQUIRE_MXNET") == "1":
             pytest.fail(f"DENSENET_REQUIRE_MXNET=1 but: {MXNET_HINT}")
         pytest.skip(MXNET_HINT)
+    return py
+
+
+def cli_env(**extra):
+    """The environment for a command-line run of this project (and for the MXNet environment's
+    interpreter). One thread per process: the suite runs under pytest -n 2 on two cores, where
+    more threads only contend (PyTorch's OpenMP spins); every run of a comparison gets the same
+    setting."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    py = mxnet_python()
+    if py:
+        env["DENSENET_MXNET_PYTHON"] = py
+    env.update(extra)
+    return env
+
+
+def get_backend(name):
+    if name == "mxnet":
+        need_mxnet()
     if name not in _cache:
         _cache[name] = make_backend(name)
     b = _cache[name]

@@ -22,16 +22,15 @@ import sys
 import pytest
 
 from benchmarks import check_fast_paths as cfp
-from parity_tests.backends import MXNET_HINT, ROOT, mxnet_python
+from parity_tests.backends import ROOT
+from parity_tests.conftest import need_mxnet
 
 _results = {}
 
 
 def _checks(backend):
-    if backend == "mxnet" and mxnet_python() is None:
-        if os.environ.get("DENSENET_REQUIRE_MXNET") == "1":
-            pytest.fail(f"DENSENET_REQUIRE_MXNET=1 but: {MXNET_HINT}")
-        pytest.skip(MXNET_HINT)
+    if backend == "mxnet":
+        need_mxnet()
     if backend not in _results:
         _results[backend] = {r["name"]: r for r in cfp.run_backend(backend)}
     return _results[backend]

@@ -9,7 +9,8 @@ import subprocess
 import numpy as np
 
 from parity_tests import compare
-from parity_tests.test_train import ROOT, cli_env, need_mxnet
+from parity_tests.backends import ROOT
+from parity_tests.conftest import cli_env, need_mxnet
 
 _result = {}
 

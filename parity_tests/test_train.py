@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -22,36 +21,14 @@ import pytest
 
 import densenet_spec as spec
 from densenet_spec import data, files, training
-from parity_tests.backends import MXNET_HINT, ROOT, mxnet_python
-from parity_tests.conftest import get_backend
+from parity_tests.backends import ROOT, mxnet_python
+from parity_tests.conftest import cli_env, get_backend, need_mxnet
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRIC_KEYS = {"format", "backend", "device", "preset", "network", "dataset", "config", "recipe",
                "first_step_loss", "epochs", "final", "book_line", "versions", "resumed_from"}
 EPOCH_KEYS = {"epoch", "loss", "train_acc", "test_acc", "examples", "train_time", "compile_time",
               "examples_per_sec", "first_loss", "curve"}
-
-
-def need_mxnet() -> str:
-    """The MXNet interpreter, or the conftest's skip (a failure under DENSENET_REQUIRE_MXNET=1)."""
-    py = mxnet_python()
-    if py is None:
-        if os.environ.get("DENSENET_REQUIRE_MXNET") == "1":
-            pytest.fail(f"DENSENET_REQUIRE_MXNET=1 but: {MXNET_HINT}")
-        pytest.skip(MXNET_HINT)
-    return py
-
-
-def cli_env(**extra):
-    # One thread per process: the suite runs under pytest -n 2 on two cores, where more threads
-    # only contend (PyTorch's OpenMP spins); every run of a comparison gets the same setting.
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    py = mxnet_python()
-    if py:
-        env["DENSENET_MXNET_PYTHON"] = py
-    env.update(extra)
-    return env
 
 
 def cli(*args):
