@@ -102,11 +102,9 @@ def run_case(case) -> dict:
     if case.get("saved"):
         # After the timed phases, so it cannot raise their peak: what the framework keeps for
         # the backward pass in this case's mode (benchmarks/saved_for_backward.py).
-        from benchmarks import saved_for_backward as sfb
-        fn = (sfb.torch_saved_bytes if case["backend"] == "torch" else
-              lambda *a: sfb.flax_saved_bytes(*a, variant=case["backend"].split("-")[1]))
-        out["saved_for_backward"] = fn(case["preset"], case["size"], case["batch"],
-                                       case["mode"] == "efficient")
+        from benchmarks.saved_for_backward import saved_bytes
+        out["saved_for_backward"] = saved_bytes(case["backend"], case["preset"], case["size"],
+                                                case["batch"], case["mode"] == "efficient")
     out["status"] = "ok"
     return out
 

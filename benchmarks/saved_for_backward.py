@@ -51,6 +51,30 @@ def torch_saved_bytes(preset: str, size: int, batch: int, efficient: bool) -> Di
     return {"bytes": sum(seen.values()), "tensors": len(seen)}
 
 
+def _nnx_train_loss(cfg, efficient: bool, abstract: bool):
+    """(params, other state, loss): an NNX DenseNet in train mode, split, and its loss as a
+    pure function (params, x, state) -> (mean logsumexp of the logits, new BatchNorm state).
+    ``abstract``: built with nnx.eval_shape (shapes only, no initialisation)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from densenet_flax import model as M
+
+    def build():
+        return M.DenseNet(**cfg.options(), memory_efficient=efficient, rngs=nnx.Rngs(0))
+
+    model = nnx.eval_shape(build) if abstract else build()
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, x, rest):
+        # fresh Variables at this trace level: the BatchNorm update mutates them
+        m = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, rest))
+        return jnp.mean(jax.nn.logsumexp(m(x), axis=-1)), nnx.state(m, nnx.BatchStat)
+
+    return params, rest, loss
+
+
 def flax_saved_bytes(preset: str, size: int, batch: int, efficient: bool,
                      variant: str = "nnx") -> Dict[str, int]:
     import jax
@@ -59,16 +83,10 @@ def flax_saved_bytes(preset: str, size: int, batch: int, efficient: bool,
     cfg = spec.get_preset(preset)
     x = jax.ShapeDtypeStruct((batch, size, size, cfg.in_channels), jnp.float32)
     if variant == "nnx":
-        from flax import nnx
-        from densenet_flax import model as M
-        model = nnx.eval_shape(lambda: M.DenseNet(**cfg.options(), memory_efficient=efficient,
-                                                  rngs=nnx.Rngs(0)))
-        model.train()
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        params, rest, nnx_loss = _nnx_train_loss(cfg, efficient, abstract=True)
 
         def loss(params, x, rest):
-            m = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, rest))
-            return jnp.mean(jax.nn.logsumexp(m(x), axis=-1))
+            return nnx_loss(params, x, rest)[0]
     else:
         from densenet_flax import linen
         net = linen.DenseNet(**cfg.options(), memory_efficient=efficient)
@@ -100,19 +118,10 @@ def xla_cpu_barriers(preset: str, size: int, batch: int) -> Dict[str, int]:
     traces (StableHLO) and in what XLA compiled for this machine's default backend."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
-    from densenet_flax import model as M
     cfg = spec.get_preset(preset)
-    model = M.DenseNet(**cfg.options(), memory_efficient=True, rngs=nnx.Rngs(0))
-    model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest, loss = _nnx_train_loss(cfg, True, abstract=False)
     x = jnp.zeros((batch, size, size, cfg.in_channels), jnp.float32)
-
-    def loss(params, rest):
-        m = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, rest))
-        return jnp.mean(jax.nn.logsumexp(m(x), axis=-1)), nnx.state(m, nnx.BatchStat)
-
-    lowered = jax.jit(jax.grad(loss, has_aux=True)).lower(params, rest)
+    lowered = jax.jit(jax.grad(loss, has_aux=True)).lower(params, x, rest)
     compiled = lowered.compile()
     return {"backend": jax.default_backend(),
             "traced": lowered.as_text().count("optimization_barrier"),
@@ -120,18 +129,21 @@ def xla_cpu_barriers(preset: str, size: int, batch: int) -> Dict[str, int]:
             "compiled_temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
 
 
+def saved_bytes(backend: str, preset: str, size: int, batch: int,
+                efficient: bool) -> Dict[str, int]:
+    """torch_saved_bytes or flax_saved_bytes by benchmark backend name."""
+    if backend == "torch":
+        return torch_saved_bytes(preset, size, batch, efficient)
+    if backend in ("flax-nnx", "flax-linen"):
+        return flax_saved_bytes(preset, size, batch, efficient, variant=backend.split("-")[1])
+    raise ValueError(f"no saved-for-backward measure for {backend!r} (torch, flax-nnx, "
+                     "flax-linen; MXNet Gluon has no memory-efficient mode)")
+
+
 def measure(backend: str, preset: str, size: int, batch: int) -> Dict[str, object]:
     """Naive and efficient bytes and their ratio for one backend (torch, flax-nnx, flax-linen)."""
-    if backend == "torch":
-        fn = torch_saved_bytes
-    elif backend in ("flax-nnx", "flax-linen"):
-        def fn(*a):
-            return flax_saved_bytes(*a, variant=backend.split("-")[1])
-    else:
-        raise ValueError(f"no saved-for-backward measure for {backend!r} (torch, flax-nnx, "
-                         "flax-linen; MXNet Gluon has no memory-efficient mode)")
-    naive = fn(preset, size, batch, False)
-    eff = fn(preset, size, batch, True)
+    naive = saved_bytes(backend, preset, size, batch, False)
+    eff = saved_bytes(backend, preset, size, batch, True)
     return {"backend": backend, "preset": preset, "size": size, "batch": batch,
             "naive_bytes": naive["bytes"], "efficient_bytes": eff["bytes"],
             "ratio": eff["bytes"] / naive["bytes"]}
