@@ -28,6 +28,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
 import os
@@ -226,10 +227,9 @@ def combine_rounds(rs: List[dict]) -> dict:
     if len(rs) == 1 or any(r.get("status") != "ok" for r in rs):
         return next((r for r in rs if r.get("status") != "ok"), rs[-1])
     import statistics
-    first = next(iter(rs[0]["phases"]))
-    pick = "train" if "train" in rs[0]["phases"] else first
+    pick = "train" if "train" in rs[0]["phases"] else next(iter(rs[0]["phases"]))
     order = sorted(rs, key=lambda r: r["phases"][pick]["img_s"])
-    out = json.loads(json.dumps(order[(len(order) - 1) // 2]))
+    out = copy.deepcopy(order[(len(order) - 1) // 2])
     for phase, p in out["phases"].items():
         vals = [r["phases"][phase]["img_s"] for r in rs]
         p["rounds_img_s"] = vals
@@ -378,28 +378,38 @@ def main(argv=None):
     print(f"densenet benchmarks: {len(cases)} case(s); machine: {data['machine']['cpu']}, "
           f"{data['machine']['cores']} cores, {'GPU ' + gpu if gpu else 'no GPU'}", file=sys.stderr)
     t_start = time.perf_counter()
-    runs = {}  # case key -> one result per round
+    runs, combined = {}, {}  # case key -> one result per round; -> their combination
+
+    def collected():
+        """The results so far in plan order; a case planned by two suites appears twice."""
+        out, first_group = [], {}
+        for c in cases:
+            key = case_key(c)
+            if key in combined:
+                r = dict(combined[key], case=c)
+                if key in first_group:
+                    r["same_as"] = first_group[key]
+                first_group.setdefault(key, c.get("group"))
+                out.append(r)
+        return out
+
     for rnd in range(1, args.rounds + 1):
-        results, done = [], {}
+        done = {}  # case key -> group of the case that ran it this round
         tag = f" round {rnd}/{args.rounds}" if args.rounds > 1 else ""
         for i, case in enumerate(cases, 1):
             key = case_key(case)
             if key in done:  # the same measurement planned by two suites: run once
-                r = dict(done[key], case=case, same_as=done[key]["case"].get("group"))
                 print(f"[{i}/{len(cases)}{tag}] {describe_case(case)}: same case as in "
-                      f"'{r['same_as']}', not run again", file=sys.stderr, flush=True)
-            else:
-                print(f"[{i}/{len(cases)}{tag}] {describe_case(case)} ...", file=sys.stderr,
-                      flush=True)
-                r = run_one(case, args.case_timeout, args.verbose)
-                runs.setdefault(key, []).append(r)
-                r = done[key] = combine_rounds(runs[key])
-                print(f"    {summary_line(r)}  ({r.get('wall_s', 0):.0f} s)", file=sys.stderr,
-                      flush=True)
-            results.append(r)
-            data["results"] = kept + results + [
-                dict(combine_rounds(runs[case_key(c)]), case=c) for c in cases[i:]
-                if case_key(c) in runs]
+                      f"'{done[key]}', not run again", file=sys.stderr, flush=True)
+                continue
+            done[key] = case.get("group")
+            print(f"[{i}/{len(cases)}{tag}] {describe_case(case)} ...", file=sys.stderr,
+                  flush=True)
+            runs.setdefault(key, []).append(run_one(case, args.case_timeout, args.verbose))
+            r = combined[key] = combine_rounds(runs[key])
+            print(f"    {summary_line(r)}  ({r.get('wall_s', 0):.0f} s)", file=sys.stderr,
+                  flush=True)
+            data["results"] = kept + collected()
             Path(str(out) + ".json").write_text(json.dumps(data, indent=1))
     data["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     data["duration_s"] = time.perf_counter() - t_start

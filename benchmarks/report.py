@@ -341,7 +341,8 @@ def default_on(r, plain, defaults) -> str:
         return "yes"
     if all(defaults.get(k) == v for k, v in toggled.items()):
         # e.g. NNX 'nnx.jit + donate': donation is on by default, but with split/merge + jax.jit
-        return "its switch (" + ", ".join(f"{k}={v}" for k, v in toggled.items()) + "), not this combination"
+        switches = ", ".join(f"{k}={v}" for k, v in toggled.items())
+        return f"its switch ({switches}), not this combination"
     return "no"
 
 
