@@ -230,13 +230,8 @@ def _loaded(config, state, memory_efficient=False, variant="nnx", dtype="float32
         model = nnx.eval_shape(lambda: _build(config, memory_efficient=memory_efficient))
     else:
         model = _build(config, memory_efficient=memory_efficient, variant=variant)
-    variables = load_state(model, state)
-    cast = functools.partial(jax.tree.map, lambda a: a.astype(dtype))
-    if variant == "nnx":
-        if dtype != "float32":
-            nnx.update(model, cast(nnx.state(model, (nnx.Param, nnx.BatchStat))))
-        return model
-    return model, (cast(variables) if dtype != "float32" else variables)
+    variables = load_state(model, state, dtype=np.dtype(dtype))
+    return model if variant == "nnx" else (model, variables)
 
 
 def _loss(logits, labels):

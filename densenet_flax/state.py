@@ -59,13 +59,15 @@ def to_canonical(*trees, dtype=np.float32) -> Dict[str, np.ndarray]:
     return out
 
 
-def from_canonical(state: Mapping[str, np.ndarray]) -> Dict[str, dict]:
+def from_canonical(state: Mapping[str, np.ndarray], dtype=np.float32) -> Dict[str, dict]:
     """Canonical state -> {'params': tree, 'batch_stats': tree} of float32 jax arrays, Flax
-    names and layout. No checks: load_state checks first."""
+    names and layout. No checks: load_state checks first. (``dtype`` float64 only for the
+    parity suite's double-precision checks: cast here, in numpy, because a cast of JAX arrays
+    compiles one XLA program per tensor shape.)"""
     params, stats = {}, {}
     for name, a in state.items():
         *module, leaf = name.split(".")
-        a = np.asarray(a, dtype=np.float32)
+        a = np.asarray(a, dtype=dtype)
         if leaf in _BATCH_STATS:
             stats[tuple(module + [_BATCH_STATS[leaf]])] = jnp.asarray(a)
         elif leaf == "weight" and a.ndim == 1:  # BatchNorm
@@ -89,15 +91,16 @@ def export_state(model, variables=None, dtype=np.float32) -> Dict[str, np.ndarra
     return to_canonical(variables["params"], variables.get("batch_stats", {}), dtype=dtype)
 
 
-def load_state(model, state: Dict[str, np.ndarray]):
+def load_state(model, state: Dict[str, np.ndarray], dtype=np.float32):
     """Load a canonical state: all or nothing. Old-style torchvision keys (``norm.1``) are
     accepted. Every missing, unexpected or misshapen tensor is reported.
     NNX: loads into ``model`` in place (returns None); linen: returns the new variables
-    ``{'params': ..., 'batch_stats': ...}`` for ``model``."""
+    ``{'params': ..., 'batch_stats': ...}`` for ``model``. (``dtype`` float64 only for the
+    parity suite's double-precision checks, inside ``jax.enable_x64``.)"""
     state = spec.remap_legacy_keys({k: v for k, v in state.items()
                                     if not k.endswith("num_batches_tracked")})
     spec.check_state(model.config, {k: tuple(np.shape(v)) for k, v in state.items()})
-    new = from_canonical(state)
+    new = from_canonical(state, dtype)
     if not _is_nnx(model):
         return new
     own = [nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)]

@@ -21,6 +21,10 @@ import pytest
 from parity_tests.backends import (BACKEND_NAMES, MXNET_HINT, ROOT, BackendUnavailable,
                                    make_backend, mxnet_python)
 
+#: The suite's time and memory monitor: prints the peak of the whole process tree and the
+#: heaviest tests at the end of every run (parity_tests/suite_monitor.py).
+pytest_plugins = ["parity_tests.suite_monitor"]
+
 _cache = {}
 
 

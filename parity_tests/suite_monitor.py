@@ -1,0 +1,262 @@
+"""Where the suite's time and memory go: a pytest plugin (loaded by conftest.py).
+
+Memory is the *proportional set size* (PSS, /proc/<pid>/smaps_rollup) summed over a process
+tree: pages shared between processes (the same libraries mapped by the pytest workers and by
+the MXNet workers) are split between them instead of being counted once per process, so the
+sum is what the tree really occupies. RSS is used only where the kernel offers no PSS.
+
+* The controller (the process that ``pytest`` started; with pytest-xdist the one that
+  coordinates the workers) samples the whole tree every ``INTERVAL`` seconds: itself, every
+  worker and everything they started (the MXNet workers, command-line subprocesses). Its peak
+  is the suite's peak.
+* Every process that runs tests (each xdist worker, or the only process without xdist)
+  samples its own tree the same way and records, per test, the peak while that test ran
+  (setup, call and teardown); the value travels to the controller with the test's report.
+
+At the end the run prints the peak, when it happened and what each process held then, the
+heaviest tests by memory and by time, and a line per test module; ``--suite-profile PATH``
+(or $DENSENET_SUITE_PROFILE) also writes all of it as JSON (benchmarks/suite_profile.py turns
+that into docs/performance/test-suite.md). ``DENSENET_MEMORY_LIMIT_GB`` (set by .ci/run) turns a
+peak above the limit into a failed run with a message that says so, so that a regression
+reads as a message and not as a worker killed by the kernel at random.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+
+INTERVAL = 0.2  # seconds between samples
+PROPERTY = "suite_monitor_peak_bytes"
+GB = 1e9
+
+
+def _read_pss(pid: int) -> Optional[int]:
+    """PSS of one process in bytes (RSS where smaps_rollup is missing); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    try:
+        import psutil
+        return psutil.Process(pid).memory_info().rss
+    except Exception:  # noqa: BLE001 - the process ended between listing and reading
+        return None
+
+
+def _label(p) -> str:
+    """A short name for a process: 'pytest-xdist worker', or its command line's start."""
+    try:
+        argv = p.cmdline()
+    except Exception:  # noqa: BLE001 - gone, or not ours to read
+        return "?"
+    if any("exec(eval(sys.stdin" in a for a in argv):
+        return "pytest-xdist worker"
+    return " ".join([os.path.basename(argv[0])] + argv[1:4]) if argv else "?"
+
+
+def tree_memory(root_pid: int) -> Tuple[int, Dict[int, Tuple[int, str]]]:
+    """(total bytes, {pid: (bytes, short command)}) for ``root_pid`` and its descendants."""
+    import psutil
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0, {}
+    total, per = 0, {}
+    for p in procs:
+        b = _read_pss(p.pid)
+        if b is None:
+            continue
+        cmd = _label(p)
+        total += b
+        per[p.pid] = (b, cmd)
+    return total, per
+
+
+class Sampler(threading.Thread):
+    """Samples a process tree until stopped; keeps the overall peak and a resettable one."""
+
+    def __init__(self, root_pid: int, interval: float = INTERVAL):
+        super().__init__(daemon=True, name="suite-monitor")
+        self.root_pid, self.interval = root_pid, interval
+        self.peak, self.peak_at, self.peak_procs = 0, 0.0, {}
+        self.window_peak = 0
+        self.samples = 0
+        self.started = time.monotonic()
+        self._halt = threading.Event()
+        self._lock = threading.Lock()
+
+    def sample(self) -> int:
+        total, per = tree_memory(self.root_pid)
+        with self._lock:
+            self.samples += 1
+            self.window_peak = max(self.window_peak, total)
+            if total > self.peak:
+                self.peak, self.peak_procs = total, per
+                self.peak_at = time.monotonic() - self.started
+        return total
+
+    def reset_window(self) -> None:
+        with self._lock:
+            self.window_peak = 0
+        self.sample()
+
+    def take_window(self) -> int:
+        self.sample()
+        with self._lock:
+            return self.window_peak
+
+    def run(self):
+        while not self._halt.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+        self.sample()
+
+
+def _is_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _limit_gb() -> Optional[float]:
+    v = os.environ.get("DENSENET_MEMORY_LIMIT_GB")
+    return float(v) if v else None
+
+
+# ------------------------------------------------------------------ the plugin
+
+def pytest_addoption(parser):
+    parser.addoption("--suite-profile", metavar="PATH", default=None,
+                     help="write the suite's time and memory profile as JSON (give it as "
+                          "--suite-profile=PATH) "
+                          "(default: $DENSENET_SUITE_PROFILE, else nothing)")
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(Monitor(config), "densenet-suite-monitor")
+
+
+class Monitor:
+    def __init__(self, config):
+        self.config = config
+        self.tests: Dict[str, dict] = {}
+        self.started = time.time()
+        self.profile: Optional[dict] = None
+        self.over_limit = False
+        # Every process that runs tests measures each test's tree; only the controller the
+        # whole run's (without xdist the one process does both).
+        runs_tests = _is_worker(config) or not getattr(config.option, "numprocesses", None)
+        self.test_sampler = Sampler(os.getpid()) if runs_tests else None
+        self.sampler = None if _is_worker(config) else Sampler(os.getpid())
+        for s in (self.test_sampler, self.sampler):
+            if s is not None:
+                s.start()
+
+    # -- per test, where tests run
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        if self.test_sampler is not None:
+            self.test_sampler.reset_window()
+        yield
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        if self.test_sampler is not None and call.when == "teardown":
+            item.user_properties.append((PROPERTY, self.test_sampler.take_window()))
+        yield
+
+    # -- collected in the controller (xdist forwards the workers' reports)
+    def pytest_runtest_logreport(self, report):
+        if self.sampler is None:
+            return
+        t = self.tests.setdefault(report.nodeid, {"seconds": 0.0, "peak_bytes": 0,
+                                                  "outcome": "passed"})
+        t["seconds"] += report.duration
+        if report.failed:
+            t["outcome"] = "failed"
+        elif report.skipped and t["outcome"] == "passed":
+            t["outcome"] = "skipped"
+        for key, value in getattr(report, "user_properties", []):
+            if key == PROPERTY:
+                t["peak_bytes"] = max(t["peak_bytes"], int(value))
+
+    def make_profile(self) -> dict:
+        """The run's profile: peak, per process at the peak, per test, per module."""
+        s = self.sampler
+        modules: Dict[str, dict] = {}
+        for nodeid, t in self.tests.items():
+            m = modules.setdefault(nodeid.split("::")[0],
+                                   {"seconds": 0.0, "peak_bytes": 0, "tests": 0})
+            m["seconds"] += t["seconds"]
+            m["peak_bytes"] = max(m["peak_bytes"], t["peak_bytes"])
+            m["tests"] += 1
+        return {
+            "peak_bytes": s.peak, "peak_at_seconds": round(s.peak_at, 1),
+            "wall_seconds": round(time.time() - self.started, 1),
+            "interval_seconds": s.interval, "samples": s.samples,
+            "measure": "PSS (smaps_rollup) summed over the process tree",
+            "peak_processes": [{"pid": pid, "bytes": b, "command": cmd}
+                               for pid, (b, cmd) in sorted(s.peak_procs.items(),
+                                                           key=lambda kv: -kv[1][0])],
+            "limit_gb": _limit_gb(), "tests": self.tests, "modules": modules,
+        }
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session, exitstatus):
+        if self.test_sampler is not None:
+            self.test_sampler.stop()
+        if self.sampler is None:
+            return
+        self.sampler.stop()
+        prof = self.profile = self.make_profile()
+        path = self.config.getoption("--suite-profile") or os.environ.get("DENSENET_SUITE_PROFILE")
+        if path:
+            with open(path, "w") as f:
+                json.dump(prof, f, indent=1)
+        limit = prof["limit_gb"]
+        if limit is not None and prof["peak_bytes"] > limit * GB:
+            self.over_limit = True
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter):
+        prof = self.profile
+        if prof is None:
+            return
+        tr = terminalreporter
+        tr.section("time and memory (parity_tests/suite_monitor.py)")
+        tr.write_line(f"peak memory of the whole run: {prof['peak_bytes'] / GB:.2f} GB "
+                      f"({prof['measure']}, every {prof['interval_seconds']} s) at "
+                      f"{prof['peak_at_seconds'] / 60:.1f} min of {prof['wall_seconds'] / 60:.1f}; "
+                      "at the peak:")
+        for p in prof["peak_processes"][:6]:
+            tr.write_line(f"  {p['bytes'] / GB:6.2f} GB  pid {p['pid']:<7} {p['command']}")
+        tr.write_line("heaviest tests by memory (peak of the tree of the process that ran it):")
+        for nodeid, t in _top(prof["tests"], "peak_bytes", 5):
+            tr.write_line(f"  {t['peak_bytes'] / GB:6.2f} GB  {t['seconds']:6.1f} s  {nodeid}")
+        tr.write_line("slowest tests:")
+        for nodeid, t in _top(prof["tests"], "seconds", 5):
+            tr.write_line(f"  {t['seconds']:6.1f} s  {t['peak_bytes'] / GB:6.2f} GB  {nodeid}")
+        tr.write_line("per module (test seconds summed over workers, peak of one test):")
+        for mod, m in sorted(prof["modules"].items(), key=lambda kv: -kv[1]["seconds"]):
+            tr.write_line(f"  {m['seconds']:7.1f} s  {m['peak_bytes'] / GB:6.2f} GB  "
+                          f"{m['tests']:4d} tests  {mod}")
+        if self.over_limit:
+            tr.write_line("")
+            tr.write_line(f"FAILED: the suite's peak memory {prof['peak_bytes'] / GB:.2f} GB is above "
+                          f"the limit of {prof['limit_gb']:g} GB (DENSENET_MEMORY_LIMIT_GB; the "
+                          "budget is 8 GB on CI's 2-core, 24 GiB machine). The heaviest tests are "
+                          "listed above.", red=True, bold=True)
+
+
+def _top(tests: dict, key: str, n: int) -> List[Tuple[str, dict]]:
+    return sorted(tests.items(), key=lambda kv: -kv[1][key])[:n]
