@@ -37,10 +37,10 @@ $(MXVENV)/.stamp: pyproject.toml
 	touch $@
 
 report: envs
-	$(VENV)/bin/python -m parity_tests.report --preset $(PRESET) --size $(SIZE)
+	$(VENV)/bin/densenet report --preset $(PRESET) --size $(SIZE)
 
 test: envs
-	DENSENET_MXNET_PYTHON=$(CURDIR)/$(MXVENV)/bin/python $(VENV)/bin/python -m pytest -n 2 $(PYTEST_ARGS)
+	DENSENET_MXNET_PYTHON=$(CURDIR)/$(MXVENV)/bin/python $(VENV)/bin/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 clean-envs:
 	rm -rf $(VENV) $(MXVENV)

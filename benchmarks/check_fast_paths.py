@@ -2,7 +2,7 @@
 
 Each fast path (the same code the benchmark times: benchmarks/run_*.py) runs on the same
 weights and data as its backend's plain configuration, and must agree with it at the parity
-suite's tolerances (parity_tests/compare.py: max|a - ref| / max|ref| per tensor, EVAL_RTOL for
+suite's tolerances (densenet_parity/compare.py: max|a - ref| / max|ref| per tensor, EVAL_RTOL for
 eval logits, TRAIN_RTOL for the train-mode loss, every gradient and every BatchNorm running
 statistic after one SGD step; a gradient tensor's scale is floored at 1e-2 of the largest
 gradient, since conv biases before train-mode BatchNorm have zero gradient in exact arithmetic).
@@ -72,7 +72,7 @@ CHECKS = {
 
 
 def tolerances(dtype: str) -> Dict[str, float]:
-    from parity_tests.compare import EVAL_RTOL, TRAIN_RTOL
+    from densenet_parity.compare import EVAL_RTOL, TRAIN_RTOL
     if dtype == "bfloat16":
         return {"eval_logits": BF16_RTOL, "train_loss": BF16_RTOL, "running_stats": BF16_RTOL,
                 "gradients_l2": BF16_GRAD_L2}

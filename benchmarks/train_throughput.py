@@ -2,7 +2,7 @@
 ``python -m benchmarks.train_throughput``.
 
 Each backend trains the same network on the same data with the same recipe, through the
-training command itself (``python -m densenet_train``, one fresh process per run; MXNet in its
+training command itself (``densenet train``, one fresh process per run; MXNet in its
 own environment), and reports examples per second as the book does (training time only,
 evaluation excluded). The first epoch is a warm-up (JAX compiles, Gluon builds its cached
 graph, PyTorch's allocator and oneDNN settle) and is left out: the figure is the median over
@@ -64,7 +64,7 @@ def thread_env(threads) -> Dict[str, str]:
 
 def run_one(backend: str, args, workdir: Path, round_: int) -> Dict[str, object]:
     out = workdir / f"{backend}-{round_}"
-    cmd = [sys.executable, "-m", "densenet_train", "--backend", backend, "--preset", args.preset,
+    cmd = [sys.executable, "-m", "densenet_cli", "train", "--backend", backend, "--preset", args.preset,
            "--dataset", args.dataset, "--resize", str(args.size), "--batch-size",
            str(args.batch_size), "--epochs", str(args.epochs), "--seed", str(args.seed),
            "--device", args.device, "--out", str(out), "--no-plot", "--no-progress"]
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         f"Each backend trained `{args.preset}` on {args.dataset} "
         f"({summary[backends[0]].get('train', '?')} train images) at {args.size}x{args.size}, "
         f"batch {args.batch_size}, {args.epochs} epochs, with the book's recipe (SGD lr 0.1, "
-        "Xavier init, cross-entropy), through `python -m densenet_train` in a fresh process "
+        "Xavier init, cross-entropy), through `densenet train` in a fresh process "
         "(MXNet in its own environment). Figure: training examples per second as d2l counts "
         "them (evaluation excluded), median over epochs 2 onwards (the first is a warm-up: "
         f"it holds JAX's compilation and Gluon's graph building) and over {args.rounds} "

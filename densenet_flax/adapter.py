@@ -10,7 +10,10 @@ and outputs are here, the conversion of weights is in densenet_flax/state.py.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import gc
+import os
 
 import jax
 import jax.numpy as jnp
@@ -250,27 +253,20 @@ def _linen_loss(model, batch_stats, x, labels):
     return loss_fn
 
 
-# The computations are compiled whole (nnx.jit / jax.jit), as Flax code runs them: op-by-op
+# The computations are compiled (nnx.jit / jax.jit), as Flax code runs them: op-by-op
 # ("eager") JAX compiles every primitive for every new shape, which for a DenseNet (a new
 # channel count at every layer) is many times slower than one compilation of the network.
+#
+# Gradients come from jax.vjp in two compiled programs, the forward pass (which returns the
+# residuals the backward pass needs) and the backward pass, rather than one program for both:
+# the same autodiff of the same model code, but XLA's compile time and memory grow faster than
+# the program, and for the deepest presets one program needs ~50% more of both (DenseNet-264 in
+# float64: 43 s and 4.8 GB as one program, 30 s and 3.2 GB as two). The SGD step is optax.sgd,
+# compiled once over the whole tree of parameters.
 
 @nnx.jit
 def _nnx_stages(model, x):
     return model.forward_stages(x)
-
-
-def _nnx_value_and_grad(model, x, labels):
-    return nnx.value_and_grad(lambda m: _loss(m(x), labels))(model)
-
-
-_nnx_grads = nnx.jit(_nnx_value_and_grad)
-
-
-@nnx.jit
-def _nnx_sgd(model, optimizer, x, labels):
-    loss, grads = _nnx_value_and_grad(model, x, labels)
-    optimizer.update(model, grads)
-    return loss, grads
 
 
 @functools.partial(jax.jit, static_argnames=("model", "train"))
@@ -280,10 +276,49 @@ def _linen_stages(model, variables, x, train):
     return out[0] if train else out
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _nnx_forward(graphdef, params, rest, x, labels):
+    """NNX, train mode: (loss, the backward pass, updated BatchNorm statistics)."""
+    def loss_fn(params):
+        # ``rest`` rebuilt here: NNX lets a Variable change only in the trace that made it.
+        m = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, rest))
+        return _loss(m(x), labels), nnx.state(m, nnx.BatchStat)
+    return jax.vjp(loss_fn, params, has_aux=True)
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
-def _linen_grads(model, variables, x, labels):
-    loss_fn = _linen_loss(model, variables["batch_stats"], x, labels)
-    return jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+def _linen_forward(model, variables, x, labels):
+    """linen, train mode: (loss, the backward pass, updated batch_stats)."""
+    return jax.vjp(_linen_loss(model, variables["batch_stats"], x, labels), variables["params"],
+                   has_aux=True)
+
+
+@jax.jit
+def _backward(pullback, loss):
+    return pullback(jnp.ones_like(loss))[0]
+
+
+@jax.jit
+def _sgd(params, grads, lr):
+    tx = optax.sgd(lr)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return optax.apply_updates(params, updates)
+
+
+def _step(config, state, x, labels, variant, memory_efficient, dtype):
+    """Train mode at ``dtype``: (model, loss, gradients, parameters, updated BatchNorm
+    statistics); NNX's params and statistics are nnx.State, linen's plain trees."""
+    x, labels = _nhwc(x, dtype), jnp.asarray(labels, jnp.int32)
+    if _module(variant) is nnx_model:
+        model = _loaded(config, state, memory_efficient, dtype=dtype)
+        model.train()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        loss, pullback, stats = _nnx_forward(graphdef, params, rest, x, labels)
+    else:
+        model, variables = _loaded(config, state, memory_efficient, variant, dtype)
+        params = variables["params"]
+        loss, pullback, stats = _linen_forward(model, variables, x, labels)
+    return model, loss, _backward(pullback, loss), params, stats
 
 
 def forward(config: dict, state: dict, x, train: bool = False, variant: str = "nnx",
@@ -306,14 +341,7 @@ def gradients(config: dict, state: dict, x, labels, variant: str = "nnx",
     """Train-mode loss and its gradient for every trainable parameter (canonical names), at
     ``dtype``."""
     with _numerics(dtype):
-        x, labels = _nhwc(x, dtype), jnp.asarray(labels, jnp.int32)
-        if _module(variant) is nnx_model:
-            model = _loaded(config, state, memory_efficient, dtype=dtype)
-            model.train()
-            loss, grads = _nnx_grads(model, x, labels)
-        else:
-            model, variables = _loaded(config, state, memory_efficient, variant, dtype)
-            (loss, _), grads = _linen_grads(model, variables, x, labels)
+        _, loss, grads, _, _ = _step(config, state, x, labels, variant, memory_efficient, dtype)
         return {"loss": float(loss), "arrays": to_canonical(grads, dtype=dtype)}
 
 
@@ -322,23 +350,15 @@ def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: s
     """One SGD step (optax.sgd) in train mode: the loss, the gradients it applied and the new
     canonical state (parameters and BatchNorm running statistics), at ``dtype``."""
     with _numerics(dtype):
-        x, labels = _nhwc(x, dtype), jnp.asarray(labels, jnp.int32)
-        tx = optax.sgd(lr)
+        model, loss, grads, params, stats = _step(config, state, x, labels, variant,
+                                                  memory_efficient, dtype)
+        params = _sgd(params, grads, lr)
         if _module(variant) is nnx_model:
-            model = _loaded(config, state, memory_efficient, dtype=dtype)
-            model.train()
-            optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-            loss, grads = _nnx_sgd(model, optimizer, x, labels)
-            return {"loss": float(loss), "grads": to_canonical(grads, dtype=dtype),
-                    "arrays": export_state(model, dtype=dtype)}
-        model, variables = _loaded(config, state, memory_efficient, variant, dtype)
-        params = variables["params"]
-        (loss, batch_stats), grads = _linen_grads(model, variables, x, labels)
-        updates, _ = tx.update(grads, tx.init(params), params)
-        params = optax.apply_updates(params, updates)
-        return {"loss": float(loss), "grads": to_canonical(grads, dtype=dtype),
-                "arrays": export_state(model, {"params": params, "batch_stats": batch_stats},
-                                       dtype=dtype)}
+            nnx.update(model, params, stats)
+            arrays = export_state(model, dtype=dtype)
+        else:
+            arrays = export_state(model, {"params": params, "batch_stats": stats}, dtype=dtype)
+        return {"loss": float(loss), "grads": to_canonical(grads, dtype=dtype), "arrays": arrays}
 
 
 def init_state(config: dict, seed: int = 0, variant: str = "nnx") -> dict:
@@ -432,3 +452,276 @@ def summary(config: dict, batch: int, height: int, width: int, variant: str = "n
     shape = (batch, height, width, config["in_channels"])
     rows = summary_rows(model, shape)
     return {"text": text(model, shape), "params": rows[0][4], "state": rows[0][5]}
+
+
+# ---------------------------------------------------------------- a user's model (densenet check)
+# The same functions in every adapter. A model is the framework's own object: an NNX module,
+# or for linen a (module, variables) pair. Tensors are named by their paths, '/' between the
+# keys ('features/conv0/kernel'; linen's start with the collection: 'params/...',
+# 'batch_stats/...'), in Flax's layout (HWIO kernels, [in, out] dense kernels). Inputs and
+# captured outputs are canonical NCHW (transposed here). Computations are compiled whole, as
+# Flax code runs them; the model passed in is never changed.
+
+LAYOUT = "flax"
+_MODE_ARGS = ("train", "training", "is_training")
+
+
+def user_model(factory: str = None, config: dict = None, size: int = 0, variant: str = "nnx",
+               path: str = None, in_channels: int = None):
+    """The model to check: the user's, built by ``factory`` ('MODULE:FUNCTION', imported from
+    ``path`` or the working directory), or ours for ``config`` (the reference). NNX: the
+    module; linen: (module, variables), a factory's module without variables initialised on a
+    ``size`` x ``size`` input with ``in_channels`` (else 1, then 3)."""
+    from flax import linen as nn
+    if factory is None:
+        if variant == "nnx":
+            return _build(config)
+        module = _build(config, variant=variant)
+        return module, _linen_init(module)
+    obj = spec.call_factory(factory, path)
+    module, variables = obj if isinstance(obj, tuple) and len(obj) == 2 else (obj, None)
+    if isinstance(module, nnx.Module):
+        return module
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{factory} returned {type(module).__name__}, not a Flax NNX or linen module")
+    if variables is None:
+        errors = []
+        for c in ([in_channels] if in_channels else [1, 3]):
+            x = jnp.zeros((1, size, size, c), jnp.float32)
+            try:
+                m, kw = _linen_mode(module, False)
+                variables = jax.jit(lambda k, x: m.init(k, x, **kw))(jax.random.key(0), x)
+                break
+            except Exception as e:  # noqa: BLE001 - try the next channel count, then report all
+                errors.append(f"{c} input channel(s): {str(e).splitlines()[0]}")
+        else:
+            raise ValueError(f"the model does not initialise on a {size}x{size} input: "
+                             + "; ".join(errors))
+    return module, jax.tree.map(np.asarray, dict(variables))
+
+
+def _linen_mode(module, train: bool):
+    """How a linen module is told eval or train mode: a ``train``-like argument of __call__,
+    ``deterministic`` / ``use_running_average`` (the inverse), or a ``training``-like field
+    (the book's JAX code: ``training: bool``). Returns (module, keyword arguments)."""
+    import inspect
+    params = inspect.signature(module.__call__).parameters
+    for name in _MODE_ARGS:
+        if name in params:
+            return module, {name: train}
+    for name in ("deterministic", "use_running_average"):
+        if name in params:
+            return module, {name: not train}
+    for name in _MODE_ARGS:
+        if name in getattr(module, "__dataclass_fields__", {}):
+            return module.clone(**{name: train}), {}
+    return module, {}
+
+
+def _flat(tree, prefix="", leaf=np.asarray):
+    """A nested mapping -> 'a/b/c' -> leaf (numpy arrays; ``leaf`` as is inside a trace)."""
+    from collections.abc import Mapping
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}/", leaf))
+        elif isinstance(v, (tuple, list)):
+            out.update(_flat({str(i): e for i, e in enumerate(v)}, f"{prefix}{k}/", leaf))
+        else:
+            out[f"{prefix}{k}"] = leaf(v)
+    return out
+
+
+def _unflat(arrays):
+    tree = {}
+    for key, a in arrays.items():
+        node = tree
+        *path, leaf = key.split("/")
+        for p in path:
+            node = node.setdefault(int(p) if p.isdigit() else p, {})
+        node[int(leaf) if leaf.isdigit() else leaf] = a
+    return tree
+
+
+def _nnx_tensors(model):
+    params = _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    stats = _flat(nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+    return params, stats
+
+
+def _definition_order(module, prefix=""):
+    """NNX: the paths of a module's variables in the order its code defines them (attributes
+    keep their insertion order; lists and dicts of layers theirs). NNX's own state is sorted
+    by name, which loses it ('bn_final' before 'layers/0/bn')."""
+    items = vars(module).items() if isinstance(module, nnx.Module) else (
+        module.items() if isinstance(module, dict) else enumerate(module))
+    for name, value in items:
+        path = f"{prefix}{name}"
+        if isinstance(value, nnx.Variable):
+            yield path
+        elif isinstance(value, (nnx.Module, list, tuple, dict)) or type(value).__name__ == "List":
+            yield from _definition_order(value, path + "/")
+
+
+def model_tensors(model, variant: str = "nnx") -> dict:
+    """Every tensor of the model by path, which are trainable (NNX: nnx.Param; linen: the
+    'params' collection), the layout, and whether the order is the code's (NNX: yes; linen's
+    trees are sorted by name, so a matcher orders them naturally: 'layers_10' after
+    'layers_9')."""
+    if isinstance(model, nnx.Module):
+        params, stats = _nnx_tensors(model)
+        both = {**params, **stats}
+        order = [p for p in _definition_order(model) if p in both]
+        order += [p for p in both if p not in set(order)]
+        return {"arrays": {p: both[p] for p in order}, "trainable": list(params),
+                "layout": LAYOUT, "ordered": True}
+    arrays = _flat(dict(model[1]))
+    return {"arrays": arrays, "trainable": [k for k in arrays if k.startswith("params/")],
+            "layout": LAYOUT, "ordered": False}
+
+
+def set_model_tensors(model, arrays: dict, variant: str = "nnx"):
+    """Load ``arrays`` (the model's own paths and layout): every path must be the model's and
+    every shape its own, or nothing is loaded. NNX: loads in place, returns the module; linen:
+    returns (module, new variables)."""
+    own = model_tensors(model)["arrays"]
+    bad = [k for k in arrays if k not in own or own[k].shape != tuple(np.shape(arrays[k]))]
+    if bad:
+        raise ValueError(f"cannot load {bad[:3]} into the model (unknown path or other shape)")
+    new = {k: np.asarray(arrays.get(k, v), dtype=own[k].dtype) for k, v in own.items()}
+    if isinstance(model, nnx.Module):
+        for kind in (nnx.Param, nnx.BatchStat):
+            state = nnx.state(model, kind)
+            keys = _flat(nnx.to_pure_dict(state))
+            nnx.replace_by_pure_dict(state, _unflat({k: jnp.asarray(new[k]) for k in keys}))
+            nnx.update(model, state)
+        return model
+    return model[0], jax.tree.map(jnp.asarray, _unflat(new))
+
+
+def _paths(model):
+    """NNX: id(submodule) -> its path ('features/denseblock1/denselayer1/norm1'; lists too)."""
+    return {id(node): "/".join(map(str, path)) for path, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.Module)}
+
+
+def _nnx_run(model, x, labels, modules, train):
+    """Inside a trace: the logits, the outputs of ``modules`` (by path) and, with labels, the
+    loss and the gradients (the model is a copy: its BatchNorm statistics update in place)."""
+    from densenet_flax.summary import _recording_calls
+    wanted = set(modules)
+    paths = _paths(model)
+    classes = {type(n) for _, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)
+               and paths.get(id(n)) in wanted}
+    captured = {}
+
+    def record(m, out):
+        if paths.get(id(m)) in wanted:
+            captured.setdefault(paths[id(m)], out)
+
+    model.train() if train else model.eval()
+    with _recording_calls(classes, record):
+        if labels is None:
+            return {"logits": model(x), "outputs": captured}
+
+        def loss_fn(m):
+            logits = m(x)
+            return _loss(logits, labels), logits
+        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    return {"logits": logits, "outputs": captured, "loss": loss,
+            "grads": nnx.to_pure_dict(grads), "state": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))}
+
+
+def _linen_run(module, variables, x, labels, modules, train):
+    """linen, inside a trace: as _nnx_run, the outputs by capture_intermediates."""
+    wanted = {tuple(m.split("/")) for m in modules}
+    m, kw = _linen_mode(module, train)
+    capture = (lambda mdl, method: method == "__call__" and tuple(mdl.path) in wanted)
+    mutable = ["intermediates"] + (["batch_stats"] if train and "batch_stats" in variables else [])
+
+    def apply(params):
+        out, upd = m.apply({**variables, "params": params}, x, **kw, capture_intermediates=capture,
+                           mutable=mutable, rngs={"dropout": jax.random.key(0)})
+        return out, upd
+
+    def outputs(upd):
+        flat = _flat(dict(upd.get("intermediates", {})), leaf=lambda a: a)
+        return {k[: -len("/__call__/0")]: v for k, v in flat.items() if k.endswith("/__call__/0")}
+
+    if labels is None:
+        logits, upd = apply(variables["params"])
+        return {"logits": logits, "outputs": outputs(upd)}
+
+    def loss_fn(params):
+        logits, upd = apply(params)
+        return _loss(logits, labels), (logits, upd)
+    (loss, (logits, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+    return {"logits": logits, "outputs": outputs(upd), "loss": loss, "grads": dict(grads),
+            "state": dict(upd.get("batch_stats", {}))}
+
+
+def model_run(model, x, labels=None, modules=(), train: bool = False, dtype: str = "float32",
+              variant: str = "nnx") -> dict:
+    """Run the model (compiled, at ``dtype``) on the canonical NCHW ``x`` in eval or train mode:
+    the logits and the output of every module in ``modules`` (paths), NCHW; in train mode with
+    ``labels`` also the loss, the gradient of every trainable tensor and the BatchNorm
+    statistics the forward pass updated (the model's paths, linen's with their collection)."""
+    with _numerics(dtype):
+        cast = (lambda a: jnp.asarray(np.asarray(a, dtype=dtype)))
+        xs = _nhwc(x, dtype)
+        ys = None if labels is None else jnp.asarray(labels, jnp.int32)
+        if isinstance(model, nnx.Module):
+            m = nnx.clone(model)
+            for kind in (nnx.Param, nnx.BatchStat):
+                nnx.update(m, jax.tree.map(cast, nnx.state(m, kind)))
+            out = nnx.jit(_nnx_run, static_argnums=(3, 4))(m, xs, ys, tuple(modules), train)
+            prefix = {"grads": "", "state": ""}
+        else:
+            module, variables = model
+            variables = jax.tree.map(cast, dict(variables))
+            out = jax.jit(_linen_run, static_argnums=(0, 4, 5))(module, variables, xs, ys,
+                                                               tuple(modules), train)
+            prefix = {"grads": "params/", "state": "batch_stats/"}
+        res = {"logits": np.asarray(out["logits"], dtype=dtype),
+               "outputs": {k: _nchw_as(v, dtype) for k, v in out["outputs"].items()}}
+        if labels is not None:
+            res["loss"] = float(out["loss"])
+            for key in ("grads", "state"):
+                res[key] = {prefix[key] + k: np.asarray(v, dtype=dtype)
+                            for k, v in _flat(out[key]).items()}
+        return res
+
+
+def _nchw_as(y, dtype):
+    y = np.asarray(y, dtype=dtype)
+    return np.ascontiguousarray(y.transpose(0, 3, 1, 2) if y.ndim == 4 else y)
+
+
+def save_model(model, path: str, variant: str = "nnx") -> dict:
+    """The framework's own file of the model: flax.serialization's msgpack of the NNX state
+    as a pure dict, or of linen's variables."""
+    from flax import serialization
+    tree = nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat))) \
+        if isinstance(model, nnx.Module) else model[1]
+    with open(path, "wb") as f:
+        f.write(serialization.to_bytes(tree))
+    return {"path": path}
+
+
+def release_memory(variant: str = "nnx") -> int:
+    """Give memory back between computations: drop what the framework caches (jax's compiled programs), collect
+    garbage and return freed heap pages to the system (glibc's malloc_trim: after compiling or
+    running a large network the allocator keeps gigabytes it no longer uses). Returns the
+    process's resident memory afterwards, in bytes."""
+    jax.clear_caches()
+    gc.collect()
+    return _trim_heap()
+
+
+def _trim_heap() -> int:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -28,7 +28,7 @@ from flax import nnx
 from flax import traverse_util
 
 import densenet_spec as spec
-from densenet_spec import files
+from densenet_weights import files
 
 # Flax leaf name -> canonical leaf name. BatchNorm's scale and every kernel are both 'weight'.
 _TO_CANONICAL = {"kernel": "weight", "scale": "weight", "bias": "bias",

@@ -2,9 +2,9 @@
 cross-entropy, the loss and accuracies per epoch), with optax.
 
 Same functions, same order, same options as densenet_torch/train.py and densenet_mxnet/train.py.
-The epoch loop, the data, the checkpoint files and the reports are densenet_spec.training's;
+The epoch loop, the data, the checkpoint files and the reports are densenet_training's;
 this file is what Flax does in them. Layout: NHWC (the canonical NCHW batches are transposed
-here). Run it through ``python -m densenet_train --backend flax``.
+here). Run it through ``densenet train --backend flax``.
 
 The training step is one ``jax.jit``-compiled function of (params, batch stats, optimiser state,
 batch), on the model split with ``nnx.split``; the model is updated in place (``nnx.update``) at
@@ -27,8 +27,8 @@ import optax
 from flax import nnx
 
 import densenet_spec as spec
-from densenet_spec import data as dataset_lib
-from densenet_spec import training
+from densenet_training import data as dataset_lib
+import densenet_training as training
 from densenet_flax import state as state_lib
 from densenet_flax.model import build
 

@@ -6,6 +6,10 @@ float32 numpy in canonical (PyTorch) layout. The parity suite reaches it through
 """
 from __future__ import annotations
 
+import ctypes
+import gc
+import os
+
 import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
@@ -212,7 +216,6 @@ def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: s
     """One SGD step in train mode: the loss, the gradients it applied and the new canonical
     state (parameters and BatchNorm running statistics; Gluon updates the latter in the backward pass, with the
     biased batch variance where PyTorch uses the unbiased one)."""
-    from densenet_mxnet.state import export_state
     model = _loaded(config, state, memory_efficient, dtype)
     trainer = gluon.Trainer(model.collect_params(), "sgd", {"learning_rate": lr})
     with autograd.record():
@@ -276,3 +279,141 @@ def summary(config: dict, batch: int, height: int, width: int, variant: str = "m
     shape = (batch, config["in_channels"], height, width)
     rows = summary_rows(model, shape)
     return {"text": text(model, shape), "params": rows[0][4], "state": rows[0][5]}
+
+
+# ---------------------------------------------------------------- a user's model (densenet check)
+# The same functions in every adapter. A model is the framework's own object (here a Gluon
+# Block, initialised); tensors are named as the model names them (its structural names,
+# '0.net.1.2.weight') and laid out as Gluon lays them out (PyTorch's: the canonical layout).
+# Inputs and captured outputs are canonical NCHW. From the main environment these run in the
+# worker, which keeps the model and hands back a handle.
+
+LAYOUT = "torch"
+
+
+def user_model(factory: str = None, config: dict = None, size: int = 0, variant: str = "mxnet",
+               path: str = None, in_channels: int = None):
+    """The model to check, initialised: the user's, built by ``factory`` ('MODULE:FUNCTION',
+    imported from ``path`` or the working directory), or ours for ``config`` (the reference).
+    Gluon infers input channels at the first forward: ``in_channels`` if given, else 1, then 3,
+    on a ``size`` x ``size`` input."""
+    if factory is None:
+        model = _build(config)
+        in_channels = config["in_channels"]
+    else:
+        model = spec.call_factory(factory, path)
+        if not isinstance(model, gluon.Block):
+            raise TypeError(f"{factory} returned {type(model).__name__}, not a mxnet.gluon.Block")
+    ctx = _context()
+    params = model.collect_params()
+    if any(p._data is None for p in params.values()):
+        model.initialize(ctx=ctx)
+    errors = []
+    for c in ([in_channels] if in_channels else [1, 3]):
+        try:
+            with autograd.predict_mode():
+                model(mx.nd.zeros((1, c, size, size), ctx=ctx)).wait_to_read()
+            return model
+        except Exception as e:  # noqa: BLE001 - try the next channel count, then report all
+            errors.append(f"{c} input channel(s): {str(e).splitlines()[0]}")
+    raise ValueError(f"the model does not run on a {size}x{size} input: " + "; ".join(errors))
+
+
+def _block(model, name: str):
+    """The child block at a structural name ('0.net.1.2')."""
+    for part in name.split(".") if name else []:
+        model = model._children[part]
+    return model
+
+
+def model_tensors(model, variant: str = "mxnet") -> dict:
+    """Every tensor of the model in the order it defines them (its structural parameter
+    names), which are trainable (grad_req != 'null'), and the layout."""
+    params = model._collect_params_with_prefix()
+    return {"arrays": {k: p.data().asnumpy().astype(np.float32) for k, p in params.items()},
+            "trainable": [k for k, p in params.items() if p.grad_req != "null"],
+            "layout": LAYOUT}
+
+
+def set_model_tensors(model, arrays: dict, variant: str = "mxnet"):
+    """Load ``arrays`` (the model's own names and layout): every name must be the model's and
+    every shape its own, or nothing is loaded. Returns the model."""
+    params = model._collect_params_with_prefix()
+    bad = [k for k in arrays if k not in params or params[k].shape != tuple(np.shape(arrays[k]))]
+    if bad:
+        raise ValueError(f"cannot load {bad[:3]} into the model (unknown name or other shape)")
+    for k, v in arrays.items():
+        params[k].set_data(mx.nd.array(v, ctx=_context(), dtype=params[k].dtype))
+    return model
+
+
+def model_run(model, x, labels=None, modules=(), train: bool = False, dtype: str = "float32",
+              variant: str = "mxnet") -> dict:
+    """Run the model at ``dtype`` on the canonical NCHW ``x`` in eval or train mode, imperatively
+    (forward hooks fire only outside a cached graph): the logits and the output of every block
+    in ``modules``; in train mode with ``labels`` also the loss, the gradient of every trainable
+    tensor and the BatchNorm statistics the forward pass updated. The model is left as it was."""
+    saved = model_tensors(model)["arrays"]
+    if isinstance(model, gluon.HybridBlock):
+        model.hybridize(active=False)
+    captured, hooks = {}, []
+
+    def hook(name):
+        def record(blk, inp, out):
+            captured.setdefault(name, out.asnumpy())
+        return record
+    for name in modules:
+        hooks.append(_block(model, name).register_forward_hook(hook(name)))
+    try:
+        if dtype != "float32":
+            model.cast(dtype)
+        X = mx.nd.array(x, ctx=_context(), dtype=dtype)
+        params = model._collect_params_with_prefix()
+        if labels is None:
+            with autograd.train_mode() if train else autograd.predict_mode():
+                logits = model(X)
+            out = {"logits": logits.asnumpy()}
+        else:
+            with autograd.record(train_mode=train):
+                logits = model(X)
+                loss = gluon.loss.SoftmaxCrossEntropyLoss()(
+                    logits, mx.nd.array(labels, ctx=_context(), dtype=dtype)).mean()
+            loss.backward()
+            out = {"logits": logits.asnumpy(), "loss": float(loss.asscalar()),
+                   "grads": {k: p.grad().asnumpy() for k, p in params.items()
+                             if p.grad_req != "null"},
+                   "state": {k: p.data().asnumpy() for k, p in params.items()
+                             if k.endswith(("running_mean", "running_var"))}}
+    finally:
+        for h in hooks:
+            h.detach()
+        if dtype != "float32":
+            model.cast("float32")
+        set_model_tensors(model, saved)
+    out["outputs"] = captured
+    return out
+
+
+def save_model(model, path: str, variant: str = "mxnet") -> dict:
+    """The framework's own file of the model: ``model.save_parameters(path)``."""
+    model.save_parameters(path)
+    return {"path": path}
+
+
+def release_memory(variant: str = "mxnet") -> int:
+    """Give memory back between computations: drop what the framework caches (nothing: MXNet's CPU storage is freed with its arrays), collect
+    garbage and return freed heap pages to the system (glibc's malloc_trim: after compiling or
+    running a large network the allocator keeps gigabytes it no longer uses). Returns the
+    process's resident memory afterwards, in bytes."""
+    mx.nd.waitall()
+    gc.collect()
+    return _trim_heap()
+
+
+def _trim_heap() -> int:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -11,7 +11,7 @@ import mxnet as mx
 import numpy as np
 
 import densenet_spec as spec
-from densenet_spec import files
+from densenet_weights import files
 
 # Gluon's BatchNorm parameter names -> PyTorch's; running_mean / running_var and the
 # weight / bias of Conv2D and Dense are already the same.

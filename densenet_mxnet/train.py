@@ -2,10 +2,10 @@
 cross-entropy, the loss and accuracies per epoch), with gluon.Trainer.
 
 Same functions, same order, same options as densenet_torch/train.py and densenet_flax/train.py.
-The epoch loop, the data, the checkpoint files and the reports are densenet_spec.training's;
+The epoch loop, the data, the checkpoint files and the reports are densenet_training's;
 this file is what MXNet does in them. Layout: NCHW. The model is hybridized.
 
-It runs in the MXNet environment: ``python -m densenet_train --backend mxnet`` (main
+It runs in the MXNet environment: ``densenet train --backend mxnet`` (main
 environment) prepares the dataset, starts ``python -m densenet_mxnet.train ... --prepared
 DATA.npz --events`` here and draws the progress this process sends as JSON lines. Run directly
 (``python -m densenet_mxnet.train --dataset fashion-mnist --data-dir DIR``), it loads the data
@@ -21,8 +21,8 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from densenet_spec import data as dataset_lib
-from densenet_spec import training
+from densenet_training import data as dataset_lib
+import densenet_training as training
 from densenet_mxnet import state as state_lib
 from densenet_mxnet.model import build
 
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     """The MXNet environment's entry point (see the module docstring)."""
     parser = training.make_parser("python -m densenet_mxnet.train")
     parser.add_argument("--prepared", default=None, metavar="NPZ",
-                        help="dataset prepared by `python -m densenet_train` (densenet_spec.data)")
+                        help="dataset prepared by `densenet train` (densenet_training.data)")
     parser.add_argument("--events", action="store_true",
                         help="report progress as JSON lines on stdout, for the parent process")
     args = parser.parse_args(argv)

@@ -12,6 +12,10 @@ densenet_mxnet.adapter.<fn>(**kwargs); the entries of its result that are dicts 
 ("arrays", "grads") go to a safetensors file next to the request file ("<entry>/<name>", dtype
 kept), whose path the response gives. stdout carries the protocol and nothing
 else: everything else (MXNet's logs, warnings, stray prints) goes to stderr. EOF ends the worker.
+
+Objects that are not data (a user's Gluon model, for ``densenet check``) stay in the worker: a
+result that JSON cannot carry is kept and sent as ``{"__handle__": n}``, and an argument of
+that form is replaced by the object again. The objects live as long as the worker.
 """
 from __future__ import annotations
 
@@ -41,10 +45,32 @@ def _plain(obj):
     raise TypeError(f"cannot send {type(obj).__name__} as JSON")
 
 
+_objects: dict = {}
+
+
+def _resolve(value):
+    """{"__handle__": n} -> the object kept under n."""
+    if isinstance(value, dict) and set(value) == {"__handle__"}:
+        return _objects[value["__handle__"]]
+    return value
+
+
+def _keep(result):
+    """A result JSON cannot carry is kept, and its handle sent instead."""
+    if result is None or isinstance(result, (dict, list, tuple, str, int, float, bool)):
+        return result
+    for n, obj in _objects.items():
+        if obj is result:
+            return {"__handle__": n}
+    n = len(_objects) + 1
+    _objects[n] = result
+    return {"__handle__": n}
+
+
 def _handle(req: dict, adapter, scratch: str) -> dict:
     from safetensors.numpy import load_file, save_file
 
-    from densenet_spec.files import split_arrays
+    from densenet_weights.files import ORDER, array_order, split_arrays
 
     fn = req.get("fn")
     if not isinstance(fn, str) or fn.startswith("_") or not callable(getattr(adapter, fn, None)):
@@ -57,12 +83,13 @@ def _handle(req: dict, adapter, scratch: str) -> dict:
                 kwargs.setdefault(group, {})[name] = value
             else:
                 kwargs[key] = value
-    result = getattr(adapter, fn)(**kwargs)
+    result = _keep(getattr(adapter, fn)(**{k: _resolve(v) for k, v in kwargs.items()}))
     path = None
     packed = split_arrays(result) if isinstance(result, dict) else {}
     if packed:
         sent = {n.split("/", 1)[0] for n in packed}
         result = {k: v for k, v in result.items() if k not in sent}
+        result[ORDER] = array_order(packed)
         folder = os.path.dirname(req["arrays"]) if req.get("arrays") else scratch
         path = os.path.join(folder, f"resp{req.get('id')}.safetensors")
         save_file(packed, path)

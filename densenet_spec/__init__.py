@@ -22,7 +22,8 @@ __all__ = [
     "preset_names", "get_preset", "make_config", "config_from_options", "stage_names", "stage_channels",
     "stage_shapes", "min_input_size", "check_input", "canonical_tensors", "stage_of",
     "stage_counts", "total_counts", "BN_EPS", "TORCH_BN_MOMENTUM", "StateMismatchError",
-    "check_state", "remap_legacy_keys", "infer_config",
+    "check_state", "remap_legacy_keys", "infer_config", "canonical_modules", "module_arithmetic",
+    "call_factory",
 ]
 
 #: BatchNorm epsilon used by every backend (PyTorch's default; set explicitly in Gluon and Flax).
@@ -379,6 +380,74 @@ def canonical_tensors(p: Preset) -> List[Tuple[str, Tuple[int, ...], str]]:
     return out
 
 
+def canonical_modules(p: Preset) -> List[Tuple[str, str, Dict[str, Tuple[int, ...]]]]:
+    """The layers that hold tensors, in order: (module name, kind, leaf -> shape), kind being
+    'conv', 'bn' (BatchNorm) or 'dense'; e.g. ('features.norm0', 'bn', {'weight': (64,), ...})."""
+    out: List[Tuple[str, str, Dict[str, Tuple[int, ...]]]] = []
+    for name, shape, _ in canonical_tensors(p):
+        module, leaf = name.rsplit(".", 1)
+        if not out or out[-1][0] != module:
+            kind = "conv" if len(shape) == 4 else "dense" if len(shape) == 2 else "bn"
+            out.append((module, kind, {}))
+        out[-1][2][leaf] = shape
+    return out
+
+
+def module_arithmetic(p: Preset, module: str) -> str:
+    """What a canonical layer does to the channels, with the arithmetic behind it, in the book's
+    words: 'transition2.conv maps 224 -> 112 = (96 + 4 x 32) // 2 channels'."""
+    short = module[len("features."):] if module.startswith("features.") else module
+    k = p.growth_rate
+    starts, c = [], p.num_init_features  # channels into each dense block
+    for i, n in enumerate(p.block_config):
+        starts.append(c)
+        c += n * k
+        if i != len(p.block_config) - 1:
+            c = transition_channels(p, c)
+    theta = "// 2" if p.compression == 0.5 else f"x {p.compression:g}, rounded down"
+
+    def block_out(b):  # "c0 + n x k"
+        n = p.block_config[b - 1]
+        return starts[b - 1] + n * k, f"{starts[b - 1]} + {n} x {k}"
+
+    parts = short.split(".")
+    if short == "conv0":
+        kernel = "7x7/2" if p.stem == "imagenet" else "3x3"
+        return (f"conv0 (the stem's {kernel} conv) maps {p.in_channels} -> "
+                f"{p.num_init_features} channels (num_init_features)")
+    if short == "norm0":
+        return f"norm0 (the stem's BatchNorm) has {p.num_init_features} channels"
+    if parts[0].startswith("denseblock"):
+        b, j = int(parts[0][len("denseblock"):]), int(parts[1][len("denselayer"):])
+        cin, why = starts[b - 1] + (j - 1) * k, f"{starts[b - 1]} + {j - 1} x {k}"
+        width = (p.bn_size or 0) * k
+        if parts[2] == "norm1":
+            return f"{short} normalises the layer's input: {cin} = {why} channels"
+        if parts[2] == "conv1" and p.bn_size is None:
+            return (f"{short} maps {cin} = {why} -> {k} channels (the growth rate), "
+                    f"a 3x3 conv")
+        if parts[2] == "conv1":
+            return (f"{short} maps {cin} = {why} -> {width} = {p.bn_size} x {k} channels "
+                    f"(the 1x1 bottleneck)")
+        if parts[2] == "norm2":
+            return f"{short} has {width} = {p.bn_size} x {k} channels (the bottleneck's width)"
+        return f"{short} maps {width} -> {k} channels (the growth rate), a 3x3 conv"
+    if parts[0].startswith("transition"):
+        t = int(parts[0][len("transition"):])
+        c_in, why = block_out(t)
+        if parts[1] == "norm":
+            return f"{short} has {c_in} = {why} channels (dense block {t}'s output)"
+        return (f"{short} maps {c_in} -> {transition_channels(p, c_in)} = ({why}) {theta} "
+                f"channels")
+    if parts[0].startswith("norm"):
+        c_in, why = block_out(len(p.block_config))
+        return f"{short} (the head's BatchNorm) has {c_in} = {why} channels"
+    if short == "classifier":
+        return (f"classifier maps {stage_channels(p)[-2][1]} -> {p.num_classes} "
+                f"(the number of classes)")
+    raise ValueError(f"not a canonical DenseNet module: {module!r}")
+
+
 def stage_of(name: str) -> str:
     """The stage a canonical tensor name belongs to."""
     parts = name.split(".")
@@ -429,6 +498,34 @@ def preset_builder(name: str) -> Callable[[Callable], Callable]:
 
 def iter_presets() -> Iterator[Preset]:
     return iter(PRESETS.values())
+
+
+# --------------------------------------------------------------------------- a user's model
+
+def call_factory(factory: str, path: Optional[str] = None):
+    """Import 'MODULE:FUNCTION' (from ``path``, else the working directory, first on the
+    import path) and return FUNCTION() — the user's model. A clear error for a malformed name,
+    a module that is not there, or a missing or non-callable FUNCTION; errors raised by the
+    user's own code pass through unchanged."""
+    import importlib
+    import os
+    import sys
+    if not isinstance(factory, str) or factory.count(":") != 1 or not all(factory.split(":")):
+        raise DenseNetConfigError(f"expected MODULE:FUNCTION (e.g. mymodels:densenet), got {factory!r}")
+    module, func = factory.split(":")
+    where = os.path.abspath(path or os.getcwd())
+    if where not in sys.path:
+        sys.path.insert(0, where)
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            raise DenseNetConfigError(f"no module {module!r} importable from {where}") from None
+        raise
+    fn = getattr(mod, func, None)
+    if not callable(fn):
+        raise DenseNetConfigError(f"{module} ({mod.__file__}) has no function {func!r}")
+    return fn()
 
 
 # --------------------------------------------------------------------------- canonical state

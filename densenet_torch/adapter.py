@@ -5,6 +5,11 @@ float32 numpy in canonical (PyTorch) layout.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
+import os
+
 import numpy as np
 import torch
 
@@ -108,9 +113,6 @@ def book_examples(variant: str = "torch") -> dict:
 # Every function below builds ``config``, loads the canonical ``state``, and works on the
 # canonical NCHW float32 input ``x``. Loss: mean softmax cross-entropy of the logits against
 # integer ``labels``. SGD: plain, no momentum, no weight decay (the book's optimiser).
-
-import contextlib
-
 
 @contextlib.contextmanager
 def _full_precision():
@@ -226,3 +228,105 @@ def summary(config: dict, batch: int, height: int, width: int, variant: str = "t
     shape = (batch, config["in_channels"], height, width)
     rows = summary_rows(model, shape)
     return {"text": text(model, shape), "params": rows[0][4], "state": rows[0][5]}
+
+
+# ---------------------------------------------------------------- a user's model (densenet check)
+# The same functions in every adapter. A model is the framework's own object (here an
+# nn.Module); tensors are named as the model names them and laid out as the framework lays
+# them out (here PyTorch's: the canonical layout). Inputs and captured outputs are canonical
+# NCHW. The parity engine (densenet_parity.checking) matches the names onto canonical ones.
+
+LAYOUT = "torch"
+
+
+def user_model(factory: str = None, config: dict = None, size: int = 0, variant: str = "torch",
+               path: str = None):
+    """The model to check: the user's, built by ``factory`` ('MODULE:FUNCTION', imported from
+    ``path`` or the working directory), or ours for ``config`` (the reference)."""
+    if factory is None:
+        return _build(config)
+    model = spec.call_factory(factory, path)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{factory} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def model_tensors(model, variant: str = "torch") -> dict:
+    """Every tensor of the model in the order it defines them: its state_dict (parameters and
+    buffers; num_batches_tracked left out), which are trainable, and the layout."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    arrays = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()
+              if not k.endswith("num_batches_tracked")}
+    return {"arrays": arrays, "trainable": trainable, "layout": LAYOUT}
+
+
+def set_model_tensors(model, arrays: dict, variant: str = "torch"):
+    """Load ``arrays`` (the model's own names and layout) into the model: every name must be
+    the model's and every shape its own, or nothing is loaded. Returns the model."""
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    bad = [k for k in arrays if k not in own or tuple(own[k].shape) != tuple(np.shape(arrays[k]))]
+    if bad:
+        raise ValueError(f"cannot load {bad[:3]} into the model (unknown name or other shape)")
+    with torch.no_grad():
+        for k, v in arrays.items():
+            own[k].copy_(torch.as_tensor(np.array(v, dtype=np.float32)))
+    return model
+
+
+def model_run(model, x, labels=None, modules=(), train: bool = False, dtype: str = "float32",
+              variant: str = "torch") -> dict:
+    """Run the model (a copy, at ``dtype``) on the canonical NCHW ``x`` in eval or train mode:
+    the logits and the output of every module in ``modules`` (forward hooks); in train mode with
+    ``labels`` also the cross-entropy loss, the gradient of every trainable tensor and the
+    BatchNorm statistics the forward pass updated (the model's names)."""
+    import copy
+    m = copy.deepcopy(model).to(dtype=getattr(torch, dtype)).train(train)
+    captured, hooks = {}, []
+
+    def hook(name):
+        def record(mod, inp, out):  # returns None: the output goes on unchanged
+            captured.setdefault(name, out.detach())
+        return record
+    for name in modules:
+        hooks.append(m.get_submodule(name).register_forward_hook(hook(name)))
+    try:
+        with _full_precision(), torch.set_grad_enabled(labels is not None):
+            logits = m(torch.as_tensor(np.asarray(x)).to(getattr(torch, dtype)))
+            out = {"logits": _numpy(logits, dtype)}
+            if labels is not None:
+                loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels).long())
+                loss.backward()
+                out["loss"] = float(loss.detach())
+                out["grads"] = {k: _numpy(p.grad, dtype) for k, p in m.named_parameters()
+                                if p.grad is not None}
+                out["state"] = {k: _numpy(v, dtype) for k, v in m.state_dict().items()
+                                if k.endswith(("running_mean", "running_var"))}
+    finally:
+        for h in hooks:
+            h.remove()
+    out["outputs"] = {k: _numpy(v, dtype) for k, v in captured.items()}
+    return out
+
+
+def save_model(model, path: str, variant: str = "torch") -> dict:
+    """The framework's own file of the model: ``torch.save(model.state_dict(), path)``."""
+    torch.save(model.state_dict(), path)
+    return {"path": path}
+
+
+def release_memory(variant: str = "torch") -> int:
+    """Give memory back between computations: drop what the framework caches (nothing: PyTorch's CPU allocator keeps no cache), collect
+    garbage and return freed heap pages to the system (glibc's malloc_trim: after compiling or
+    running a large network the allocator keeps gigabytes it no longer uses). Returns the
+    process's resident memory afterwards, in bytes."""
+    gc.collect()
+    return _trim_heap()
+
+
+def _trim_heap() -> int:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import densenet_spec as spec
-from densenet_spec import files
+from densenet_weights import files
 
 
 def export_state(model) -> Dict[str, np.ndarray]:

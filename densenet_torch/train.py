@@ -2,9 +2,9 @@
 cross-entropy, the loss and accuracies per epoch).
 
 Same functions, same order, same options as densenet_mxnet/train.py and densenet_flax/train.py.
-The epoch loop, the data, the checkpoint files and the reports are densenet_spec.training's;
+The epoch loop, the data, the checkpoint files and the reports are densenet_training's;
 this file is what PyTorch does in them. Layout: NCHW. Run it through
-``python -m densenet_train --backend torch``.
+``densenet train --backend torch``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from densenet_spec import training
+import densenet_training as training
 from densenet_torch import state as state_lib
 from densenet_torch.model import build
 

@@ -1,1 +1,1 @@
-"""The parity suite and the parity report for densenet-suite."""
+"""The pytest suite of densenet-suite (nothing a user's program imports lives here)."""

@@ -18,7 +18,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import pytest
 
-from parity_tests.backends import (BACKEND_NAMES, MXNET_HINT, ROOT, BackendUnavailable,
+from densenet_parity.backends import (BACKEND_NAMES, MXNET_HINT, ROOT, BackendUnavailable,
                                    make_backend, mxnet_python)
 
 #: The suite's time and memory monitor: prints the peak of the whole process tree and the
@@ -76,6 +76,73 @@ def backend(request):
 def backends():
     """All backends at once, for cross-backend comparisons."""
     return [get_backend(n) for n in BACKEND_NAMES]
+
+
+# ---------------------------------------------------------------- memory and scheduling
+# The float64 SGD step of a deep preset compiles a program of ~6000 XLA kernels: XLA's compiler
+# needs up to 3 GB for it (DenseNet-264) and the allocator keeps what it freed. Two such steps
+# on the two workers at once, plus everything the workers hold, went past CI's 24 GiB. So:
+# (1) after every test, a process above RELEASE_ABOVE gives memory back (compiled programs,
+#     garbage, freed heap pages), the MXNet worker too;
+# (2) the giants' float64 steps and Flax forwards form one xdist group ("giants"), which runs
+#     on one worker, first (xdist hands out the largest group first), preset by preset, so that
+#     torch's float64 reference is computed once per preset and two giants never coincide;
+# (3) every other preset's float64 steps form a group per preset (one reference each).
+# `make test` runs pytest with `--dist loadgroup`; without xdist the groups change nothing.
+
+#: Give memory back after a test above these (bytes): a pytest worker with torch and JAX loaded
+#: holds ~0.55 GB, an MXNet worker ~0.2 GB; giving back costs JAX's compiled programs, which
+#: the next test (another preset or size) would not reuse anyway. An MXNet worker that stays
+#: above MXNET_RESTART_ABOVE is stopped; the next call starts a fresh one (2 s).
+RELEASE_ABOVE = 1.0e9
+MXNET_RELEASE_ABOVE = 0.5e9
+MXNET_RESTART_ABOVE = 0.8e9
+GIANTS = ("densenet264", "densenet_bc250", "densenet201", "densenet_bc190", "densenet161",
+          "densenet169")
+_STEP = "test_gradients_and_one_sgd_step"
+_FORWARD = "test_eval_forward_every_stage"
+
+
+def _group(item):
+    """The xdist group of a test (None: no group) and its place in the giants' order."""
+    if not item.nodeid.startswith("parity_tests/test_numeric.py::"):
+        return None
+    name = getattr(item, "callspec", None) and item.callspec.params.get("name")
+    fn = item.originalname
+    if name in GIANTS and (fn == _STEP or (fn == _FORWARD and item.callspec.params["other"] != "mxnet")):
+        return "giants"
+    if fn == _STEP:
+        return f"float64-{name}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    def order(item):
+        g = _group(item)
+        if g != "giants":
+            return (1, 0, "")
+        return (0, GIANTS.index(item.callspec.params["name"]), item.originalname != _STEP)
+    for item in items:
+        g = _group(item)
+        if g:
+            item.add_marker(pytest.mark.xdist_group(g))
+    items.sort(key=order)  # stable: everything else keeps its collection order
+
+
+@pytest.fixture(autouse=True)
+def _release_memory():
+    """After each test: every process of this worker that holds more than RELEASE_ABOVE gives
+    memory back (the backends' release_memory: compiled programs, garbage, freed heap)."""
+    yield
+    import sys
+    local = [n for n, mod in (("flax-nnx", "jax"), ("torch", "torch")) if mod in sys.modules]
+    if local and get_backend(local[0]).memory() > RELEASE_ABOVE:
+        for name in local:
+            get_backend(name).call("release_memory")
+    mx = _cache.get("mxnet")
+    if mx is not None and mx.memory() > MXNET_RELEASE_ABOVE:
+        if mx.call("release_memory") > MXNET_RESTART_ABOVE:
+            mx.close()
 
 
 def pytest_sessionfinish(session, exitstatus):

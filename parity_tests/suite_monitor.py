@@ -1,9 +1,11 @@
 """Where the suite's time and memory go: a pytest plugin (loaded by conftest.py).
 
-Memory is the *proportional set size* (PSS, /proc/<pid>/smaps_rollup) summed over a process
-tree: pages shared between processes (the same libraries mapped by the pytest workers and by
-the MXNet workers) are split between them instead of being counted once per process, so the
-sum is what the tree really occupies. RSS is used only where the kernel offers no PSS.
+Memory is the resident set size (RSS, /proc/PID/statm) summed over a process tree: what ``top``
+and the kernel's out-of-memory killer count. A page shared by several processes (a library
+mapped by both pytest workers) counts once per process, so the sum errs high by a few hundred
+MB per process, never low. (The proportional set size would split shared pages exactly, but
+reading it makes the kernel walk every page table: 50 ms for one JAX worker of 5 GB, too
+slow to sample several times a second on two cores.)
 
 * The controller (the process that ``pytest`` started; with pytest-xdist the one that
   coordinates the workers) samples the whole tree every ``INTERVAL`` seconds: itself, every
@@ -35,14 +37,15 @@ PROPERTY = "suite_monitor_peak_bytes"
 GB = 1e9
 
 
-def _read_pss(pid: int) -> Optional[int]:
-    """PSS of one process in bytes (RSS where smaps_rollup is missing); None if it is gone."""
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _read_rss(pid: int) -> Optional[int]:
+    """Resident memory of one process in bytes (/proc/PID/statm); None if it is gone."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
         pass
     try:
         import psutil
@@ -62,9 +65,12 @@ def _label(p) -> str:
     return " ".join([os.path.basename(argv[0])] + argv[1:4]) if argv else "?"
 
 
-def tree_memory(root_pid: int) -> Tuple[int, Dict[int, Tuple[int, str]]]:
-    """(total bytes, {pid: (bytes, short command)}) for ``root_pid`` and its descendants."""
+def tree_memory(root_pid: int, labels: Optional[Dict[int, str]] = None
+                ) -> Tuple[int, Dict[int, Tuple[int, str]]]:
+    """(total bytes, {pid: (bytes, short command)}) for ``root_pid`` and its descendants.
+    ``labels`` caches the commands by pid (reading a command line costs more than its memory)."""
     import psutil
+    labels = {} if labels is None else labels
     try:
         root = psutil.Process(root_pid)
         procs = [root] + root.children(recursive=True)
@@ -72,12 +78,13 @@ def tree_memory(root_pid: int) -> Tuple[int, Dict[int, Tuple[int, str]]]:
         return 0, {}
     total, per = 0, {}
     for p in procs:
-        b = _read_pss(p.pid)
+        b = _read_rss(p.pid)
         if b is None:
             continue
-        cmd = _label(p)
+        if p.pid not in labels:
+            labels[p.pid] = _label(p)
         total += b
-        per[p.pid] = (b, cmd)
+        per[p.pid] = (b, labels[p.pid])
     return total, per
 
 
@@ -90,12 +97,13 @@ class Sampler(threading.Thread):
         self.peak, self.peak_at, self.peak_procs = 0, 0.0, {}
         self.window_peak = 0
         self.samples = 0
+        self.labels: Dict[int, str] = {}
         self.started = time.monotonic()
         self._halt = threading.Event()
         self._lock = threading.Lock()
 
     def sample(self) -> int:
-        total, per = tree_memory(self.root_pid)
+        total, per = tree_memory(self.root_pid, self.labels)
         with self._lock:
             self.samples += 1
             self.window_peak = max(self.window_peak, total)
@@ -204,7 +212,7 @@ class Monitor:
             "peak_bytes": s.peak, "peak_at_seconds": round(s.peak_at, 1),
             "wall_seconds": round(time.time() - self.started, 1),
             "interval_seconds": s.interval, "samples": s.samples,
-            "measure": "PSS (smaps_rollup) summed over the process tree",
+            "measure": "RSS summed over the process tree",
             "peak_processes": [{"pid": pid, "bytes": b, "command": cmd}
                                for pid, (b, cmd) in sorted(s.peak_procs.items(),
                                                            key=lambda kv: -kv[1][0])],

@@ -22,7 +22,7 @@ import sys
 import pytest
 
 from benchmarks import check_fast_paths as cfp
-from parity_tests.backends import ROOT
+from densenet_parity.backends import ROOT
 from parity_tests.conftest import need_mxnet
 
 _results = {}

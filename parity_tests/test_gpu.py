@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import densenet_spec as spec
-from parity_tests import compare
+from densenet_parity import compare
 from parity_tests.conftest import requires_cuda, requires_jax_gpu
 
 PRESETS = ["book", "densenet121", "densenet_bc100"]
@@ -103,7 +103,7 @@ def test_torchvision_densenet121_converts_into_our_backends(tmp_path):
     torchvision = pytest.importorskip(
         "torchvision", reason="torchvision not installed (it is on the GPU machine)")
     import torch
-    from densenet_spec import convert
+    from densenet_parity import convert
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
@@ -123,7 +123,7 @@ def test_torchvision_densenet121_converts_into_our_backends(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():
         ref = tv.double()(torch.as_tensor(x).double()).numpy()
-    from densenet_spec import files
+    from densenet_weights import files
     state, _ = files.load_state(canonical)
     from densenet_torch.adapter import forward as torch_forward
     got = {"torch": torch_forward(cfg.to_dict(), state, x)["arrays"]["head"]}

@@ -8,8 +8,8 @@ import subprocess
 
 import numpy as np
 
-from parity_tests import compare
-from parity_tests.backends import ROOT
+from densenet_parity import compare
+from densenet_parity.backends import ROOT
 from parity_tests.conftest import cli_env, need_mxnet
 
 _result = {}

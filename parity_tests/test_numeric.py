@@ -16,23 +16,12 @@ import numpy as np
 import pytest
 
 import densenet_spec as spec
-from parity_tests import compare
+from densenet_parity import compare
 from parity_tests.conftest import get_backend
 
 OTHERS = ["mxnet", "flax-nnx", "flax-linen"]
 PRESETS = ["book", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
            "densenet40", "densenet_bc100", "densenet_bc250", "densenet_bc190"]
-
-
-@pytest.fixture(autouse=True)
-def _free_compiled_networks():
-    """Each test compiles whole networks once (Flax: XLA executables, kept by jax's caches);
-    drop them afterwards so that a worker running all presets stays within a CI machine's
-    memory."""
-    yield
-    import sys
-    if "jax" in sys.modules:
-        sys.modules["jax"].clear_caches()
 
 
 def _size(cfg):
@@ -48,7 +37,10 @@ def _size(cfg):
 
 
 _cache = {}
-_CACHED = 4  # references kept: a float64 step of the largest presets holds ~1 GB of arrays
+# References kept: one preset's eval forward and float64 step (the float64 steps of a preset run
+# together, its giants' tests too: parity_tests/conftest.py); a float64 step of the largest
+# presets holds ~1 GB of arrays.
+_CACHED = 2
 
 
 def reference(name, train=False, what="forward", dtype="float32"):

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import densenet_spec as spec
-from parity_tests import compare
+from densenet_parity import compare
 
 IMAGENET = ["densenet121", "densenet161", "densenet169", "densenet201", "densenet264"]
 CIFAR = ["densenet40", "densenet_bc100", "densenet_bc250", "densenet_bc190"]

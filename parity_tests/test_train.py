@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 import densenet_spec as spec
-from densenet_spec import data, files, training
-from parity_tests.backends import ROOT, mxnet_python
+import densenet_training as training
+from densenet_training import data
+from densenet_weights import files
+from densenet_parity.backends import ROOT, mxnet_python
 from parity_tests.conftest import cli_env, get_backend, need_mxnet
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,7 +34,7 @@ EPOCH_KEYS = {"epoch", "loss", "train_acc", "test_acc", "examples", "train_time"
 
 
 def cli(*args):
-    return [sys.executable, "-m", "densenet_train", "--no-progress", *map(str, args)]
+    return [sys.executable, "-m", "densenet_cli", "train", "--no-progress", *map(str, args)]
 
 
 # ------------------------------------------------------------------ Fashion-MNIST's IDX files
@@ -179,7 +181,7 @@ def test_cache_download_fetches_verifies_and_reuses(tmp_path, monkeypatch):
 
 
 def test_cli_reports_missing_data_dir(tmp_path, capsys):
-    from densenet_train.cli import main
+    from densenet_cli.train import main
     rc = main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--out",
                str(tmp_path / "run"), "--no-progress"])
     assert rc == 2
@@ -268,7 +270,7 @@ def test_xavier_state_is_the_books_init():
 def test_batch_order_and_init_are_the_same_in_the_mxnet_environment():
     py = need_mxnet()
     code = ("import hashlib, numpy as np, densenet_spec as spec\n"
-            "from densenet_spec import data, training\n"
+            "import densenet_training as training\nfrom densenet_training import data\n"
             "h = hashlib.sha256(data.epoch_order(5000, 11, 3).tobytes())\n"
             "st = training.xavier_state(spec.get_preset('book'), 5)\n"
             "[h.update(st[k].tobytes()) for k in sorted(st)]\n"
@@ -328,12 +330,12 @@ def first_step_reference(seed=0):
 @pytest.mark.parametrize("backend", ["torch", "mxnet", "flax"])
 def test_recipe_trains_and_writes_metrics_plot_and_checkpoint(backend, tmp_path,
                                                               one_torch_thread):
-    """One tiny run (through densenet_train.cli.train, as the command does). Its first step is
+    """One tiny run (through densenet_cli.train.train, as the command does). Its first step is
     PyTorch's adapter's, from the same Xavier weights on the same batch: the same start and the
     same first step in every backend."""
     if backend == "mxnet":
         need_mxnet()
-    from densenet_train.cli import train
+    from densenet_cli.train import train
     out, rec = tmp_path / "run", Recorder()
     metrics = train(tiny_config(backend, out), rec)
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -364,7 +366,7 @@ def test_recipe_trains_and_writes_metrics_plot_and_checkpoint(backend, tmp_path,
 def test_same_canonical_weights_give_the_same_first_step(tmp_path, one_torch_thread):
     """--init: the weights of PyTorch's own initialisers, one step in each trainer, against the
     parity adapters' train_step on the same batch (PyTorch's and MXNet's worker)."""
-    from densenet_train.cli import train
+    from densenet_cli.train import train
     cfg = spec.get_preset("book")
     init = get_backend("torch").call("init_state", config=cfg.to_dict(), seed=1)["arrays"]
     path = tmp_path / "init.safetensors"
@@ -391,7 +393,7 @@ def test_same_canonical_weights_give_the_same_first_step(tmp_path, one_torch_thr
 # ------------------------------------------------------------------ checkpoints and resume
 
 def test_resume_refuses_a_different_run_and_a_silent_restart(tmp_path, one_torch_thread):
-    from densenet_train.cli import main
+    from densenet_cli.train import main
     out = tmp_path / "run"
     base = ["--backend", "torch", "--limit", "32", "--batch-size", "32", "--epochs", "1",
             "--out", str(out), "--no-progress", "--no-plot"]
@@ -495,7 +497,7 @@ def test_torch_momentum_buffers_round_trip(tmp_path, one_torch_thread):
 
 
 def test_mxnet_unavailable_names_make_mxnet_env(tmp_path, monkeypatch):
-    from densenet_train import cli as cli_mod
+    from densenet_cli import train as cli_mod
     monkeypatch.setenv("DENSENET_MXNET_PYTHON", str(tmp_path / "no-python"))
     monkeypatch.setattr(cli_mod, "ROOT", tmp_path)
     with pytest.raises(training.UserError, match="make mxnet-env"):

@@ -1,26 +1,25 @@
 """The parity report: do all backends build the same network, and compute the same numbers?
 
-    python -m parity_tests.report --preset book --size 96
-    python -m parity_tests.report --preset densenet121 --size 224 --json report.json
+    densenet report --preset book --size 96
+    densenet report --preset densenet121 --size 224 --json report.json
 
 Two tables. *Structure*: per stage, each backend's output shape, trainable parameters and
 BatchNorm state, against densenet_spec's arithmetic. *Numbers*: the same canonical weights
 (PyTorch's initialisation, exported) loaded into every backend, the same input, and per stage
 the largest absolute and relative difference from the reference backend (torch), eval mode.
-Exit status: 0 all agree, 1 a mismatch, 2 a backend could not run.
+``densenet report`` (densenet_cli) prints it; exit status 0 all agree, 1 a mismatch or a
+backend that could not run, 2 a usage error.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 
 import numpy as np
 
 import densenet_spec as spec
-from parity_tests import compare
-from parity_tests.backends import (BACKEND_NAMES, REFERENCE, BackendError, BackendUnavailable,
+from densenet_parity import compare
+from densenet_parity.backends import (REFERENCE, BackendError, BackendUnavailable,
                                    make_backend)
 
 OK, BAD = "ok", "MISMATCH"
@@ -186,41 +185,3 @@ def render(result: dict) -> str:
     lines.append({0: "All backends agree.", 1: "MISMATCH: the backends do not agree (see above).",
                   2: "Incomplete: a backend could not run (see above)."}[code])
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="book", help=f"one of: {', '.join(spec.preset_names())}")
-    ap.add_argument("--size", type=int, default=96, help="input height and width (default 96)")
-    ap.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
-    ap.add_argument("--backends", default=",".join(BACKEND_NAMES),
-                    help=f"comma-separated subset of {','.join(BACKEND_NAMES)}")
-    ap.add_argument("--no-numeric", action="store_true", help="structure only (no forward pass)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", metavar="PATH", help="also write the report's data as JSON ('-': stdout)")
-    args = ap.parse_args(argv)
-    try:
-        cfg = spec.make_config(args.preset)
-        spec.check_input(cfg, (args.batch, cfg.in_channels, args.size, args.size))
-        names = [n.strip() for n in args.backends.split(",") if n.strip()]
-        for n in names:
-            if n not in BACKEND_NAMES:
-                raise ValueError(f"unknown backend {n!r}; backends: {', '.join(BACKEND_NAMES)}")
-    except ValueError as e:
-        ap.error(str(e))
-    result = run(args.preset, args.size, args.batch, names, not args.no_numeric, args.seed)
-    _, _, code = verdicts(result)
-    result["exit_code"] = code
-    if args.json == "-":
-        print(json.dumps(result, indent=1))
-    else:
-        print(render(result))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

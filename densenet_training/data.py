@@ -228,7 +228,7 @@ def load_digits(test_fraction: float = 0.2
         from sklearn.datasets import load_digits as sk_digits
     except ImportError:
         raise DataError("the digits dataset needs scikit-learn (it is in the main environment; "
-                        "the MXNet trainer receives data prepared by `python -m densenet_train`)"
+                        "the MXNet trainer receives data prepared by `densenet train`)"
                         ) from None
     d = sk_digits()
     images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)

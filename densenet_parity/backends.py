@@ -1,4 +1,4 @@
-"""One small adapter interface over every backend.
+"""The backend registry: one small adapter interface over every backend.
 
 Each backend package has an ``adapter`` module with the same functions (describe, input_error,
 layer_error, book_examples, forward, gradients, train_step, init_state, ...). Torch and Flax
@@ -12,11 +12,10 @@ import importlib
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -51,8 +50,21 @@ class Backend:
     def close(self):
         pass
 
+    def memory(self) -> int:
+        """Resident memory (bytes) of the process this backend computes in; 0 if none runs."""
+        return process_memory(os.getpid())
+
     def __repr__(self):
         return f"<Backend {self.name}>"
+
+
+def process_memory(pid: int) -> int:
+    """Resident memory of a process in bytes (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 class LocalBackend(Backend):
@@ -75,12 +87,11 @@ class LocalBackend(Backend):
 
 
 def mxnet_python() -> Optional[str]:
-    """The MXNet environment's interpreter, or None if it is not built."""
-    explicit = os.environ.get("DENSENET_MXNET_PYTHON")
-    for cand in ([explicit] if explicit else []) + [str(ROOT / ".venv-mxnet" / "bin" / "python")]:
-        if cand and Path(cand).exists():
-            return cand
-    return None
+    """The MXNet environment's interpreter: $DENSENET_MXNET_PYTHON if set (None if that path
+    does not exist: an explicit choice is never silently replaced), else .venv-mxnet's; None if
+    it is not built."""
+    cand = os.environ.get("DENSENET_MXNET_PYTHON") or str(ROOT / ".venv-mxnet" / "bin" / "python")
+    return cand if Path(cand).exists() else None
 
 
 def _flatten_arrays(kwargs: dict):
@@ -143,12 +154,16 @@ class MXNetBackend(Backend):
                                    resp.get("traceback", ""))
             result = resp["result"]
             if resp.get("arrays"):
-                from densenet_spec.files import join_arrays
+                from densenet_weights.files import join_arrays
                 result = join_arrays(result, load_file(resp["arrays"]))
                 os.remove(resp["arrays"])
             if req["arrays"]:
                 os.remove(req["arrays"])
             return result
+
+    def memory(self) -> int:
+        running = self._proc is not None and self._proc.poll() is None
+        return process_memory(self._proc.pid) if running else 0
 
     def close(self):
         if self._proc is not None and self._proc.poll() is None:

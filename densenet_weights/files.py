@@ -56,10 +56,24 @@ def split_arrays(result: dict) -> dict:
     return out
 
 
-def join_arrays(result: dict, arrays: dict) -> dict:
-    """The inverse of split_arrays: ``result`` with the flattened ``arrays`` put back."""
-    result = dict(result) if isinstance(result, dict) else {"value": result}
-    for key, a in arrays.items():
+ORDER = "__order__"  # a result's key in JSON: each array group's names in their order
+
+
+def array_order(packed: dict) -> dict:
+    """The order of the names in each group of split_arrays' output (a safetensors file keeps
+    its tensors sorted by name; the order of a model's tensors is part of its structure)."""
+    order: dict = {}
+    for key in packed:
         group, name = key.split("/", 1)
-        result.setdefault(group, {})[name] = a
+        order.setdefault(group, []).append(name)
+    return order
+
+
+def join_arrays(result: dict, arrays: dict) -> dict:
+    """The inverse of split_arrays: ``result`` with the flattened ``arrays`` put back, in the
+    order that ``result[ORDER]`` (array_order's) gives."""
+    result = dict(result) if isinstance(result, dict) else {"value": result}
+    order = result.pop(ORDER, None) or array_order(arrays)
+    for group, names in order.items():
+        result[group] = {name: arrays[f"{group}/{name}"] for name in names}
     return result

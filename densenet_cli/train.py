@@ -1,4 +1,4 @@
-"""The training command: ``python -m densenet_train --backend torch|mxnet|flax ...``.
+"""``densenet train --backend torch|mxnet|flax ...``: train with the book's recipe.
 
 Loads the dataset (Fashion-MNIST or the offline digits), checks the network takes its size, then
 runs the backend's trainer: PyTorch and Flax in this process, MXNet in its own environment as a
@@ -16,20 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from densenet_spec import data as dataset_lib
-from densenet_spec import training
-
-ROOT = Path(__file__).resolve().parent.parent
-MXNET_HINT = ("the MXNet environment is not built: run `make mxnet-env` (a Python 3.11 venv in "
-              ".venv-mxnet with mxnet 1.9.1 and numpy 1.23.5), or point DENSENET_MXNET_PYTHON "
-              "at its python")
-
-
-def mxnet_python() -> Optional[str]:
-    """The MXNet environment's interpreter: $DENSENET_MXNET_PYTHON, else .venv-mxnet's."""
-    explicit = os.environ.get("DENSENET_MXNET_PYTHON")
-    cand = explicit or str(ROOT / ".venv-mxnet" / "bin" / "python")
-    return cand if Path(cand).exists() else None
+import densenet_training as training
+from densenet_parity.backends import MXNET_HINT, ROOT, mxnet_python
+from densenet_training import data as dataset_lib
 
 
 def run_mxnet(cfg: training.TrainConfig, dataset, reporter: training.Reporter) -> dict:
@@ -90,7 +79,7 @@ def train(cfg: training.TrainConfig, reporter: Optional[training.Reporter] = Non
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = training.make_parser("python -m densenet_train").parse_args(argv)
+    args = training.make_parser("densenet train").parse_args(argv)
     cfg = training.config_from_args(args)
     try:
         train(cfg)

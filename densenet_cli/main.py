@@ -1,0 +1,287 @@
+"""``densenet``: one command for densenet-suite.
+
+    densenet report    the parity report: do all backends build and compute the same network?
+    densenet convert   weights from one framework's file to another's, through the canonical form
+    densenet summary   a preset's layer table in one backend, in the style its users know
+    densenet check     is your own model or weights file the preset's network, and where not?
+    densenet train     train with the book's recipe in PyTorch, MXNet Gluon or Flax
+    densenet bench     speed and memory benchmarks (a source checkout's benchmarks/)
+
+``densenet COMMAND --help`` shows each command's options and an example. Exit status in every
+command: 0 ok, 1 a mismatch or a failure, 2 a usage error (a bad option, a missing file).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
+
+import densenet_spec as spec
+
+OK, FAILED, USAGE = 0, 1, 2
+
+
+def _parser(command: str, summary: str, example: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=f"densenet {command}", description=summary,
+        epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- report
+
+def report(argv: List[str]) -> int:
+    from densenet_parity import report as engine
+    from densenet_parity.backends import BACKEND_NAMES
+    ap = _parser("report", "The parity report: per stage, each backend's output shape, trainable "
+                 "parameters and BatchNorm state against the spec's arithmetic; then, with the "
+                 "same canonical weights and input, each backend's difference from PyTorch "
+                 "(eval mode). Exit status 0 all agree, 1 a mismatch or a backend that could "
+                 "not run, 2 a usage error.",
+                 "densenet report --preset densenet121 --size 224 --json report.json")
+    ap.add_argument("--preset", default="book", help=f"one of: {', '.join(spec.preset_names())}")
+    ap.add_argument("--size", type=int, default=96, help="input height and width (default 96)")
+    ap.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    ap.add_argument("--backends", default=",".join(BACKEND_NAMES),
+                    help=f"comma-separated subset of {','.join(BACKEND_NAMES)}")
+    ap.add_argument("--no-numeric", action="store_true", help="structure only (no forward pass)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="PATH",
+                    help="also write the report's data as JSON ('-': to stdout, instead of the text)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = spec.make_config(args.preset)
+        spec.check_input(cfg, (args.batch, cfg.in_channels, args.size, args.size))
+        names = [n.strip() for n in args.backends.split(",") if n.strip()]
+        for n in names:
+            if n not in BACKEND_NAMES:
+                raise ValueError(f"unknown backend {n!r}; backends: {', '.join(BACKEND_NAMES)}")
+    except ValueError as e:
+        ap.error(str(e))
+    result = engine.run(args.preset, args.size, args.batch, names, not args.no_numeric, args.seed)
+    _, _, code = engine.verdicts(result)
+    result["exit_code"] = code
+    if args.json == "-":
+        print(json.dumps(result, indent=1))
+    else:
+        print(engine.render(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+    return OK if code == 0 else FAILED
+
+
+# --------------------------------------------------------------------------- convert
+
+def convert(argv: List[str]) -> int:
+    from densenet_parity import convert as engine
+    ap = _parser("convert", "Convert DenseNet weights between frameworks through the canonical "
+                 "form (torchvision's names, PyTorch's layout). Reads any framework's file, told "
+                 "by its content: a PyTorch state_dict (.pt/.pth/.bin, read only with "
+                 "torch.load(weights_only=True)), Gluon .params (ours, the model zoo's, the "
+                 "book's net), Flax msgpack (NNX or linen) or safetensors, under any names, "
+                 "matched onto the preset by structure; writes canonical safetensors, or the "
+                 "file our model in a framework reads. A file that does not fit is refused with "
+                 "the first difference; every tensor is checked before anything is written.",
+                 "densenet convert book_state_dict.pth book.msgpack --to flax-nnx")
+    ap.add_argument("src", help="the weights file to read")
+    ap.add_argument("dst", help="the file to write")
+    ap.add_argument("--to", default="canonical", choices=engine.TARGETS,
+                    help="the format to write (default: canonical safetensors)")
+    ap.add_argument("--preset", help="the preset that built it (default: from metadata or shapes)")
+    args = ap.parse_args(argv)
+    if not os.path.exists(args.src):
+        ap.error(f"no such file: {args.src}")
+    try:
+        cfg = engine.convert(args.src, args.dst, args.to, args.preset)
+    except (engine.ConvertError, spec.DenseNetConfigError) as e:  # not a file this reads
+        _error(str(e))
+        return USAGE
+    except ValueError as e:  # MismatchError, StateMismatchError: not the preset's network
+        _error(str(e))
+        return FAILED
+    n = len(spec.canonical_tensors(cfg))
+    print(f"wrote {args.dst} ({args.to}): DenseNet '{cfg.name}', {n} tensors, "
+          f"{spec.total_counts(cfg)[0]:,} parameters")
+    return OK
+
+
+# --------------------------------------------------------------------------- summary
+
+def summary(argv: List[str]) -> int:
+    from densenet_parity.backends import (BACKEND_NAMES, BackendError, BackendUnavailable,
+                                          make_backend)
+    ap = _parser("summary", "A preset's layers in one backend, as the framework builds them: "
+                 "its own layer names and types and its own layout (Flax: NHWC), one row per "
+                 "layer with output shape, trainable parameters and BatchNorm state, in the "
+                 "table torchinfo prints for PyTorch (the same columns in every backend, so "
+                 "that two summaries compare line by line; Gluon's Block.summary and Flax's "
+                 "tabulate count running statistics as parameters). The totals are checked "
+                 "against the spec's arithmetic.",
+                 "densenet summary --backend flax-nnx --preset book --size 96")
+    ap.add_argument("--backend", default="torch", choices=BACKEND_NAMES)
+    ap.add_argument("--preset", default="book", help=f"one of: {', '.join(spec.preset_names())}")
+    ap.add_argument("--size", type=int, default=96, help="input height and width (default 96)")
+    ap.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = spec.make_config(args.preset)
+        spec.check_input(cfg, (args.batch, cfg.in_channels, args.size, args.size))
+    except ValueError as e:
+        ap.error(str(e))
+    b = make_backend(args.backend)
+    try:
+        out = b.call("summary", config=cfg.to_dict(), batch=args.batch, height=args.size,
+                     width=args.size)
+    except (BackendUnavailable, BackendError) as e:
+        _error(str(e).strip().splitlines()[0])
+        return FAILED
+    finally:
+        b.close()
+    print(out["text"])
+    want = spec.total_counts(cfg)
+    if (out["params"], out["state"]) != want:
+        _error(f"{args.backend} counts {out['params']:,} parameters and {out['state']:,} BatchNorm "
+               f"values; the spec says {want[0]:,} and {want[1]:,}")
+        return FAILED
+    return OK
+
+
+# --------------------------------------------------------------------------- check
+
+def check(argv: List[str]) -> int:
+    from densenet_parity import checking as engine
+    ap = _parser("check", "Is your DenseNet the book's (or a preset's) network? Matches your "
+                 "model's tensors onto the preset by structure and names the first layer that "
+                 "differs, with the channel arithmetic; then loads the same weights into your "
+                 "model and our reference in the same framework and compares eval-mode outputs "
+                 "and one float64 train step (loss, gradients, BatchNorm statistics), naming the "
+                 "first layer whose output differs and the convention most likely behind it. "
+                 "Gluon models run in the MXNet environment. With a weights file in place of "
+                 "MODULE:FUNCTION: its structure, and with --framework, its numbers in our model "
+                 "there against PyTorch's. Exit status 0 same network, 1 different, 2 a usage "
+                 "error.",
+                 "densenet check --framework torch mymodels:densenet --preset book --size 96")
+    ap.add_argument("model", metavar="MODULE:FUNCTION|WEIGHTS",
+                    help="a function that returns your model (importable from the working "
+                         "directory), or a weights file (.pt/.pth/.bin, .params, .msgpack, "
+                         ".safetensors)")
+    ap.add_argument("--framework", choices=engine.FRAMEWORKS,
+                    help="the model's framework (required for MODULE:FUNCTION)")
+    ap.add_argument("--preset", help=f"one of: {', '.join(spec.preset_names())} "
+                                     "(default: inferred from the model)")
+    ap.add_argument("--size", type=int, help="input height and width (default: 96 for the book, "
+                                             "64 for ImageNet presets, 16 for CIFAR ones)")
+    ap.add_argument("--weights", metavar="FILE",
+                    help="compare with these weights instead of random ones (any format)")
+    ap.add_argument("--seed", type=int, default=0, help="random weights and input (default 0)")
+    ap.add_argument("--in-channels", type=int,
+                    help="input channels, for a Gluon or linen model that infers them "
+                         "(default: the preset's, else 1, then 3)")
+    ap.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-': stdout)")
+    args = ap.parse_args(argv)
+    try:
+        if args.preset is not None:
+            spec.get_preset(args.preset)
+        if args.size is not None and args.size <= 0:
+            raise ValueError(f"--size must be positive, got {args.size}")
+    except ValueError as e:
+        ap.error(str(e))
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    is_file = os.path.exists(args.model) or ":" not in args.model
+    try:
+        if is_file:
+            if not os.path.exists(args.model):
+                ap.error(f"no such file: {args.model}")
+            report = engine.check_weights(args.model, args.preset, args.framework, args.size,
+                                          args.seed, progress)
+        else:
+            if args.framework is None:
+                ap.error("--framework torch|mxnet|flax is required with MODULE:FUNCTION")
+            report = engine.check(framework=args.framework, factory=args.model, path=os.getcwd(),
+                                  weights=args.weights, preset=args.preset, size=args.size,
+                                  seed=args.seed, in_channels=args.in_channels, progress=progress)
+    except (engine.CheckError, spec.DenseNetConfigError, FileNotFoundError) as e:
+        _error(str(e))
+        return USAGE
+    except ValueError as e:  # a weights file that is not one (densenet_weights.formats)
+        _error(str(e))
+        return USAGE
+    if args.json == "-":
+        print(json.dumps(report.to_dict(), indent=1, default=str))
+    else:
+        print(report.render())
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report.to_dict(), f, indent=1, default=str)
+    return OK if report.same else FAILED
+
+
+# --------------------------------------------------------------------------- train, bench
+
+def train(argv: List[str]) -> int:
+    from densenet_cli.train import main as train_main
+    return train_main(argv)
+
+
+def bench(argv: List[str]) -> int:
+    from densenet_parity.backends import ROOT
+    if argv[:1] in (["-h"], ["--help"]) or not (ROOT / "benchmarks" / "bench.py").exists():
+        print("usage: densenet bench [BENCHMARK OPTIONS]\n\n"
+              "Runs `python -m benchmarks.bench` of a source checkout (the benchmarks are not part "
+              "of the installed package) with the options given; its own --help lists them.\n\n"
+              "example:\n  densenet bench --quick --backends torch --out /tmp/quick")
+        if not (ROOT / "benchmarks" / "bench.py").exists():
+            _error(f"no benchmarks/ next to {ROOT / 'densenet_cli'}: run it from a clone of the "
+                   "repository")
+            return USAGE
+        if argv[:1] in (["-h"], ["--help"]):
+            argv = ["--help"]
+    return subprocess.call([sys.executable, "-m", "benchmarks.bench", *argv], cwd=str(ROOT),
+                           env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep
+                                    + os.environ.get("PYTHONPATH", "")))
+
+
+# --------------------------------------------------------------------------- the command
+
+COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
+    "report": (report, "the parity report: same shapes, counts and numbers in every backend?"),
+    "convert": (convert, "weights from one framework's file to another's"),
+    "summary": (summary, "a preset's layer table in one backend, in its framework's style"),
+    "check": (check, "is your model (or weights file) the preset's network? where does it differ?"),
+    "train": (train, "train with the book's recipe in PyTorch, MXNet Gluon or Flax"),
+    "bench": (bench, "speed and memory benchmarks (from a source checkout)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: densenet COMMAND [OPTIONS]", "",
+             "One DenseNet in PyTorch, MXNet Gluon and Flax, and the tools that prove they are "
+             "the same network.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`densenet COMMAND --help` for a command's options and an example.",
+              "Exit status: 0 ok, 1 a mismatch or a failure, 2 a usage error."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return OK if argv else USAGE
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(usage(), file=sys.stderr)
+        _error(f"unknown command {name!r}; commands: {', '.join(COMMANDS)}")
+        return USAGE
+    try:
+        return COMMANDS[name][0](rest)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else USAGE

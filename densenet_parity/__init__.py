@@ -1,0 +1,12 @@
+"""densenet_parity: the parity engine.
+
+Above the three mirrors and below the command line: the backend registry (torch and Flax in
+this process, Gluon through its worker in the MXNet environment: ``backends``), the comparisons
+(``compare``), the parity report (``report``) and the converter between every framework's files
+(``convert``). It imports the mirrors lazily, one framework at a time, so that a user without
+MXNet or without JAX can use the rest.
+"""
+
+from densenet_parity.checking import CheckError, Report, assert_same_densenet, check, check_weights
+
+__all__ = ["CheckError", "Report", "assert_same_densenet", "check", "check_weights"]

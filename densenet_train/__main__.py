@@ -1,5 +1,0 @@
-import sys
-
-from densenet_train.cli import main
-
-sys.exit(main())

@@ -1,0 +1,50 @@
+"""densenet_training: the training recipe and everything about a training run that is not a
+framework.
+
+Framework-free (numpy, plus safetensors for checkpoints; matplotlib only for the plot, which the
+main process draws), importable in both environments. The three trainers
+(densenet_torch/train.py, densenet_mxnet/train.py, densenet_flax/train.py) supply the model
+code: ``train_epoch``, ``evaluate``, ``save_checkpoint``, ``load_checkpoint``; this package
+supplies the rest, the same for all three:
+
+* the book's recipe (``d2l.train_ch6``): SGD, learning rate 0.1, 10 epochs, batch 256,
+  Xavier-uniform weights, softmax cross-entropy, the loss and accuracies reported per epoch;
+* the command line (``make_parser``), shared by ``densenet train`` and the MXNet
+  trainer's process;
+* the Xavier initial state, drawn once in the canonical form from the seed, so every backend
+  starts from the same weights (``xavier_state``);
+* progress (a bar per epoch with running loss and accuracy), per-epoch lines, the book's final
+  line, the metrics JSON and the plot;
+* checkpoints: a directory per epoch with the canonical model state (safetensors), the
+  optimiser's state (safetensors, canonical names) and a small JSON; ``latest.json`` points at
+  the newest complete one and is written last, so a run killed at any moment resumes from the
+  last finished epoch.
+
+Modules: ``recipe`` (settings, command line, Xavier state), ``progress`` (reporters, the
+per-epoch meter), ``checkpoints``, ``loop`` (``run_epochs``), ``plots``, ``data`` (the datasets).
+Their public names are re-exported here: ``import densenet_training as training``.
+"""
+from densenet_training import data
+from densenet_training.checkpoints import (checkpoints_dir, data_fingerprint, latest_checkpoint,
+                                          optimizer_info, read_checkpoint, write_checkpoint)
+from densenet_training.loop import run_epochs, summarize, write_json
+from densenet_training.plots import plot_comparison, plot_metrics
+from densenet_training.progress import (ConsoleReporter, EpochMeter, EventReporter, Reporter,
+                                        book_lines, epoch_line, exit_with_parent, relay)
+from densenet_training.recipe import (BACKENDS, BOOK_BATCH_SIZE, BOOK_EPOCHS, BOOK_LR,
+                                      CHECKPOINT_FORMAT, EVENT_PREFIX, METRICS_FORMAT,
+                                      MOMENTUM_CONVENTION, RESUME_KEYS, ResumeError, TrainConfig,
+                                      UserError, check_size, config_from_args, config_to_argv,
+                                      initial_state, make_parser, model_options, user_errors,
+                                      xavier_state)
+
+__all__ = [
+    "data", "checkpoints_dir", "data_fingerprint", "latest_checkpoint", "optimizer_info",
+    "read_checkpoint", "write_checkpoint", "run_epochs", "summarize", "write_json",
+    "plot_comparison", "plot_metrics", "ConsoleReporter", "EpochMeter", "EventReporter",
+    "Reporter", "book_lines", "epoch_line", "exit_with_parent", "relay", "BACKENDS",
+    "BOOK_BATCH_SIZE", "BOOK_EPOCHS", "BOOK_LR", "CHECKPOINT_FORMAT", "EVENT_PREFIX",
+    "METRICS_FORMAT", "MOMENTUM_CONVENTION", "RESUME_KEYS", "ResumeError", "TrainConfig",
+    "UserError", "check_size", "config_from_args", "config_to_argv", "initial_state",
+    "make_parser", "model_options", "user_errors", "xavier_state",
+]

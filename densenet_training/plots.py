@@ -1,0 +1,59 @@
+"""The plots of a run (matplotlib, drawn by the main process only)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+def plot_metrics(metrics: dict, path) -> Path:
+    """The book's figure: train loss and train accuracy (5 points per epoch) and test accuracy
+    (per epoch) against epochs. matplotlib, main process only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curve = [p for r in metrics["epochs"] for p in r["curve"]]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    ax.plot([p[0] for p in curve], [p[1] for p in curve], "-", label="train loss")
+    ax.plot([p[0] for p in curve], [p[2] for p in curve], "m--", label="train acc")
+    ax.plot([r["epoch"] for r in metrics["epochs"]], [r["test_acc"] for r in metrics["epochs"]],
+            "g-.", marker="o", markersize=3, label="test acc")
+    ax.set_xlabel("epoch")
+    ax.set_xlim(0, max(len(metrics["epochs"]), 1))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    d = metrics["dataset"]
+    ax.set_title(f"{metrics['preset']} / {metrics['backend']} on {metrics['device']}: "
+                 f"{d['name']} {d['size']}x{d['size']}", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(runs: List[dict], path) -> Path:
+    """Several runs' metrics side by side (one line per run): train loss and test accuracy per
+    epoch. For comparing backends trained with the same settings."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=120)
+    for m in runs:
+        epochs = [r["epoch"] for r in m["epochs"]]
+        label = f"{m['backend']} ({m['device']})"
+        left.plot(epochs, [r["loss"] for r in m["epochs"]], marker="o", markersize=3, label=label)
+        right.plot(epochs, [r["test_acc"] for r in m["epochs"]], marker="o", markersize=3,
+                   label=label)
+    left.set_yscale("log")
+    for ax, what in ((left, "train loss"), (right, "test acc")):
+        ax.set_xlabel("epoch")
+        ax.set_title(what, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    d = runs[0]["dataset"]
+    fig.suptitle(f"{runs[0]['preset']} on {d['name']} {d['size']}x{d['size']}, same seed",
+                 fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,217 @@
+"""Check your own DenseNet: structure matching of any framework's tensors onto a preset, and
+``densenet check`` / ``assert_same_densenet`` on the book's listings as a reader types them
+(each must be the 'book' network) and on versions with a porting bug (each must be named at the
+right stage and layer, with its likely cause). The models are in parity_tests/own_models/.
+
+Inputs are small (the book at 32 px where the head's pooling kind does not matter, 64 px where
+it does: the last block must be larger than 1x1 for max and average pooling to differ).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import densenet_spec as spec
+from densenet_parity import assert_same_densenet, check
+from densenet_parity.backends import ROOT
+from densenet_weights import match
+from parity_tests.conftest import cli_env, need_mxnet
+
+torch = pytest.importorskip("torch", reason="the check tests need torch (main environment)")
+
+
+def factory(module, fn):
+    return f"parity_tests.own_models.{module}:{fn}"
+
+
+# ------------------------------------------------------------------ structure matching
+
+def test_the_books_sequential_matches_by_structure():
+    from parity_tests.own_models import book_torch
+    sd = book_torch.net().state_dict()
+    m = match.match({k: v.numpy() for k, v in sd.items()})
+    assert m.ok and m.config.name == "book" and not m.by_name
+    assert m.mapping["features.conv0.weight"] == "0.0.weight"
+    assert m.mapping["features.denseblock1.denselayer1.norm1.running_var"] == "1.net.0.0.running_var"
+    assert m.mapping["features.denseblock2.denselayer4.conv1.bias"] == "3.net.3.2.bias"
+    assert m.mapping["features.transition1.conv.weight"] == "2.2.weight"
+    assert m.mapping["features.norm5.weight"] == "8.weight"
+    assert m.mapping["classifier.bias"] == "12.bias"
+    assert len(m.state) == len(spec.canonical_tensors(m.config))
+    assert all(np.array_equal(m.state[c], sd[f].numpy()) for c, f in m.mapping.items())
+
+
+def _linen_style(config):
+    """The preset's tensors as a linen Sequential would name them (layers_0, layers_1, ...;
+    params and batch_stats apart; HWIO kernels), sorted by name as JAX's trees are."""
+    out = {}
+    for i, (module, kind, leaves) in enumerate(spec.canonical_modules(config)):
+        for leaf, shape in leaves.items():
+            if kind == "bn":
+                name = {"weight": "params/{}/scale", "bias": "params/{}/bias",
+                        "running_mean": "batch_stats/{}/mean", "running_var": "batch_stats/{}/var"}[leaf]
+            else:
+                name = "params/{}/" + ("kernel" if leaf == "weight" else "bias")
+                if leaf == "weight":
+                    shape = (shape[2], shape[3], shape[1], shape[0]) if len(shape) == 4 else shape[::-1]
+            out[name.format(f"net/layers_{i}")] = np.full(shape, i, np.float32)
+    return dict(sorted(out.items()))
+
+
+def test_flax_names_match_in_natural_order():
+    """layers_10 comes after layers_9: sorted by name (as JAX sorts trees) the layers are out
+    of order, and only the natural order matches them."""
+    cfg = spec.get_preset("book")
+    tensors = _linen_style(cfg)
+    m = match.match(tensors, "book", layout="flax", natural=True)
+    assert m.ok, m.difference
+    modules = [mod for mod, _, _ in spec.canonical_modules(cfg)]
+    assert all(float(m.state[f"{mod}.{leaf}"].flat[0]) == i for i, mod in enumerate(modules)
+               for leaf in ("weight",))
+    assert m.state["features.conv0.weight"].shape == (64, 1, 7, 7)  # HWIO -> OIHW
+    assert not match.match(tensors, "book", layout="flax", natural=False).ok
+
+
+def test_canonical_names_in_any_framework_map_by_name():
+    cfg = spec.get_preset("densenet121")
+    shapes = {n: s for n, s, _ in spec.canonical_tensors(cfg)}
+    m = match.match(shapes)
+    assert m.ok and m.by_name and m.config.name == "densenet121" and m.state is None
+
+
+def test_a_wrong_transition_is_named_with_its_channel_arithmetic():
+    from parity_tests.own_models import book_torch
+    sd = book_torch.transition_keeps_block_input().state_dict()
+    m = match.match({k: tuple(v.shape) for k, v in sd.items()}, "book")
+    d = m.difference
+    assert (d.module, d.stage, d.kind, d.foreign) == ("features.transition2.conv", "transition2",
+                                                      "conv", "4.2")
+    assert "the model has a 1x1 convolution 224 -> 96 channels" in str(d)
+    assert "transition2.conv maps 224 -> 112 = (96 + 4 x 32) // 2 channels" in str(d)
+
+
+def test_a_missing_layer_is_named():
+    """A dense block with one layer too few (names not canonical: matched by structure)."""
+    cfg = spec.get_preset("book")
+    shapes = {n.replace("features.", "f."): s for n, s, _ in spec.canonical_tensors(cfg)
+              if not n.startswith("features.denseblock3.denselayer4.")}
+    m = match.match(shapes, "book")
+    assert not m.ok and m.difference.module == "features.denseblock3.denselayer4.norm1"
+    assert "the reference has a BatchNorm over 208 channels" in str(m.difference)
+    assert "the model has a BatchNorm over 240 channels (its 'f.transition3.norm')" in str(m.difference)
+    assert "208 = 112 + 3 x 32" in str(m.difference)
+
+
+# ------------------------------------------------------------------ densenet check
+
+SAME = [("torch", "book_torch", "net", 32), ("mxnet", "book_gluon", "net", 32),
+        ("flax", "book_linen", "net", 32)]
+#: (framework, module, function, size, where: 'structure' or the mode, canonical module, stage,
+#:  words of the likely cause)
+BUGS = [
+    ("torch", "book_torch", "transition_keeps_block_input", 32, "structure",
+     "features.transition2.conv", "transition2", "num_convs x growth_rate"),
+    ("flax", "book_linen", "stem_same_padding", 32, "eval", "features.conv0", "stem",
+     "padding of the stem"),
+    ("torch", "book_torch", "head_max_pool", 64, "eval", "classifier", "head",
+     "global *average* pooling"),
+    ("torch", "book_torch", "bn_momentum_as_gluon", 32, "train step", "features.norm0", "stem",
+     "moves 0.9 of the way"),
+    ("flax", "book_nnx", "bn_momentum_default", 32, "train step", "features.norm0", "stem",
+     "moves 0.01 of the way"),
+    ("mxnet", "book_gluon", "concat_reversed", 32, "eval", "features.denseblock1.denselayer2.norm1",
+     "denseblock1", "concatenation order"),
+    ("flax", "book_linen", "head_pools_nchw_axes", 32, "structure", "classifier", "head",
+     "NHWC's axes 1 and 2"),
+]
+
+
+@pytest.mark.parametrize("framework, module, fn, size", SAME, ids=[c[0] for c in SAME])
+def test_the_books_listings_are_the_book_network(framework, module, fn, size):
+    if framework == "mxnet":
+        need_mxnet()
+    r = check(framework=framework, factory=factory(module, fn), path=str(ROOT), size=size)
+    assert r.same, r.render()
+    assert r.preset == "book" and r.output_shape == [2, 10]
+    assert r.totals["params"] == spec.total_counts(spec.get_preset("book"))[0]
+    assert set(r.numbers) == {"eval_logits", "train_loss", "gradients", "bn_statistics"}
+    assert r.render().endswith("Verdict: same network.")
+    if framework == "flax":  # linen's BatchNorm: the biased running variance, accepted and said
+        assert any("biased batch variance" in n for n in r.notes)
+
+
+@pytest.mark.parametrize("framework, module, fn, size, where, cmod, stage, words", BUGS,
+                         ids=[c[2] for c in BUGS])
+def test_a_porting_bug_is_named_where_it_is(framework, module, fn, size, where, cmod, stage, words):
+    if framework == "mxnet":
+        need_mxnet()
+    r = check(framework=framework, factory=factory(module, fn), path=str(ROOT), size=size)
+    text = r.render()
+    assert not r.same and text.endswith("Verdict: different."), text
+    if where == "structure":
+        assert r.structure and f"first difference at {cmod} ({stage})" in r.structure, text
+        assert words in (r.cause or ""), text
+    else:
+        assert r.first and (r.first["mode"], r.first["module"], r.first["stage"]) == \
+            (where, cmod, stage), text
+        assert words in r.first["convention"], text
+
+
+def test_a_model_that_cannot_run_is_a_clear_report():
+    r = check(framework="flax", factory=factory("book_linen", "concat_on_axis_1"),
+              path=str(ROOT), size=32)
+    assert not r.same and r.error and "does not initialise on a 32x32 input" in r.error
+    assert "Cannot concatenate arrays" in r.error
+
+
+def test_assert_same_densenet_in_a_users_tests():
+    from parity_tests.own_models import book_torch
+    report = assert_same_densenet(book_torch.net(), preset="book", size=32)
+    assert report.same
+    with pytest.raises(AssertionError) as e:
+        assert_same_densenet(book_torch.head_max_pool(), preset="book", size=64)
+    assert "FIRST DIFFERENCE (eval): classifier (head)" in str(e.value)
+    with pytest.raises(ValueError, match="but the model is a torch model"):
+        assert_same_densenet(book_torch.net(), framework="flax")
+
+
+def test_the_check_command(tmp_path):
+    """densenet check: 0 same network, 1 different, 2 a usage error; --json for machines."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "densenet_cli", "check", *args], cwd=ROOT,
+                              env=cli_env(), capture_output=True, text=True)
+    out = tmp_path / "r.json"
+    same = run("--framework", "torch", factory("book_torch", "net"), "--size", "32", "--json", str(out))
+    assert same.returncode == 0, same.stderr
+    assert "Verdict: same network." in same.stdout and "denseblock4" in same.stdout
+    assert json.loads(out.read_text())["verdict"] == "same network"
+    bad = run("--framework", "torch", factory("book_torch", "transition_keeps_block_input"))
+    assert bad.returncode == 1 and "STRUCTURE: first difference at features.transition2.conv" \
+        in bad.stdout
+    for args, words in [((factory("book_torch", "net"),), "--framework"),
+                        (("--framework", "torch", "nowhere:net"), "no module 'nowhere'"),
+                        (("--framework", "torch", factory("book_torch", "nothing")),
+                         "has no function 'nothing'"),
+                        (("--framework", "jax", "m:f"), "invalid choice")]:
+        r = run(*args)
+        assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+
+
+def test_checking_a_weights_file(tmp_path):
+    from parity_tests.own_models import book_torch
+    path = tmp_path / "book.pth"
+    torch.save(book_torch.net().state_dict(), path)
+    r = check_file(path)
+    assert r.same and r.preset == "book" and r.totals["state"] == 6_608
+    torch.save(book_torch.transition_keeps_block_input().state_dict(), path)
+    r = check_file(path)
+    assert not r.same and "features.transition2.conv" in r.structure
+
+
+def check_file(path):
+    from densenet_parity import check_weights
+    return check_weights(str(path), framework="torch", size=32)
