@@ -1,6 +1,8 @@
 # densenet-suite: two environments, two commands.
 #   make report   build what is missing, then print the parity report (book preset, 96x96)
 #   make test     build what is missing, then run every test of every backend, MXNet included
+#   make gpu      on a machine with an NVIDIA GPU: parity tests, reports and benchmarks on it,
+#                 into $(OUT) (benchmarks/gpu_check.py); a short dry run on a CPU
 #
 # Why a Makefile over venv + pip: the main environment must take PyTorch through pip (on this
 # project's machines pip finds the CPU build of torch 2.13.0 on disk; uv and poetry don't look
@@ -15,8 +17,12 @@ MXVENV       := .venv-mxnet
 PRESET       ?= book
 SIZE         ?= 96
 PYTEST_ARGS  ?=
+OUT          ?= docs/gpu/latest
+# The GPU machine has its frameworks installed and no network: `make gpu` builds nothing and
+# uses .venv's python where there is one (a CPU machine: the dry mode), else python3.
+GPU_PYTHON   ?= $(shell [ -x $(VENV)/bin/python ] && echo $(VENV)/bin/python || echo python3)
 
-.PHONY: report test envs env mxnet-env clean-envs
+.PHONY: report test gpu envs env mxnet-env clean-envs
 
 envs: env mxnet-env
 env: $(VENV)/.stamp
@@ -39,8 +45,15 @@ $(MXVENV)/.stamp: pyproject.toml
 report: envs
 	$(VENV)/bin/densenet report --preset $(PRESET) --size $(SIZE)
 
+# Two pytest workers on two cores, one thread each: OpenMP threads that contend spin, and
+# pinned to one the suite ran in 0.6 of the time. --dist loadgroup keeps the memory-heavy
+# tests on one worker (parity_tests/conftest.py).
 test: envs
-	DENSENET_MXNET_PYTHON=$(CURDIR)/$(MXVENV)/bin/python $(VENV)/bin/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 DENSENET_MXNET_PYTHON=$(CURDIR)/$(MXVENV)/bin/python \
+	    $(VENV)/bin/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+gpu:
+	$(GPU_PYTHON) -m benchmarks.gpu_check --out $(OUT)
 
 clean-envs:
 	rm -rf $(VENV) $(MXVENV)

@@ -102,3 +102,28 @@ def config(case):
 def error_info(e: BaseException) -> Dict[str, str]:
     msg = str(e).strip().splitlines()
     return {"type": type(e).__name__, "message": (msg[0] if msg else "")[:500]}
+
+
+def import_torchvision():
+    """torchvision, or None if it is not installed. PyPI's torchvision is a CUDA build: beside
+    the CPU build of torch its import fails while registering fake (meta) kernels for its CUDA
+    operators, so torch.library.register_fake is a no-op for the length of the import. Enough
+    to build its models as a benchmark reference; never done in the package."""
+    import torch
+    try:
+        import torchvision
+        return torchvision
+    except ImportError:
+        return None
+    except Exception:  # noqa: BLE001 - the CUDA build's registration on a CPU torch
+        pass
+    import sys
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    original = torch.library.register_fake
+    torch.library.register_fake = lambda *a, **k: (lambda fn: fn)
+    try:
+        import torchvision
+        return torchvision
+    finally:
+        torch.library.register_fake = original

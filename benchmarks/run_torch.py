@@ -31,11 +31,8 @@ def device() -> torch.device:
 def versions() -> Dict[str, str]:
     v = {"torch": torch.__version__, "numpy": np.__version__,
          "torch_threads": str(torch.get_num_threads())}
-    try:
-        import torchvision
-        v["torchvision"] = torchvision.__version__
-    except ImportError:
-        v["torchvision"] = "not installed"
+    torchvision = common.import_torchvision()
+    v["torchvision"] = torchvision.__version__ if torchvision else "not installed"
     if torch.cuda.is_available():
         v["cuda"] = str(torch.version.cuda)
         v["cudnn"] = str(torch.backends.cudnn.version())
@@ -57,10 +54,9 @@ class Unsupported(Exception):
 def build_model(case):
     eff = case["mode"] == "efficient"
     if case["backend"] == "torchvision":
-        try:
-            import torchvision
-        except ImportError:
-            raise Unsupported("torchvision not installed") from None
+        torchvision = common.import_torchvision()
+        if torchvision is None:
+            raise Unsupported("torchvision not installed")
         fn = getattr(torchvision.models, case["preset"], None)
         if fn is None:
             raise Unsupported(f"torchvision has no preset {case['preset']!r}")

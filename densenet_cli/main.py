@@ -283,5 +283,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return USAGE
     try:
         return COMMANDS[name][0](rest)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
-        return e.code if isinstance(e.code, int) else USAGE
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2); a message: usage
+        if isinstance(e.code, int) or e.code is None:
+            return e.code or OK
+        _error(str(e.code))
+        return USAGE

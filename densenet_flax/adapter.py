@@ -65,6 +65,22 @@ def _build(config: dict, memory_efficient=False, variant="nnx", seed=0, **_):
                                      name=cfg.name)
 
 
+@functools.lru_cache(maxsize=8)
+def _abstract_parts(config_json: str, memory_efficient: bool):
+    """NNX's model for a configuration, built abstractly once (nnx.eval_shape: the shapes of
+    every variable, no initialiser run; still seconds for the deepest presets)."""
+    import json
+    model = nnx.eval_shape(lambda: _build(json.loads(config_json),
+                                          memory_efficient=memory_efficient))
+    return nnx.split(model)
+
+
+def _abstract(config: dict, memory_efficient: bool = False):
+    """A fresh abstract NNX model (its own Variables) for ``config``."""
+    import json
+    return nnx.merge(*_abstract_parts(json.dumps(config, sort_keys=True), memory_efficient))
+
+
 def _nhwc_shape(shape):
     """Canonical NCHW shape -> Flax's NHWC (other ranks are passed as they are)."""
     shape = tuple(shape)
@@ -121,7 +137,7 @@ def describe(config: dict, batch: int, height: int, width: int, variant: str = "
     stages = []
     if _module(variant) is nnx_model:
         if abstract:
-            model = nnx.eval_shape(lambda: _build(config))
+            model = _abstract(config)
         else:
             model = _build(config)
         model.eval()
@@ -159,14 +175,18 @@ def _error(fn):
 
 
 def input_error(config: dict, shape, variant: str = "nnx"):
-    """Build ``config`` and feed zeros of canonical ``shape`` (as NHWC when 4-D); the error the
-    user sees, or None. NNX: a call in eval mode; linen: ``model.init`` (its first forward)."""
-    shape = _nhwc_shape(shape)
-    model = _build(config, variant=variant)
+    """Build ``config`` and feed an input of canonical ``shape`` (as NHWC when 4-D); the error
+    the user sees, or None. NNX: a call in eval mode; linen: ``model.init`` (its first forward).
+    Evaluated abstractly (shapes only, nothing computed): the model checks its input before it
+    computes anything, and an input it takes is traced through every layer."""
+    x = jax.ShapeDtypeStruct(_nhwc_shape(shape), jnp.float32)
     if variant == "nnx":
+        model = _abstract(config)
         model.eval()
-        return _error(lambda: model(jnp.zeros(shape)))
-    return _error(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+        return _error(lambda: nnx.eval_shape(lambda m, x: m(x), model, x))
+    model = _build(config, variant=variant)
+    return _error(lambda: jax.eval_shape(
+        lambda k, x: model.init(k, x, train=False), jax.random.key(0), x))
 
 
 def layer_error(kind: str, args: list, variant: str = "nnx"):
@@ -230,7 +250,7 @@ def _loaded(config, state, memory_efficient=False, variant="nnx", dtype="float32
     NNX builds abstractly (nnx.eval_shape: no random initialisation, which would compile an
     initialiser per weight shape) unless dropout needs its RNG streams."""
     if variant == "nnx" and not config.get("drop_rate"):
-        model = nnx.eval_shape(lambda: _build(config, memory_efficient=memory_efficient))
+        model = _abstract(config, memory_efficient)
     else:
         model = _build(config, memory_efficient=memory_efficient, variant=variant)
     variables = load_state(model, state, dtype=np.dtype(dtype))

@@ -22,7 +22,6 @@ from collections import OrderedDict
 from typing import Optional, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 import densenet_spec as spec
@@ -127,16 +126,13 @@ def conv_block(num_channels, bn_size=None, drop_rate=0.0, bias=True):
 # nn.remat is jax.checkpoint lifted over modules: the variables go in, the updated batch_stats
 # come out once, from the forward pass; the backward pass only recomputes values for the
 # gradient and has no side effect to repeat, so running statistics get one update per step.
-# The naive mode runs the same checkpointed function saving every intermediate (no
-# recomputation), so the two modes give the same gradients bit for bit (see model.py).
+# The naive mode is the plain call (see model.py).
 # (static_argnums counts the module as argument 0: ``train`` is a Python bool.)
 
 def _first(layer, features, train):
     return layer.first(jnp.concatenate(features, axis=-1), train)
 
 
-_first_saved = nn.remat(_first, static_argnums=(2,),
-                        policy=jax.checkpoint_policies.everything_saveable)
 _first_checkpointed = nn.remat(_first, static_argnums=(2,))  # recomputed in the backward pass
 
 
@@ -166,7 +162,7 @@ class DenseBlock(nn.Module):
 
     def __call__(self, X, train: bool = True):
         features = [X]
-        first = _first_checkpointed if self.memory_efficient else _first_saved
+        first = _first_checkpointed if self.memory_efficient else _first
         for i in range(self.num_convs):
             layer = getattr(self, f"denselayer{i + 1}")
             Y = layer.rest(first(layer, tuple(features), train), train)

@@ -62,8 +62,10 @@ def _nnx_rows(model, input_size, depth):
         model.eval()  # on the copy nnx.eval_shape traces, not on the caller's model
         paths = {id(m): p for p, m in _named_modules(model)}
         classes = {type(m) for _, m in _named_modules(model)}
-        with _recording_calls(classes, lambda m, out: shapes.setdefault(
-                paths[id(m)], tuple(out.shape))):
+        def record(m, out):  # a module copied inside nnx.remat is not the model's: no row
+            if id(m) in paths:
+                shapes.setdefault(paths[id(m)], tuple(out.shape))
+        with _recording_calls(classes, record):
             return model(x)
 
     nnx.eval_shape(run, model, jax.ShapeDtypeStruct(tuple(input_size), jnp.float32))

@@ -83,7 +83,7 @@ class TrainConfig:
         return self
 
 
-class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in the help, except for flags (a '--no-x' flag's default True only confuses)."""
 
     def _get_help_string(self, action):
@@ -96,6 +96,7 @@ def make_parser(prog: str = "densenet train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Train a DenseNet with the book's recipe (d2l.train_ch6: SGD, "
         "Xavier init, cross-entropy) in PyTorch, MXNet Gluon or Flax NNX.",
+        epilog="example:\n  densenet train --backend flax --dataset digits --epochs 10 --out runs/digits-flax",
         formatter_class=_Defaults)
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--preset", default="book", choices=spec.preset_names(),

@@ -5,6 +5,7 @@ DENSENET_REQUIRE_MXNET=1 (CI): there a missing MXNet environment fails the test.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 # XLA on the CPU: compile for compile speed, not run speed. The suite compiles dozens of whole
@@ -19,7 +20,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import pytest
 
 from densenet_parity.backends import (BACKEND_NAMES, MXNET_HINT, ROOT, BackendUnavailable,
-                                   make_backend, mxnet_python)
+                                      make_backend, mxnet_python, process_memory)
 
 #: The suite's time and memory monitor: prints the peak of the whole process tree and the
 #: heaviest tests at the end of every run (parity_tests/suite_monitor.py).
@@ -82,19 +83,22 @@ def backends():
 # The float64 SGD step of a deep preset compiles a program of ~6000 XLA kernels: XLA's compiler
 # needs up to 3 GB for it (DenseNet-264) and the allocator keeps what it freed. Two such steps
 # on the two workers at once, plus everything the workers hold, went past CI's 24 GiB. So:
-# (1) after every test, a process above RELEASE_ABOVE gives memory back (compiled programs,
-#     garbage, freed heap pages), the MXNet worker too;
+# (1) after every test, a worker that holds much gives memory back (freed heap pages; above
+#     RELEASE_ABOVE also compiled programs and garbage), its MXNet worker too;
 # (2) the giants' float64 steps and Flax forwards form one xdist group ("giants"), which runs
 #     on one worker, first (xdist hands out the largest group first), preset by preset, so that
 #     torch's float64 reference is computed once per preset and two giants never coincide;
 # (3) every other preset's float64 steps form a group per preset (one reference each).
 # `make test` runs pytest with `--dist loadgroup`; without xdist the groups change nothing.
 
-#: Give memory back after a test above these (bytes): a pytest worker with torch and JAX loaded
-#: holds ~0.55 GB, an MXNet worker ~0.2 GB; giving back costs JAX's compiled programs, which
-#: the next test (another preset or size) would not reuse anyway. An MXNet worker that stays
-#: above MXNET_RESTART_ABOVE is stopped; the next call starts a fresh one (2 s).
-RELEASE_ABOVE = 1.0e9
+#: After a test a pytest worker above TRIM_ABOVE returns its allocator's freed pages to the
+#: system (malloc_trim: milliseconds); one still above RELEASE_ABOVE also drops what its
+#: frameworks cache (JAX's compiled programs) and collects garbage (a tenth of a second or more:
+#: not after every test). A worker with torch and JAX loaded holds ~0.55 GB, an MXNet worker
+#: ~0.2 GB; an MXNet worker that stays above MXNET_RESTART_ABOVE is stopped (the next call
+#: starts a fresh one, 2 s).
+TRIM_ABOVE = 1.0e9
+RELEASE_ABOVE = 1.5e9
 MXNET_RELEASE_ABOVE = 0.5e9
 MXNET_RESTART_ABOVE = 0.8e9
 GIANTS = ("densenet264", "densenet_bc250", "densenet201", "densenet_bc190", "densenet161",
@@ -129,16 +133,24 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=order)  # stable: everything else keeps its collection order
 
 
+def _trim() -> int:
+    """malloc_trim(0): freed heap pages back to the system; this process's RSS afterwards."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return process_memory(os.getpid())
+
+
 @pytest.fixture(autouse=True)
 def _release_memory():
-    """After each test: every process of this worker that holds more than RELEASE_ABOVE gives
-    memory back (the backends' release_memory: compiled programs, garbage, freed heap)."""
+    """After each test, the processes of this worker give memory back (see TRIM_ABOVE)."""
     yield
     import sys
-    local = [n for n, mod in (("flax-nnx", "jax"), ("torch", "torch")) if mod in sys.modules]
-    if local and get_backend(local[0]).memory() > RELEASE_ABOVE:
-        for name in local:
-            get_backend(name).call("release_memory")
+    if process_memory(os.getpid()) > TRIM_ABOVE and _trim() > RELEASE_ABOVE:
+        for name, module in (("flax-nnx", "jax"), ("torch", "torch")):
+            if module in sys.modules:
+                get_backend(name).call("release_memory")
     mx = _cache.get("mxnet")
     if mx is not None and mx.memory() > MXNET_RELEASE_ABOVE:
         if mx.call("release_memory") > MXNET_RESTART_ABOVE:
@@ -148,25 +160,3 @@ def _release_memory():
 def pytest_sessionfinish(session, exitstatus):
     for b in _cache.values():
         b.close()
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
-def jax_gpu_available() -> bool:
-    try:
-        import jax
-        return any(d.platform == "gpu" for d in jax.devices())
-    except Exception:
-        return False
-
-
-requires_cuda = pytest.mark.skipif(not cuda_available(),
-                                   reason="no NVIDIA GPU: torch.cuda.is_available() is False")
-requires_jax_gpu = pytest.mark.skipif(not jax_gpu_available(),
-                                      reason="no NVIDIA GPU: jax.devices() has no gpu device")

@@ -56,15 +56,23 @@ def test_fast_path_agrees_with_plain(backend, name):
 
 
 def test_bench_quick_writes_results(tmp_path):
-    """The command end to end on the smallest case: one JSON with the documented keys, and the
-    markdown and plot next to it."""
-    out = tmp_path / "quick"
+    """The benchmark command end to end on the smallest case, run as the dry mode of the GPU
+    evidence command (`make gpu`, benchmarks/gpu_check.py: no NVIDIA GPU here) runs it: every
+    dry step passes and the folder's README.md says which; the benchmark's JSON has the
+    documented keys, the markdown and plot are next to it."""
+    out = tmp_path / "gpu"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick", "--backends",
-                           "torch", "--out", str(out)], cwd=str(ROOT), env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--out", str(out)],
+                          cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((tmp_path / "quick.json").read_text())
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("# GPU evidence (dry run on the CPU)")
+    assert "python -m benchmarks.gpu_check --dry --out" in readme
+    assert readme.count("| ok |") == 3 and "FAILED" not in readme and "not run" not in readme
+    tests = (out / "test_gpu.txt").read_text()
+    assert "10 skipped" in tests and "no NVIDIA GPU" in tests
+    assert "All backends agree." in (out / "report_book.txt").read_text()
+    data = json.loads((out / "bench.json").read_text())
     assert {"command", "machine", "settings", "results", "started", "finished"} <= set(data)
     assert data["command"].startswith("python -m benchmarks.bench --quick")
     (r,) = data["results"]
@@ -75,6 +83,6 @@ def test_bench_quick_writes_results(tmp_path):
         assert {"img_s", "runs_img_s", "first_s", "step_s", "memory"} <= set(p)
         assert p["img_s"] > 0 and len(p["runs_img_s"]) == data["settings"]["repeats"]
         assert p["memory"]["rss_peak_bytes"] > 0
-    md = (tmp_path / "quick.md").read_text()
+    md = (out / "bench.md").read_text()
     assert data["command"] in md and "(a) Backends" in md
-    assert (tmp_path / "quick.png").stat().st_size > 10_000
+    assert (out / "bench.png").stat().st_size > 10_000

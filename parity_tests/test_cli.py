@@ -1,0 +1,98 @@
+"""The ``densenet`` command: every subcommand has --help with an example; exit status 0 ok,
+1 a mismatch or a failure, 2 a usage error; the parity report (the README's main job) and the
+summary in every backend."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import densenet_spec as spec
+from densenet_cli.main import COMMANDS
+from densenet_parity.backends import ROOT
+from parity_tests.conftest import cli_env, need_mxnet
+
+
+def densenet(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "densenet_cli", *map(str, args)], cwd=ROOT,
+                          env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_command_lists_its_subcommands():
+    r = densenet("--help")
+    assert r.returncode == 0
+    for name in ("report", "convert", "summary", "check", "train", "bench"):
+        assert f"  {name} " in r.stdout
+    assert densenet().returncode == 2
+    r = densenet("frobnicate")
+    assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_subcommand_has_help_with_an_example(name):
+    r = densenet(name, "--help")
+    assert r.returncode == 0, r.stderr
+    assert f"densenet {name}" in r.stdout and "example:" in r.stdout
+
+
+def test_the_parity_report(tmp_path):
+    """The README's main job, by its own command (torch and both Flax variants here; every
+    backend's numbers are test_numeric.py's): structure and numbers agree, exit 0, the JSON
+    carries what the text shows."""
+    out = tmp_path / "r.json"
+    r = densenet("report", "--preset", "book", "--size", "32", "--backends",
+                 "torch,flax-nnx,flax-linen", "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "All backends agree." in r.stdout
+    rows = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("stem", "total"))]
+    assert rows[0][0] == "stem" and rows[0][-1] == "ok" and rows[1][-1] == "ok"
+    data = json.loads(out.read_text())
+    assert data["exit_code"] == 0 and set(data["numbers"]) == {"flax-nnx", "flax-linen"}
+    assert data["backends"]["torch"]["describe"]["params"] == 758_226
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--preset", "densenet122"), "unknown DenseNet preset 'densenet122'"),
+    (("--size", "28"), "28x28 is too small"),
+    (("--backends", "torch,caffe"), "unknown backend 'caffe'")])
+def test_report_usage_errors(args, words):
+    r = densenet("report", *args)
+    assert r.returncode == 2 and words in r.stderr, r.stderr
+
+
+def test_report_exits_1_when_a_backend_cannot_run(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "densenet_cli", "report", "--size", "32",
+                        "--backends", "torch,mxnet", "--no-numeric"], cwd=ROOT,
+                       env=cli_env(DENSENET_MXNET_PYTHON=str(tmp_path / "none")),
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "UNAVAILABLE" in r.stdout and "make mxnet-env" in r.stdout
+
+
+@pytest.mark.parametrize("backend", ["torch", "mxnet", "flax-nnx", "flax-linen"])
+def test_summary_in_every_backend(backend):
+    if backend == "mxnet":
+        need_mxnet()
+    r = densenet("summary", "--backend", backend, "--preset", "book", "--size", "32")
+    assert r.returncode == 0, r.stderr
+    assert "Total params: 758,226" in r.stdout and "BatchNorm state (running mean + var): 6,608" \
+        in r.stdout
+    assert ("[1, 1, 1, 248]" in r.stdout) == backend.startswith("flax")  # NHWC in Flax
+
+
+def test_convert_usage_errors(tmp_path):
+    r = densenet("convert", tmp_path / "missing.pth", tmp_path / "o.safetensors")
+    assert r.returncode == 2 and "no such file" in r.stderr
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not weights")
+    r = densenet("convert", junk, tmp_path / "o.safetensors")
+    assert r.returncode == 2 and "unknown format" in r.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_train_usage_error_and_bench_help():
+    r = densenet("train", "--epochs", "0")
+    assert r.returncode == 2 and "--epochs must be positive" in r.stderr
+    r = densenet("bench", "--help")
+    assert r.returncode == 0 and "python -m benchmarks.bench" in r.stdout
