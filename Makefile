@@ -46,11 +46,11 @@ report: envs
 	$(VENV)/bin/densenet report --preset $(PRESET) --size $(SIZE)
 
 # Two pytest workers on two cores, one thread each: OpenMP threads that contend spin, and
-# pinned to one the suite ran in 0.6 of the time. --dist loadgroup keeps the memory-heavy
-# tests on one worker (parity_tests/conftest.py).
+# pinned to one the suite ran in 0.9 of the time. --dist loadgroup keeps the memory-heavy
+# tests on one worker, --no-loadscope-reorder hands out work in the order conftest.py sets.
 test: envs
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 DENSENET_MXNET_PYTHON=$(CURDIR)/$(MXVENV)/bin/python \
-	    $(VENV)/bin/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	    $(VENV)/bin/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 gpu:
 	$(GPU_PYTHON) -m benchmarks.gpu_check --out $(OUT)

@@ -9,7 +9,9 @@ both models see the same load. Before timing, the outputs (eval) and the loss an
 (train) are checked to be the same function.
 
 Layouts: NCHW (contiguous) and channels_last (our default on the CPU). Phases: eval (forward,
-no_grad) and train (forward, cross-entropy, backward, SGD step).
+no_grad) and train (forward, cross-entropy, backward, SGD step). A third contender, ours with
+its ReLUs out of place (as before 2026-11-24: ``nn.ReLU()`` and ``F.relu(x)``), shows what
+torchvision's one structural difference, in-place ReLUs, was worth in the same run.
 
 Writes <out>.json and <out>.md with the command and the machine. torchvision from PyPI is a
 CUDA build: common.import_torchvision imports it beside the CPU build of torch.
@@ -32,6 +34,8 @@ import torch
 
 from benchmarks import common
 
+OLD = "ours, ReLU out of place"
+
 
 def step_fn(model, x, labels, phase):
     if phase == "eval":
@@ -46,6 +50,18 @@ def step_fn(model, x, labels, phase):
         torch.nn.functional.cross_entropy(model(x), labels).backward()
         opt.step()
     return step
+
+
+def relu_out_of_place(model):
+    """A copy of our model whose ReLUs write new tensors (the module ReLUs and the head's)."""
+    import copy
+    import torch.nn.functional as F
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.ReLU):
+            mod.inplace = False
+    m._head = lambda X: m.classifier(torch.flatten(F.adaptive_avg_pool2d(F.relu(X), 1), 1))
+    return m
 
 
 def same_function(ours, tv, x, labels) -> dict:
@@ -94,19 +110,21 @@ def main(argv=None) -> int:
     x = torch.randn(args.batch, 3, args.size, args.size)
     labels = torch.randint(0, 1000, (args.batch,))
     check = same_function(ours, tv, x, labels)
+    old = relu_out_of_place(ours)
+    contenders = (("ours", ours), (OLD, old), ("torchvision", tv))
     results = []
     for layout in ("NCHW", "channels_last"):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         xs = x.contiguous(memory_format=fmt)
         for phase in ("eval", "train"):
             steps = {}
-            for name, m in (("ours", ours), ("torchvision", tv)):
+            for name, m in contenders:
                 m.to(memory_format=fmt).train(phase == "train")
                 steps[name] = step_fn(m, xs, labels, phase)
                 steps[name]()  # warm-up
-            times = {"ours": [], "torchvision": []}
+            times = {name: [] for name, _ in contenders}
             for _ in range(args.rounds):
-                for name in ("ours", "torchvision"):
+                for name, _ in contenders:
                     t0 = time.perf_counter()
                     for _ in range(args.iters):
                         steps[name]()
@@ -114,10 +132,12 @@ def main(argv=None) -> int:
             med = {k: statistics.median(v) for k, v in times.items()}
             results.append({"layout": layout, "phase": phase, "ours_s": med["ours"],
                             "torchvision_s": med["torchvision"],
-                            "ratio": med["ours"] / med["torchvision"], "rounds": times})
+                            "ratio": med["ours"] / med["torchvision"],
+                            "old_s": med[OLD], "old_ratio": med[OLD] / med["torchvision"],
+                            "rounds": times})
             print(f"{layout:14s} {phase:5s} ours {med['ours']:.3f} s  torchvision "
-                  f"{med['torchvision']:.3f} s  ratio {med['ours'] / med['torchvision']:.3f}",
-                  flush=True)
+                  f"{med['torchvision']:.3f} s  ratio {med['ours'] / med['torchvision']:.3f}  "
+                  f"(ReLU out of place: {med[OLD] / med['torchvision']:.3f})", flush=True)
     command = "python -m benchmarks.vs_torchvision " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
     data = {"command": command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "machine": common.machine(), "settings": vars(args),
@@ -134,11 +154,12 @@ def main(argv=None) -> int:
                  f"rounds of {args.iters} steps in one process.", "",
                  f"Same function first: logits differ by {check['eval_rel']:.1e}, gradients by "
                  f"{check['grad_rel']:.1e} (relative).", "",
-                 "| layout | phase | ours (s/step) | torchvision (s/step) | ours / torchvision |",
-                 "| --- | --- | ---: | ---: | ---: |"]
+                 "| layout | phase | ours (s/step) | torchvision (s/step) | ours / torchvision "
+                 "| ours, ReLU out of place / torchvision |",
+                 "| --- | --- | ---: | ---: | ---: | ---: |"]
         for r in results:
             lines.append(f"| {r['layout']} | {r['phase']} | {r['ours_s']:.3f} | "
-                         f"{r['torchvision_s']:.3f} | {r['ratio']:.3f} |")
+                         f"{r['torchvision_s']:.3f} | **{r['ratio']:.3f}** | {r['old_ratio']:.3f} |")
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
         print(f"wrote {out}.md, {out}.json")
     return 0

@@ -285,7 +285,7 @@ def model_run(model, x, labels=None, modules=(), train: bool = False, dtype: str
 
     def hook(name):
         def record(mod, inp, out):  # returns None: the output goes on unchanged
-            captured.setdefault(name, out.detach())
+            captured.setdefault(name, out.detach().clone())  # an in-place ReLU may follow
         return record
     for name in modules:
         hooks.append(m.get_submodule(name).register_forward_hook(hook(name)))

@@ -36,15 +36,15 @@ def conv_block(input_channels, num_channels, bn_size=None, drop_rate=0.0, bias=T
     layers = OrderedDict()
     if bn_size is None:
         layers["norm1"] = _batch_norm(input_channels)
-        layers["relu1"] = nn.ReLU()
+        layers["relu1"] = nn.ReLU(inplace=True)
         layers["conv1"] = nn.Conv2d(input_channels, num_channels, kernel_size=3, padding=1, bias=bias)
     else:
         width = bn_size * num_channels
         layers["norm1"] = _batch_norm(input_channels)
-        layers["relu1"] = nn.ReLU()
+        layers["relu1"] = nn.ReLU(inplace=True)
         layers["conv1"] = nn.Conv2d(input_channels, width, kernel_size=1, bias=bias)
         layers["norm2"] = _batch_norm(width)
-        layers["relu2"] = nn.ReLU()
+        layers["relu2"] = nn.ReLU(inplace=True)
         layers["conv2"] = nn.Conv2d(width, num_channels, kernel_size=3, padding=1, bias=bias)
     if drop_rate:
         layers["drop"] = nn.Dropout(drop_rate)
@@ -122,7 +122,7 @@ def transition_block(input_channels, num_channels, bias=True):
     spec.check_layer_args(input_channels=input_channels, num_channels=num_channels)
     return nn.Sequential(OrderedDict([
         ("norm", _batch_norm(input_channels)),
-        ("relu", nn.ReLU()),
+        ("relu", nn.ReLU(inplace=True)),
         ("conv", nn.Conv2d(input_channels, num_channels, kernel_size=1, bias=bias)),
         ("pool", nn.AvgPool2d(kernel_size=2, stride=2)),
     ]))
@@ -149,7 +149,7 @@ class DenseNet(nn.Module):
             stem = [("conv0", nn.Conv2d(cfg.in_channels, c, kernel_size=7, stride=2, padding=3,
                                         bias=cfg.conv_bias)),
                     ("norm0", _batch_norm(c)),
-                    ("relu0", nn.ReLU()),
+                    ("relu0", nn.ReLU(inplace=True)),
                     ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))]
         else:
             stem = [("conv0", nn.Conv2d(cfg.in_channels, c, kernel_size=3, padding=1,
@@ -201,7 +201,7 @@ class DenseNet(nn.Module):
 
     def _head(self, X):
         """ReLU - global average pooling - dense, on the final BatchNorm's output."""
-        X = torch.flatten(F.adaptive_avg_pool2d(F.relu(X), 1), 1)
+        X = torch.flatten(F.adaptive_avg_pool2d(F.relu(X, inplace=True), 1), 1)
         return self.classifier(X)
 
     def forward(self, X):

@@ -88,8 +88,12 @@ def backends():
 # (2) the giants' float64 steps and Flax forwards form one xdist group ("giants"), which runs
 #     on one worker, first (xdist hands out the largest group first), preset by preset, so that
 #     torch's float64 reference is computed once per preset and two giants never coincide;
-# (3) every other preset's float64 steps form a group per preset (one reference each).
-# `make test` runs pytest with `--dist loadgroup`; without xdist the groups change nothing.
+# (3) every other preset's float64 steps form a group per preset (one reference each);
+# (4) the order of the run is: the giants, light tests, heavy tests (HEAVY_MODULES and the groups
+#     of (3), up to ~3.5 GB a test), so that while one worker runs the giants' heaviest steps
+#     (DenseNet-264, -BC-250: up to 4.6 GB) the other runs light ones.
+# `make test` runs pytest with `--dist loadgroup --no-loadscope-reorder` (xdist hands out work
+# in this order, not largest group first); without xdist the groups change nothing.
 
 #: After a test a pytest worker above TRIM_ABOVE returns its allocator's freed pages to the
 #: system (malloc_trim: milliseconds); one still above RELEASE_ABOVE also drops what its
@@ -103,6 +107,11 @@ MXNET_RELEASE_ABOVE = 0.5e9
 MXNET_RESTART_ABOVE = 0.8e9
 GIANTS = ("densenet264", "densenet_bc250", "densenet201", "densenet_bc190", "densenet161",
           "densenet169")
+#: Modules whose tests build, train or convert whole models (1.5 to 3.5 GB a test; the profile
+#: in docs/performance/test-suite.md): run after the light ones.
+HEAVY_MODULES = ("parity_tests/test_memory_efficient.py", "parity_tests/test_benchmarks.py",
+                 "parity_tests/test_convert.py", "parity_tests/test_train.py",
+                 "parity_tests/test_check.py", "parity_tests/test_cli.py")
 _STEP = "test_gradients_and_one_sgd_step"
 _FORWARD = "test_eval_forward_every_stage"
 
@@ -120,17 +129,43 @@ def _group(item):
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     def order(item):
         g = _group(item)
-        if g != "giants":
-            return (1, 0, "")
-        return (0, GIANTS.index(item.callspec.params["name"]), item.originalname != _STEP)
+        if g == "giants":
+            return (0, GIANTS.index(item.callspec.params["name"]), item.originalname != _STEP)
+        heavy = g is not None or item.nodeid.split("::")[0] in HEAVY_MODULES
+        return (2 if heavy else 1, 0, False)
     for item in items:
         g = _group(item)
         if g:
             item.add_marker(pytest.mark.xdist_group(g))
     items.sort(key=order)  # stable: everything else keeps its collection order
+
+
+_GROUPS_LOST: list = []
+
+
+def pytest_collection_finish(session):
+    """Under ``--dist loadgroup`` every grouped test's node id must carry its group (pytest-xdist
+    appends ``@group``); where a pytest and pytest-xdist pair loses it (pytest 9.2 with xdist
+    3.8), the groups vanish and two giants can run at once: each grouped test then fails with
+    the reason (a worker that stopped collection would leave only an INTERNALERROR)."""
+    if getattr(session.config.option, "loadgroup", False):
+        _GROUPS_LOST[:] = [i.nodeid for i in session.items
+                           if any(True for _ in i.iter_markers("xdist_group"))
+                           and "@" not in i.nodeid]
+
+
+@pytest.fixture(autouse=True)
+def _groups_in_effect(request):
+    if _GROUPS_LOST and request.node.nodeid in _GROUPS_LOST:
+        import xdist
+        pytest.fail(f"--dist loadgroup did not take effect: pytest {pytest.__version__} with "
+                    f"pytest-xdist {xdist.__version__} left {len(_GROUPS_LOST)} grouped tests "
+                    "without their group, so the memory-heavy ones could run at once; install "
+                    "the versions pinned in constraints.txt", pytrace=False)
 
 
 def _trim() -> int:

@@ -190,6 +190,10 @@ class Monitor:
         t = self.tests.setdefault(report.nodeid, {"seconds": 0.0, "peak_bytes": 0,
                                                   "outcome": "passed"})
         t["seconds"] += report.duration
+        start, stop = getattr(report, "start", None), getattr(report, "stop", None)
+        if start is not None and stop is not None:  # epoch seconds (pytest >= 7.1)
+            t["start"] = min(t.get("start", start), start)
+            t["stop"] = max(t.get("stop", stop), stop)
         if report.failed:
             t["outcome"] = "failed"
         elif report.skipped and t["outcome"] == "passed":
@@ -208,8 +212,11 @@ class Monitor:
             m["seconds"] += t["seconds"]
             m["peak_bytes"] = max(m["peak_bytes"], t["peak_bytes"])
             m["tests"] += 1
+        peak_epoch = self.started + s.peak_at
+        running = sorted(n for n, t in self.tests.items()
+                         if t.get("start", 1e300) <= peak_epoch <= t.get("stop", -1) + 0.5)
         return {
-            "peak_bytes": s.peak, "peak_at_seconds": round(s.peak_at, 1),
+            "peak_bytes": s.peak, "running_at_peak": running, "peak_at_seconds": round(s.peak_at, 1),
             "wall_seconds": round(time.time() - self.started, 1),
             "interval_seconds": s.interval, "samples": s.samples,
             "measure": "RSS summed over the process tree",
@@ -248,6 +255,8 @@ class Monitor:
                       "at the peak:")
         for p in prof["peak_processes"][:6]:
             tr.write_line(f"  {p['bytes'] / GB:6.2f} GB  pid {p['pid']:<7} {p['command']}")
+        for nodeid in prof["running_at_peak"]:
+            tr.write_line(f"  running: {nodeid}")
         tr.write_line("heaviest tests by memory (peak of the tree of the process that ran it):")
         for nodeid, t in _top(prof["tests"], "peak_bytes", 5):
             tr.write_line(f"  {t['peak_bytes'] / GB:6.2f} GB  {t['seconds']:6.1f} s  {nodeid}")
