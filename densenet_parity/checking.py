@@ -198,13 +198,15 @@ class Report:
         rows = []
         for r in self.rows:
             rows.append([r["stage"], _n(r["spec_params"]), _n(r["spec_state"]),
-                         _n(r["params"]), _n(r["state"]), "ok" if r["ok"] else "DIFFERENT"])
+                         _n(r["params"]), _n(r["state"]),
+                         "ok" if r["ok"] else "not matched" if r["params"] is None else "DIFFERENT"])
         t = self.totals
         rows.append(["total", _n(t["spec_params"]), _n(t["spec_state"]), _n(t["params"]),
                      _n(t["state"]), "ok" if t["ok"] else "DIFFERENT"])
         lines.append(table(["stage", "spec params", "spec BN", "model params", "model BN", "verdict"],
                            rows, "Structure (trainable parameters, BatchNorm running mean+var "
-                                 "values; the model's counted from its own tensors)"))
+                                 "values; the model's counted from its own tensors; '-': not "
+                                 "matched, after the first difference)"))
         if self.output_shape is not None:
             lines.append(f"output shape {list(self.output_shape)} (expected "
                          f"[{self.input_shape[0]}, {self.config['num_classes']}])")
@@ -392,10 +394,12 @@ def _structure_rows(config, match_, tensors):
             counts[spec.stage_of(inverse[name])][1 if is_stat else 0] += n
     rows = []
     diff_stage = match_.difference.stage if match_.difference else None
+    after = False  # matching stops at the first difference: later stages are not matched
     for stage, sp, sb in spec.stage_counts(config):
-        mp, mb = counts[stage]
+        mp, mb = (None, None) if after else counts[stage]
         rows.append({"stage": stage, "spec_params": sp, "spec_state": sb, "params": mp,
                      "state": mb, "ok": (mp, mb) == (sp, sb) and stage != diff_stage})
+        after = after or stage == diff_stage
     tp, ts = spec.total_counts(config)
     totals = {"spec_params": tp, "spec_state": ts, "params": params, "state": state,
               "ok": (params, state) == (tp, ts)}

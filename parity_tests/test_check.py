@@ -155,6 +155,12 @@ def test_a_porting_bug_is_named_where_it_is(framework, module, fn, size, where, 
     if where == "structure":
         assert r.structure and f"first difference at {cmod} ({stage})" in r.structure, text
         assert words in (r.cause or ""), text
+        # the stage of the difference and the ones before it are counted; later ones, which
+        # matching never reached, say so instead of showing a count of zero
+        at = [row["stage"] for row in r.rows].index(stage)
+        assert all(row["params"] is not None for row in r.rows[:at + 1]), text
+        assert all(row["params"] is None and not row["ok"] for row in r.rows[at + 1:]), text
+        assert (not r.rows[at + 1:]) or "not matched" in text, text
     else:
         assert r.first and (r.first["mode"], r.first["module"], r.first["stage"]) == \
             (where, cmod, stage), text
