@@ -10,7 +10,8 @@ every test's time and its process tree's peak memory), then writes
                by time; the run's wall time and peak
 
 ``--from PROFILE.json`` formats a profile written earlier (``make test
-PYTEST_ARGS=--suite-profile=PROFILE.json``) instead of running the suite.
+PYTEST_ARGS=--suite-profile=PROFILE.json``, or ``DENSENET_SUITE_PROFILE=PROFILE.json bash
+.ci/run``) instead of running the suite; ``--ran`` says what wrote it.
 
     python -m benchmarks.suite_profile --out docs/performance/test-suite
 """
@@ -46,16 +47,23 @@ def _gb(b):
 
 def render(prof: dict, meta: dict) -> str:
     m = meta["machine"]
+    status = meta["run"].get("exit_status")
+    outcomes: dict = {}
+    for t in prof["tests"].values():
+        outcomes[t["outcome"]] = outcomes.get(t["outcome"], 0) + 1
     lines = ["# The test suite: where time and memory go", "",
-             f"Made by `{meta['made_by']}` on {meta['date']}: {meta['run']['command']} "
-             f"(exit status {meta['run'].get('exit_status', '?')}), on {m['cpu']}, "
-             f"{m['cores']} cores, {m['memory_gb']:.0f} GB memory, no GPU.", "",
+             f"Made by `{meta['made_by']}` on {meta['date']}: {meta['run']['command']}"
+             + (f" (exit status {status})" if status is not None else "")
+             + f", on {m['cpu']}, {m['cores']} cores, {m['memory_gb']:.0f} GB memory, no GPU. "
+             + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) + ".", "",
              f"- wall time of the run: **{prof['wall_seconds'] / 60:.1f} min** (budget 15)",
              f"- peak memory of all its processes: **{_gb(prof['peak_bytes'])} GB** (budget 8; "
              f"{prof['measure']}, sampled every {prof['interval_seconds']} s), at "
              f"{prof['peak_at_seconds'] / 60:.1f} min:"]
     for p in prof["peak_processes"][:6]:
         lines.append(f"  - {_gb(p['bytes'])} GB: {p['command']}")
+    for nodeid in prof.get("running_at_peak", []):
+        lines.append(f"  - running then: `{nodeid.split('/')[-1]}`")
     lines += ["", "Per test module. Test seconds are summed over the two workers (the wall time "
               "is about half their total); a test's memory is the peak of the process tree that "
               "ran it (its pytest worker, that worker's MXNet worker, its subprocesses), so it "
@@ -85,11 +93,14 @@ def main(argv=None) -> int:
                     help="path without suffix for the .json and .md")
     ap.add_argument("--from", dest="source", metavar="PROFILE",
                     help="a profile written earlier, instead of running the suite")
+    ap.add_argument("--ran", metavar="TEXT", default="make test (an earlier run)",
+                    help="with --from: the command that wrote the profile, for the table's "
+                         "header (e.g. 'bash .ci/run on a fresh clone of 7caa31c')")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.source:
-        prof_path, run = Path(args.source), {"command": "make test (an earlier run)"}
+        prof_path, run = Path(args.source), {"command": args.ran}
     else:
         prof_path = out.with_suffix(".json")
         run = run_suite(prof_path)

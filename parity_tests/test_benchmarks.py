@@ -86,3 +86,41 @@ def test_bench_quick_writes_results(tmp_path):
     md = (out / "bench.md").read_text()
     assert data["command"] in md and "(a) Backends" in md
     assert (out / "bench.png").stat().st_size > 10_000
+
+
+def test_suite_profile_formats_what_the_monitor_wrote(tmp_path):
+    """benchmarks.suite_profile --from: the table of docs/performance/test-suite.md from a
+    profile in the monitor's format (parity_tests/suite_monitor.py): per module the summed
+    seconds and the heaviest test's peak, the tests running at the peak, the heaviest and
+    slowest tests, the outcomes."""
+    from benchmarks import suite_profile
+    from parity_tests.suite_monitor import GB
+    tests = {
+        "parity_tests/test_a.py::test_big@giants": {"seconds": 30.0, "peak_bytes": int(4.5 * GB),
+                                                   "outcome": "passed"},
+        "parity_tests/test_a.py::test_small": {"seconds": 1.0, "peak_bytes": int(1.0 * GB),
+                                               "outcome": "passed"},
+        "parity_tests/test_b.py::test_slow": {"seconds": 50.0, "peak_bytes": int(2.0 * GB),
+                                              "outcome": "skipped"},
+    }
+    modules = {"parity_tests/test_a.py": {"seconds": 31.0, "peak_bytes": int(4.5 * GB), "tests": 2},
+               "parity_tests/test_b.py": {"seconds": 50.0, "peak_bytes": int(2.0 * GB), "tests": 1}}
+    prof = {"peak_bytes": int(6.25 * GB), "peak_at_seconds": 90.0, "wall_seconds": 300.0,
+            "interval_seconds": 0.2, "samples": 1500, "measure": "RSS summed over the process tree",
+            "running_at_peak": ["parity_tests/test_a.py::test_big@giants"],
+            "peak_processes": [{"pid": 1, "bytes": int(4.5 * GB), "command": "pytest-xdist worker"}],
+            "limit_gb": None, "tests": tests, "modules": modules}
+    src = tmp_path / "profile.json"
+    src.write_text(json.dumps(prof))
+    out = tmp_path / "suite"
+    assert suite_profile.main(["--from", str(src), "--ran", "bash .ci/run", "--out", str(out)]) == 0
+    md = (out.with_suffix(".md")).read_text()
+    assert "bash .ci/run" in md and "2 passed, 1 skipped" in md
+    assert "**5.0 min**" in md and "**6.25 GB**" in md and "at 1.5 min" in md
+    assert "running then: `test_a.py::test_big@giants`" in md
+    rows = [line for line in md.splitlines() if line.startswith("| `test_")]
+    assert rows[0].startswith("| `test_b.py` | 1 | 50 | 62% | 2.00 |"), rows  # most seconds first
+    assert rows[1].startswith("| `test_a.py` | 2 | 31 | 38% | 4.50 | `test_big@giants` (30 s)"), rows
+    heaviest = md.split("## The five heaviest tests by memory")[1].splitlines()[4]
+    assert heaviest.startswith("| `test_a.py::test_big@giants` | 30.0 | 4.50 |"), heaviest
+    assert json.loads(out.with_suffix(".json").read_text())["meta"]["run"]["command"] == "bash .ci/run"
