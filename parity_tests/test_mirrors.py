@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRRORS = ("torch", "mxnet", "flax")
-FILES = ("__init__.py", "model.py", "state.py", "adapter.py", "summary.py", "train.py")
+FILES = ("__init__.py", "model.py", "state.py", "adapter.py", "summary.py", "train.py",
+         "parallel.py")
 #: Files one mirror has beyond the shared ones.
 EXTRA_FILES = {
     "mxnet": {"worker.py": "serves the adapter in the MXNet environment"},

@@ -1,0 +1,166 @@
+"""Data parallelism in JAX: one SGD step of a DenseNet over N devices, on JAX's own engine.
+
+Same functions, same order, same options as densenet_torch/parallel.py and
+densenet_mxnet/parallel.py. What BatchNorm does there (docs/data_parallel.md):
+
+- ``sync_bn=True``: one jitted step over a batch sharded along a device mesh (jax.sharding).
+  XLA partitions the program and all-reduces what needs all-reducing: BatchNorm sees the
+  *global* batch, so the step is the single-device step on the global batch.
+- ``sync_bn=False``: the per-device step of ``shard_map``: each device normalises its own
+  share with its own moments; the gradients and the updated running statistics are averaged
+  over the devices (``lax.pmean``, as Flax's ImageNet example averages ``batch_stats``).
+
+On a CPU JAX has one device unless ``--xla_force_host_platform_device_count`` is set before it
+starts, so ``data_parallel_step`` runs the step in a child process with N host devices when
+this process has fewer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+BACKEND = "flax"
+
+
+def batchnorm_semantics(sync_bn: bool = False) -> str:
+    """In words: what BatchNorm computes in this framework's data-parallel step."""
+    if sync_bn:
+        return ("jit over a batch-sharded mesh: the global batch's moments (XLA all-reduces "
+                "them); running statistics updated once from them")
+    return ("shard_map: each device's own moments; gradients and updated running statistics "
+            "averaged over the devices (lax.pmean)")
+
+
+def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
+                       sync_bn: bool = False, lr: float = 0.1, dtype: str = "float64",
+                       variant: str = "nnx") -> dict:
+    """One SGD step (lr ``lr``) of the NNX or linen DenseNet on ``devices`` devices, the global
+    batch ``x`` (canonical NCHW) split evenly: the mean loss and the new canonical state."""
+    if variant not in ("nnx", "linen"):
+        raise ValueError(f"variant must be 'nnx' or 'linen', got {variant!r}")
+    _check_split(len(x), devices)
+    import jax
+    if jax.device_count() >= devices:
+        return _step(config, state, np.asarray(x), np.asarray(labels), devices, sync_bn, lr,
+                     dtype, variant)
+    if jax.default_backend() != "cpu":
+        raise ValueError(f"--devices {devices}: JAX sees {jax.device_count()} "
+                         f"{jax.default_backend()} device(s)")
+    return _in_child(config, state, x, labels, devices, sync_bn, lr, dtype, variant)
+
+
+def _check_split(batch: int, devices: int) -> None:
+    if devices < 1:
+        raise ValueError(f"devices must be at least 1, got {devices}")
+    if batch % devices:
+        raise ValueError(f"a batch of {batch} does not split evenly over {devices} devices")
+
+
+def _step(config, state, x, labels, devices, sync_bn, lr, dtype, variant):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from flax import nnx
+
+    from densenet_flax import adapter
+    from densenet_flax.state import export_state
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+    with adapter._numerics(dtype):
+        xs, ys = adapter._nhwc(x, dtype), jnp.asarray(labels, jnp.int32)
+        if variant == "nnx":
+            model = adapter._loaded(config, state, dtype=dtype)
+            model.train()
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+            def loss_of(params, rest, xb, yb):
+                def loss_fn(p):
+                    m = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, rest))
+                    return adapter._loss(m(xb), yb), nnx.state(m, nnx.BatchStat)
+                return loss_fn
+        else:
+            model, variables = adapter._loaded(config, state, variant="linen", dtype=dtype)
+            params, rest = variables["params"], variables["batch_stats"]
+
+            def loss_of(params, batch_stats, xb, yb):
+                return adapter._linen_loss(model, batch_stats, xb, yb)
+
+        def local(params, rest, xb, yb):
+            (loss, stats), grads = jax.value_and_grad(loss_of(params, rest, xb, yb),
+                                                      has_aux=True)(params)
+            return loss, grads, stats
+
+        if sync_bn:
+            batch = NamedSharding(mesh, P("data"))
+            xs, ys = jax.device_put(xs, batch), jax.device_put(ys, batch)
+            fn = local
+        else:
+            def per_device(params, rest, xb, yb):
+                # The loss is the devices' mean (pmean) inside the differentiated function:
+                # shard_map's autodiff then gives the mean gradient for the replicated
+                # parameters (it sums over devices where a replicated value meets per-device
+                # ones); the running statistics are averaged explicitly.
+                def mean_loss(p):
+                    loss, stats = loss_of(params, rest, xb, yb)(p)
+                    return jax.lax.pmean(loss, "data"), stats
+                (loss, stats), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+                return loss, grads, jax.tree.map(lambda t: jax.lax.pmean(t, "data"), stats)
+            fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+                               out_specs=(P(), P(), P()))
+        loss, grads, stats = jax.jit(fn)(params, rest, xs, ys)
+        params = adapter._sgd(params, grads, lr)
+        if variant == "nnx":
+            nnx.update(model, params, stats)
+            arrays = export_state(model, dtype=dtype)
+        else:
+            arrays = export_state(model, {"params": params, "batch_stats": stats}, dtype=dtype)
+    return {"loss": float(loss), "arrays": arrays, "devices": devices,
+            "semantics": batchnorm_semantics(sync_bn)}
+
+
+def _in_child(config, state, x, labels, devices, sync_bn, lr, dtype, variant):
+    """The step in a child process with ``devices`` host devices (JAX fixes its device count
+    when it starts); arrays travel as .npz files, never pickles."""
+    with tempfile.TemporaryDirectory() as d:
+        np.savez(Path(d) / "in.npz", x=np.asarray(x), labels=np.asarray(labels),
+                 **{"state/" + k: v for k, v in state.items()})
+        (Path(d) / "in.json").write_text(json.dumps(
+            {"config": config, "devices": devices, "sync_bn": sync_bn, "lr": lr, "dtype": dtype,
+             "variant": variant}))
+        flags = os.environ.get("XLA_FLAGS", "")
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
+        proc = subprocess.run([sys.executable, "-m", "densenet_flax.parallel", d], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the {devices}-device JAX step failed:\n{proc.stderr[-3000:]}")
+        return _read_result(Path(d))
+
+
+def _read_result(d: Path) -> dict:
+    out = json.loads((d / "out.json").read_text())
+    with np.load(d / "out.npz", allow_pickle=False) as f:
+        out["arrays"] = {k: f[k] for k in f.files}
+    return out
+
+
+def _child(d: str) -> None:
+    d = Path(d)
+    args = json.loads((d / "in.json").read_text())
+    with np.load(d / "in.npz", allow_pickle=False) as f:
+        state = {k[len("state/"):]: f[k] for k in f.files if k.startswith("state/")}
+        x, labels = f["x"], f["labels"]
+    out = _step(args["config"], state, x, labels, args["devices"], args["sync_bn"], args["lr"],
+                args["dtype"], args["variant"])
+    np.savez(d / "out.npz", **out.pop("arrays"))
+    (d / "out.json").write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])

@@ -1,0 +1,123 @@
+"""Data parallelism in PyTorch: one SGD step of a DenseNet over N processes, on PyTorch's own
+engine: DistributedDataParallel, launched by ``torchrun`` (gloo on the CPU, NCCL on GPUs).
+
+Same functions, same order, same options as densenet_mxnet/parallel.py and
+densenet_flax/parallel.py. What BatchNorm does there (docs/data_parallel.md):
+
+- ``sync_bn=False`` (DDP's default): each process normalises its own share with its own
+  moments and updates its own running statistics; DDP averages the gradients, and by default
+  (``broadcast_buffers=True``) copies rank 0's buffers to every rank at the start of each
+  forward pass, so the model that rank 0 saves carries the statistics of rank 0's share.
+- ``sync_bn=True``: ``nn.SyncBatchNorm.convert_sync_batchnorm``: the moments of the whole
+  process group. PyTorch implements it for GPUs only (its CPU forward raises, and its kernels
+  have no CPU version in torch 2.13): on a CPU this is a clear error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+BACKEND = "torch"
+
+
+def batchnorm_semantics(sync_bn: bool = False) -> str:
+    """In words: what BatchNorm computes in this framework's data-parallel step."""
+    if sync_bn:
+        return ("SyncBatchNorm: the moments of the whole process group; running statistics "
+                "updated once from them (GPUs only)")
+    return ("DDP's default: each process's own moments and running statistics; gradients "
+            "averaged; rank 0's buffers broadcast at each forward (saved: rank 0's)")
+
+
+def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
+                       sync_bn: bool = False, lr: float = 0.1, dtype: str = "float64") -> dict:
+    """One SGD step (lr ``lr``) of the DenseNet in ``devices`` DDP processes started by
+    torchrun, the global batch ``x`` (canonical NCHW) split evenly: the mean loss and the new
+    canonical state as rank 0 has it."""
+    import torch
+    _check_split(len(x), devices)
+    gpus = torch.cuda.device_count()
+    if sync_bn and gpus < devices:
+        raise ValueError(f"--sync-bn with {devices} devices: PyTorch's SyncBatchNorm runs on "
+                         f"GPUs only (one per process), and this machine has {gpus}")
+    with tempfile.TemporaryDirectory() as d:
+        np.savez(Path(d) / "in.npz", x=np.asarray(x), labels=np.asarray(labels),
+                 **{"state/" + k: v for k, v in state.items()})
+        (Path(d) / "in.json").write_text(json.dumps(
+            {"config": config, "sync_bn": sync_bn, "lr": lr, "dtype": dtype,
+             "cuda": gpus >= devices}))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={devices}", "-m", "densenet_torch.parallel", d]
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"torchrun with {devices} processes failed:\n{proc.stderr[-6000:]}")
+        out = json.loads((Path(d) / "out.json").read_text())
+        with np.load(Path(d) / "out.npz", allow_pickle=False) as f:
+            out["arrays"] = {k: f[k] for k in f.files}
+    return out
+
+
+def _check_split(batch: int, devices: int) -> None:
+    if devices < 1:
+        raise ValueError(f"devices must be at least 1, got {devices}")
+    if batch % devices:
+        raise ValueError(f"a batch of {batch} does not split evenly over {devices} devices")
+
+
+def _rank_main(d: str) -> None:
+    """One torchrun process: its share of the batch, DDP, one SGD step; rank 0 writes."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from densenet_torch.adapter import _build
+    from densenet_torch.state import load_state
+    d = Path(d)
+    args = json.loads((d / "in.json").read_text())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if args["cuda"] else "cpu")
+    dist.init_process_group("nccl" if args["cuda"] else "gloo")
+    try:
+        with np.load(d / "in.npz", allow_pickle=False) as f:
+            state = {k[len("state/"):]: f[k] for k in f.files if k.startswith("state/")}
+            x, labels = f["x"], f["labels"]
+        dtype = getattr(torch, args["dtype"])
+        model = _build(args["config"])
+        load_state(model, state)
+        model = model.to(device=device, dtype=dtype).train()
+        if args["sync_bn"]:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if args["cuda"] else None)
+        n = len(x) // world
+        xs = torch.as_tensor(x[rank * n:(rank + 1) * n]).to(device=device, dtype=dtype)
+        ys = torch.as_tensor(labels[rank * n:(rank + 1) * n]).to(device=device, dtype=torch.int64)
+        opt = torch.optim.SGD(ddp.parameters(), lr=args["lr"])
+        opt.zero_grad()
+        loss = F.cross_entropy(ddp(xs), ys)
+        loss.backward()  # DDP all-reduces (averages) the gradients here
+        opt.step()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        if rank == 0:
+            # SyncBatchNorm keeps BatchNorm2d's tensor names: the canonical ones
+            arrays = {k: v.detach().to("cpu", dtype).numpy() for k, v in model.state_dict().items()
+                      if not k.endswith("num_batches_tracked")}
+            np.savez(d / "out.npz", **arrays)
+            (d / "out.json").write_text(json.dumps({
+                "loss": float(mean_loss) / world, "devices": world,
+                "semantics": batchnorm_semantics(args["sync_bn"])}))
+        dist.barrier()  # every rank done before any leaves: gloo aborts a rank whose peer left
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1])
