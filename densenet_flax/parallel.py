@@ -11,8 +11,8 @@ densenet_mxnet/parallel.py. What BatchNorm does there (docs/data_parallel.md):
   over the devices (``lax.pmean``, as Flax's ImageNet example averages ``batch_stats``).
 
 On a CPU JAX has one device unless ``--xla_force_host_platform_device_count`` is set before it
-starts, so ``data_parallel_step`` runs the step in a child process with N host devices when
-this process has fewer.
+starts, so ``data_parallel_step`` runs the step in a child process with N host CPU devices when
+this process has fewer devices than N (a CPU, or fewer GPUs); the result names the platform.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+import densenet_spec as spec
 
 BACKEND = "flax"
 
@@ -44,22 +46,13 @@ def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
     batch ``x`` (canonical NCHW) split evenly: the mean loss and the new canonical state."""
     if variant not in ("nnx", "linen"):
         raise ValueError(f"variant must be 'nnx' or 'linen', got {variant!r}")
-    _check_split(len(x), devices)
+    spec.check_devices(len(x), devices)
     import jax
     if jax.device_count() >= devices:
         return _step(config, state, np.asarray(x), np.asarray(labels), devices, sync_bn, lr,
                      dtype, variant)
-    if jax.default_backend() != "cpu":
-        raise ValueError(f"--devices {devices}: JAX sees {jax.device_count()} "
-                         f"{jax.default_backend()} device(s)")
+    # Fewer devices here than asked for (a CPU, or fewer GPUs): N host CPU devices in a child.
     return _in_child(config, state, x, labels, devices, sync_bn, lr, dtype, variant)
-
-
-def _check_split(batch: int, devices: int) -> None:
-    if devices < 1:
-        raise ValueError(f"devices must be at least 1, got {devices}")
-    if batch % devices:
-        raise ValueError(f"a batch of {batch} does not split evenly over {devices} devices")
 
 
 def _step(config, state, x, labels, devices, sync_bn, lr, dtype, variant):
@@ -121,7 +114,7 @@ def _step(config, state, x, labels, devices, sync_bn, lr, dtype, variant):
         else:
             arrays = export_state(model, {"params": params, "batch_stats": stats}, dtype=dtype)
     return {"loss": float(loss), "arrays": arrays, "devices": devices,
-            "semantics": batchnorm_semantics(sync_bn)}
+            "platform": mesh.devices.flat[0].platform, "semantics": batchnorm_semantics(sync_bn)}
 
 
 def _in_child(config, state, x, labels, devices, sync_bn, lr, dtype, variant):

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+import densenet_spec as spec
+
 BACKEND = "mxnet"
 
 
@@ -44,7 +46,7 @@ def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
 
     from densenet_mxnet.adapter import _build
     from densenet_mxnet.state import _canonical_params, load_state
-    _check_split(len(x), devices)
+    spec.check_devices(len(x), devices)
     gpus = mx.context.num_gpus()
     if sync_bn:
         raise ValueError(f"--sync-bn: Gluon's contrib.nn.SyncBatchNorm needs GPU contexts (on "
@@ -73,11 +75,5 @@ def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
     arrays = {k: np.mean([d.asnumpy() for d in p.list_data()], axis=0).astype(dtype)
               for k, p in _canonical_params(model).items()}
     return {"loss": float(np.mean([loss.asscalar() for loss in losses])), "arrays": arrays,
-            "devices": devices, "semantics": batchnorm_semantics(sync_bn)}
-
-
-def _check_split(batch: int, devices: int) -> None:
-    if devices < 1:
-        raise ValueError(f"devices must be at least 1, got {devices}")
-    if batch % devices:
-        raise ValueError(f"a batch of {batch} does not split evenly over {devices} devices")
+            "devices": devices, "platform": ctxs[0].device_type,
+            "semantics": batchnorm_semantics(sync_bn)}

@@ -23,7 +23,7 @@ __all__ = [
     "stage_shapes", "min_input_size", "check_input", "canonical_tensors", "stage_of",
     "stage_counts", "total_counts", "BN_EPS", "TORCH_BN_MOMENTUM", "StateMismatchError",
     "check_state", "remap_legacy_keys", "infer_config", "canonical_modules", "module_arithmetic",
-    "call_factory",
+    "call_factory", "check_devices",
 ]
 
 #: BatchNorm epsilon used by every backend (PyTorch's default; set explicitly in Gluon and Flax).
@@ -327,6 +327,15 @@ def check_input(p: Preset, shape, layout: str = "NCHW") -> None:
         raise DenseNetInputError(
             f"input {h}x{w} is too small for DenseNet '{p.name}': its stem and "
             f"{len(p.block_config) - 1} transition(s) need at least {m}x{m} pixels")
+
+
+def check_devices(batch: int, devices: int) -> None:
+    """Raise ValueError unless a batch of ``batch`` splits evenly over ``devices`` devices (a
+    data-parallel step gives every device the same share)."""
+    if devices < 1:
+        raise ValueError(f"devices must be at least 1, got {devices}")
+    if batch % devices:
+        raise ValueError(f"a batch of {batch} does not split evenly over {devices} devices")
 
 
 # --------------------------------------------------------------------------- canonical names

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+import densenet_spec as spec
+
 BACKEND = "torch"
 
 
@@ -41,7 +43,7 @@ def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
     torchrun, the global batch ``x`` (canonical NCHW) split evenly: the mean loss and the new
     canonical state as rank 0 has it."""
     import torch
-    _check_split(len(x), devices)
+    spec.check_devices(len(x), devices)
     gpus = torch.cuda.device_count()
     if sync_bn and gpus < devices:
         raise ValueError(f"--sync-bn with {devices} devices: PyTorch's SyncBatchNorm runs on "
@@ -62,13 +64,6 @@ def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
         with np.load(Path(d) / "out.npz", allow_pickle=False) as f:
             out["arrays"] = {k: f[k] for k in f.files}
     return out
-
-
-def _check_split(batch: int, devices: int) -> None:
-    if devices < 1:
-        raise ValueError(f"devices must be at least 1, got {devices}")
-    if batch % devices:
-        raise ValueError(f"a batch of {batch} does not split evenly over {devices} devices")
 
 
 def _rank_main(d: str) -> None:
@@ -113,6 +108,7 @@ def _rank_main(d: str) -> None:
             np.savez(d / "out.npz", **arrays)
             (d / "out.json").write_text(json.dumps({
                 "loss": float(mean_loss) / world, "devices": world,
+                "platform": "cuda" if args["cuda"] else "cpu",
                 "semantics": batchnorm_semantics(args["sync_bn"])}))
         dist.barrier()  # every rank done before any leaves: gloo aborts a rank whose peer left
     finally:
