@@ -749,12 +749,13 @@ def _trim_heap() -> int:
 
 def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
                        sync_bn: bool = False, lr: float = 0.1, dtype: str = "float64",
-                       variant: str = "nnx") -> dict:
+                       steps: int = 1, variant: str = "nnx") -> dict:
     """One data-parallel SGD step on ``devices`` devices on the framework's own engine
     (densenet_flax/parallel.py): the mean loss, the new canonical state, the BatchNorm semantics."""
     from densenet_flax import parallel
     return parallel.data_parallel_step(config, state, x, labels, devices=devices,
-                                       sync_bn=sync_bn, lr=lr, dtype=dtype, variant=variant)
+                                       sync_bn=sync_bn, lr=lr, dtype=dtype, steps=steps,
+                                       variant=variant)
 
 
 def data_parallel_error(config: dict, state: dict, x, labels, devices: int = 2,

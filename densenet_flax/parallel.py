@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,21 +42,23 @@ def batchnorm_semantics(sync_bn: bool = False) -> str:
 
 def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
                        sync_bn: bool = False, lr: float = 0.1, dtype: str = "float64",
-                       variant: str = "nnx") -> dict:
+                       steps: int = 1, variant: str = "nnx") -> dict:
     """One SGD step (lr ``lr``) of the NNX or linen DenseNet on ``devices`` devices, the global
-    batch ``x`` (canonical NCHW) split evenly: the mean loss and the new canonical state."""
+    batch ``x`` (canonical NCHW) split evenly: the mean loss and the new canonical state.
+    ``steps`` > 1 repeats the step on the same batch and times each (``step_seconds``: the
+    scaling benchmark; the first includes compiling); the loss is the first step's."""
     if variant not in ("nnx", "linen"):
         raise ValueError(f"variant must be 'nnx' or 'linen', got {variant!r}")
     spec.check_devices(len(x), devices)
     import jax
     if jax.device_count() >= devices:
         return _step(config, state, np.asarray(x), np.asarray(labels), devices, sync_bn, lr,
-                     dtype, variant)
+                     dtype, variant, steps)
     # Fewer devices here than asked for (a CPU, or fewer GPUs): N host CPU devices in a child.
-    return _in_child(config, state, x, labels, devices, sync_bn, lr, dtype, variant)
+    return _in_child(config, state, x, labels, devices, sync_bn, lr, dtype, variant, steps)
 
 
-def _step(config, state, x, labels, devices, sync_bn, lr, dtype, variant):
+def _step(config, state, x, labels, devices, sync_bn, lr, dtype, variant, steps=1):
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -106,18 +109,28 @@ def _step(config, state, x, labels, devices, sync_bn, lr, dtype, variant):
                 return loss, grads, jax.tree.map(lambda t: jax.lax.pmean(t, "data"), stats)
             fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
                                out_specs=(P(), P(), P()))
-        loss, grads, stats = jax.jit(fn)(params, rest, xs, ys)
-        params = adapter._sgd(params, grads, lr)
+        step, times, first = jax.jit(fn), [], None
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss, grads, stats = step(params, rest, xs, ys)
+            params = jax.block_until_ready(adapter._sgd(params, grads, lr))
+            times.append(time.perf_counter() - t0)
+            first = float(loss) if first is None else first
+            if variant == "nnx":
+                nnx.update(model, params, stats)
+                _, params, rest = nnx.split(model, nnx.Param, ...)
+            else:
+                rest = stats
         if variant == "nnx":
-            nnx.update(model, params, stats)
             arrays = export_state(model, dtype=dtype)
         else:
-            arrays = export_state(model, {"params": params, "batch_stats": stats}, dtype=dtype)
-    return {"loss": float(loss), "arrays": arrays, "devices": devices,
-            "platform": mesh.devices.flat[0].platform, "semantics": batchnorm_semantics(sync_bn)}
+            arrays = export_state(model, {"params": params, "batch_stats": rest}, dtype=dtype)
+    return {"loss": first, "arrays": arrays, "devices": devices,
+            "platform": mesh.devices.flat[0].platform, "step_seconds": times,
+            "semantics": batchnorm_semantics(sync_bn)}
 
 
-def _in_child(config, state, x, labels, devices, sync_bn, lr, dtype, variant):
+def _in_child(config, state, x, labels, devices, sync_bn, lr, dtype, variant, steps):
     """The step in a child process with ``devices`` host devices (JAX fixes its device count
     when it starts); arrays travel as .npz files, never pickles."""
     with tempfile.TemporaryDirectory() as d:
@@ -125,7 +138,7 @@ def _in_child(config, state, x, labels, devices, sync_bn, lr, dtype, variant):
                  **{"state/" + k: v for k, v in state.items()})
         (Path(d) / "in.json").write_text(json.dumps(
             {"config": config, "devices": devices, "sync_bn": sync_bn, "lr": lr, "dtype": dtype,
-             "variant": variant}))
+             "variant": variant, "steps": steps}))
         flags = os.environ.get("XLA_FLAGS", "")
         env = dict(os.environ, JAX_PLATFORMS="cpu",
                    XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
@@ -150,7 +163,7 @@ def _child(d: str) -> None:
         state = {k[len("state/"):]: f[k] for k in f.files if k.startswith("state/")}
         x, labels = f["x"], f["labels"]
     out = _step(args["config"], state, x, labels, args["devices"], args["sync_bn"], args["lr"],
-                args["dtype"], args["variant"])
+                args["dtype"], args["variant"], args["steps"])
     np.savez(d / "out.npz", **out.pop("arrays"))
     (d / "out.json").write_text(json.dumps(out))
 

@@ -421,12 +421,12 @@ def _trim_heap() -> int:
 
 def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
                        sync_bn: bool = False, lr: float = 0.1, dtype: str = "float64",
-                       variant: str = "mxnet") -> dict:
+                       steps: int = 1, variant: str = "mxnet") -> dict:
     """One data-parallel SGD step on ``devices`` devices on the framework's own engine
     (densenet_mxnet/parallel.py): the mean loss, the new canonical state, the BatchNorm semantics."""
     from densenet_mxnet import parallel
     return parallel.data_parallel_step(config, state, x, labels, devices=devices,
-                                       sync_bn=sync_bn, lr=lr, dtype=dtype)
+                                       sync_bn=sync_bn, lr=lr, dtype=dtype, steps=steps)
 
 
 def data_parallel_error(config: dict, state: dict, x, labels, devices: int = 2,

@@ -20,6 +20,8 @@ densenet_flax/parallel.py. What BatchNorm does there (docs/data_parallel.md):
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 import densenet_spec as spec
@@ -37,10 +39,13 @@ def batchnorm_semantics(sync_bn: bool = False) -> str:
 
 
 def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
-                       sync_bn: bool = False, lr: float = 0.1, dtype: str = "float64") -> dict:
+                       sync_bn: bool = False, lr: float = 0.1, dtype: str = "float64",
+                       steps: int = 1) -> dict:
     """One SGD step (lr ``lr``) of the Gluon DenseNet on ``devices`` contexts (``cpu(0)`` ..
     ``cpu(N-1)`` on a CPU, ``gpu(i)`` where there are N GPUs), the global batch ``x``
-    (canonical NCHW) split evenly: the mean loss and the new canonical state."""
+    (canonical NCHW) split evenly: the mean loss and the new canonical state. ``steps`` > 1
+    repeats the step on the same batch and times each (``step_seconds``: the scaling
+    benchmark); the loss is the first step's."""
     import mxnet as mx
     from mxnet import autograd, gluon
 
@@ -67,13 +72,19 @@ def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
     xs = gluon.utils.split_and_load(mx.nd.array(np.asarray(x), dtype=dtype), ctxs)
     ys = gluon.utils.split_and_load(mx.nd.array(np.asarray(labels), dtype=dtype), ctxs)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    with autograd.record():
-        losses = [loss_fn(model(a), b).mean() for a, b in zip(xs, ys)]
-    for loss in losses:
-        loss.backward()
-    trainer.step(devices)  # the kvstore sums the per-context mean gradients; / devices: mean
+    times, first = [], None
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        with autograd.record():
+            losses = [loss_fn(model(a), b).mean() for a, b in zip(xs, ys)]
+        for loss in losses:
+            loss.backward()
+        trainer.step(devices)  # the kvstore sums the per-context mean gradients; / devices
+        mx.nd.waitall()
+        times.append(time.perf_counter() - t0)
+        first = first if first is not None else float(np.mean([l.asscalar() for l in losses]))
     arrays = {k: np.mean([d.asnumpy() for d in p.list_data()], axis=0).astype(dtype)
               for k, p in _canonical_params(model).items()}
-    return {"loss": float(np.mean([loss.asscalar() for loss in losses])), "arrays": arrays,
-            "devices": devices, "platform": ctxs[0].device_type,
+    return {"loss": first, "arrays": arrays,
+            "devices": devices, "platform": ctxs[0].device_type, "step_seconds": times,
             "semantics": batchnorm_semantics(sync_bn)}

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,12 @@ def batchnorm_semantics(sync_bn: bool = False) -> str:
 
 
 def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
-                       sync_bn: bool = False, lr: float = 0.1, dtype: str = "float64") -> dict:
+                       sync_bn: bool = False, lr: float = 0.1, dtype: str = "float64",
+                       steps: int = 1) -> dict:
     """One SGD step (lr ``lr``) of the DenseNet in ``devices`` DDP processes started by
     torchrun, the global batch ``x`` (canonical NCHW) split evenly: the mean loss and the new
-    canonical state as rank 0 has it."""
+    canonical state as rank 0 has it. ``steps`` > 1 repeats the step on the same batch and
+    times each (``step_seconds``: the scaling benchmark); the loss is the first step's."""
     import torch
     spec.check_devices(len(x), devices)
     gpus = torch.cuda.device_count()
@@ -53,7 +56,7 @@ def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
                  **{"state/" + k: v for k, v in state.items()})
         (Path(d) / "in.json").write_text(json.dumps(
             {"config": config, "sync_bn": sync_bn, "lr": lr, "dtype": dtype,
-             "cuda": gpus >= devices}))
+             "cuda": gpus >= devices, "steps": steps}))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={devices}", "-m", "densenet_torch.parallel", d]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -95,11 +98,18 @@ def _rank_main(d: str) -> None:
         xs = torch.as_tensor(x[rank * n:(rank + 1) * n]).to(device=device, dtype=dtype)
         ys = torch.as_tensor(labels[rank * n:(rank + 1) * n]).to(device=device, dtype=torch.int64)
         opt = torch.optim.SGD(ddp.parameters(), lr=args["lr"])
-        opt.zero_grad()
-        loss = F.cross_entropy(ddp(xs), ys)
-        loss.backward()  # DDP all-reduces (averages) the gradients here
-        opt.step()
-        mean_loss = loss.detach().clone()
+        times, losses = [], []
+        for _ in range(args.get("steps", 1)):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            loss = F.cross_entropy(ddp(xs), ys)
+            loss.backward()  # DDP all-reduces (averages) the gradients here
+            opt.step()
+            if args["cuda"]:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            losses.append(loss.detach().clone())
+        mean_loss = losses[0]
         dist.all_reduce(mean_loss)
         if rank == 0:
             # SyncBatchNorm keeps BatchNorm2d's tensor names: the canonical ones
@@ -108,7 +118,7 @@ def _rank_main(d: str) -> None:
             np.savez(d / "out.npz", **arrays)
             (d / "out.json").write_text(json.dumps({
                 "loss": float(mean_loss) / world, "devices": world,
-                "platform": "cuda" if args["cuda"] else "cpu",
+                "platform": "cuda" if args["cuda"] else "cpu", "step_seconds": times,
                 "semantics": batchnorm_semantics(args["sync_bn"])}))
         dist.barrier()  # every rank done before any leaves: gloo aborts a rank whose peer left
     finally:

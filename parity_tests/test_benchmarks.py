@@ -124,3 +124,19 @@ def test_suite_profile_formats_what_the_monitor_wrote(tmp_path):
     heaviest = md.split("## The five heaviest tests by memory")[1].splitlines()[4]
     assert heaviest.startswith("| `test_a.py::test_big@giants` | 30.0 | 4.50 |"), heaviest
     assert json.loads(out.with_suffix(".json").read_text())["meta"]["run"]["command"] == "bash .ci/run"
+
+
+def test_data_parallel_scaling_benchmark_runs(tmp_path):
+    """benchmarks.data_parallel: 1 and 2 devices through data_parallel_step with timed steps
+    (PyTorch's torchrun processes here, the quickest to start), the table with the command."""
+    from benchmarks import data_parallel
+    out = tmp_path / "dp"
+    assert data_parallel.main(["--backends", "torch", "--size", "32", "--batch", "2",
+                               "--steps", "2", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    (row,) = data["results"]
+    assert row["one"]["devices"] == 1 and row["many"]["devices"] == 2
+    assert len(row["many"]["step_seconds"]) == 2 and row["many"]["examples_per_step"] == 4
+    assert row["ratio"] == pytest.approx(row["many"]["examples_per_s"] / row["one"]["examples_per_s"])
+    md = out.with_suffix(".md").read_text()
+    assert "python -m benchmarks.data_parallel --backends torch" in md and "| torch |" in md
