@@ -16,17 +16,16 @@ this process has fewer devices than N (a CPU, or fewer GPUs); the result names t
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 import densenet_spec as spec
+from densenet_weights import files
 
 BACKEND = "flax"
 
@@ -134,11 +133,10 @@ def _in_child(config, state, x, labels, devices, sync_bn, lr, dtype, variant, st
     """The step in a child process with ``devices`` host devices (JAX fixes its device count
     when it starts); arrays travel as .npz files, never pickles."""
     with tempfile.TemporaryDirectory() as d:
-        np.savez(Path(d) / "in.npz", x=np.asarray(x), labels=np.asarray(labels),
-                 **{"state/" + k: v for k, v in state.items()})
-        (Path(d) / "in.json").write_text(json.dumps(
-            {"config": config, "devices": devices, "sync_bn": sync_bn, "lr": lr, "dtype": dtype,
-             "variant": variant, "steps": steps}))
+        files.write_message(d, "in", {
+            "config": config, "devices": devices, "sync_bn": sync_bn, "lr": lr, "dtype": dtype,
+            "variant": variant, "steps": steps, "state": dict(state),
+            "batch": {"x": np.asarray(x), "labels": np.asarray(labels)}})
         flags = os.environ.get("XLA_FLAGS", "")
         env = dict(os.environ, JAX_PLATFORMS="cpu",
                    XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
@@ -146,26 +144,14 @@ def _in_child(config, state, x, labels, devices, sync_bn, lr, dtype, variant, st
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"the {devices}-device JAX step failed:\n{proc.stderr[-3000:]}")
-        return _read_result(Path(d))
-
-
-def _read_result(d: Path) -> dict:
-    out = json.loads((d / "out.json").read_text())
-    with np.load(d / "out.npz", allow_pickle=False) as f:
-        out["arrays"] = {k: f[k] for k in f.files}
-    return out
+        return files.read_message(d, "out")
 
 
 def _child(d: str) -> None:
-    d = Path(d)
-    args = json.loads((d / "in.json").read_text())
-    with np.load(d / "in.npz", allow_pickle=False) as f:
-        state = {k[len("state/"):]: f[k] for k in f.files if k.startswith("state/")}
-        x, labels = f["x"], f["labels"]
-    out = _step(args["config"], state, x, labels, args["devices"], args["sync_bn"], args["lr"],
-                args["dtype"], args["variant"], args["steps"])
-    np.savez(d / "out.npz", **out.pop("arrays"))
-    (d / "out.json").write_text(json.dumps(out))
+    a = files.read_message(d, "in")
+    files.write_message(d, "out", _step(
+        a["config"], a["state"], a["batch"]["x"], a["batch"]["labels"], a["devices"],
+        a["sync_bn"], a["lr"], a["dtype"], a["variant"], a["steps"]))
 
 
 if __name__ == "__main__":

@@ -14,17 +14,16 @@ densenet_flax/parallel.py. What BatchNorm does there (docs/data_parallel.md):
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 import densenet_spec as spec
+from densenet_weights import files
 
 BACKEND = "torch"
 
@@ -52,21 +51,17 @@ def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
         raise ValueError(f"--sync-bn with {devices} devices: PyTorch's SyncBatchNorm runs on "
                          f"GPUs only (one per process), and this machine has {gpus}")
     with tempfile.TemporaryDirectory() as d:
-        np.savez(Path(d) / "in.npz", x=np.asarray(x), labels=np.asarray(labels),
-                 **{"state/" + k: v for k, v in state.items()})
-        (Path(d) / "in.json").write_text(json.dumps(
-            {"config": config, "sync_bn": sync_bn, "lr": lr, "dtype": dtype,
-             "cuda": gpus >= devices, "steps": steps}))
+        files.write_message(d, "in", {
+            "config": config, "sync_bn": sync_bn, "lr": lr, "dtype": dtype,
+            "cuda": gpus >= devices, "steps": steps, "state": dict(state),
+            "batch": {"x": np.asarray(x), "labels": np.asarray(labels)}})
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={devices}", "-m", "densenet_torch.parallel", d]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"torchrun with {devices} processes failed:\n{proc.stderr[-6000:]}")
-        out = json.loads((Path(d) / "out.json").read_text())
-        with np.load(Path(d) / "out.npz", allow_pickle=False) as f:
-            out["arrays"] = {k: f[k] for k in f.files}
-    return out
+        return files.read_message(d, "out")
 
 
 def _rank_main(d: str) -> None:
@@ -77,18 +72,15 @@ def _rank_main(d: str) -> None:
 
     from densenet_torch.adapter import _build
     from densenet_torch.state import load_state
-    d = Path(d)
-    args = json.loads((d / "in.json").read_text())
+    args = files.read_message(d, "in")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if args["cuda"] else "cpu")
     dist.init_process_group("nccl" if args["cuda"] else "gloo")
     try:
-        with np.load(d / "in.npz", allow_pickle=False) as f:
-            state = {k[len("state/"):]: f[k] for k in f.files if k.startswith("state/")}
-            x, labels = f["x"], f["labels"]
+        x, labels = args["batch"]["x"], args["batch"]["labels"]
         dtype = getattr(torch, args["dtype"])
         model = _build(args["config"])
-        load_state(model, state)
+        load_state(model, args["state"])
         model = model.to(device=device, dtype=dtype).train()
         if args["sync_bn"]:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -98,8 +90,8 @@ def _rank_main(d: str) -> None:
         xs = torch.as_tensor(x[rank * n:(rank + 1) * n]).to(device=device, dtype=dtype)
         ys = torch.as_tensor(labels[rank * n:(rank + 1) * n]).to(device=device, dtype=torch.int64)
         opt = torch.optim.SGD(ddp.parameters(), lr=args["lr"])
-        times, losses = [], []
-        for _ in range(args.get("steps", 1)):
+        times, first = [], None
+        for _ in range(args["steps"]):
             t0 = time.perf_counter()
             opt.zero_grad()
             loss = F.cross_entropy(ddp(xs), ys)
@@ -108,18 +100,16 @@ def _rank_main(d: str) -> None:
             if args["cuda"]:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-            losses.append(loss.detach().clone())
-        mean_loss = losses[0]
-        dist.all_reduce(mean_loss)
+            first = loss.detach().clone() if first is None else first
+        dist.all_reduce(first)
         if rank == 0:
             # SyncBatchNorm keeps BatchNorm2d's tensor names: the canonical ones
             arrays = {k: v.detach().to("cpu", dtype).numpy() for k, v in model.state_dict().items()
                       if not k.endswith("num_batches_tracked")}
-            np.savez(d / "out.npz", **arrays)
-            (d / "out.json").write_text(json.dumps({
-                "loss": float(mean_loss) / world, "devices": world,
+            files.write_message(d, "out", {
+                "loss": float(first) / world, "arrays": arrays, "devices": world,
                 "platform": "cuda" if args["cuda"] else "cpu", "step_seconds": times,
-                "semantics": batchnorm_semantics(args["sync_bn"])}))
+                "semantics": batchnorm_semantics(args["sync_bn"])})
         dist.barrier()  # every rank done before any leaves: gloo aborts a rank whose peer left
     finally:
         dist.destroy_process_group()

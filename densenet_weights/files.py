@@ -77,3 +77,24 @@ def join_arrays(result: dict, arrays: dict) -> dict:
     for group, names in order.items():
         result[group] = {name: arrays[f"{group}/{name}"] for name in names}
     return result
+
+
+def write_message(directory, name: str, message: dict) -> None:
+    """``message`` (JSON values plus dicts of numpy arrays) as ``<name>.json`` and
+    ``<name>.npz`` in ``directory``: how a parent and the child processes of a data-parallel
+    step pass states and batches (split_arrays' form; never a pickle)."""
+    from pathlib import Path
+    packed = split_arrays(message)
+    groups = {k.split("/", 1)[0] for k in packed}
+    meta = {k: v for k, v in message.items() if k not in groups}
+    meta[ORDER] = array_order(packed)
+    np.savez(Path(directory) / f"{name}.npz", **packed)
+    (Path(directory) / f"{name}.json").write_text(json.dumps(meta))
+
+
+def read_message(directory, name: str) -> dict:
+    """The inverse of write_message."""
+    from pathlib import Path
+    with np.load(Path(directory) / f"{name}.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    return join_arrays(json.loads((Path(directory) / f"{name}.json").read_text()), arrays)
