@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -37,6 +38,12 @@ def batchnorm_semantics(sync_bn: bool = False) -> str:
                 "them); running statistics updated once from them")
     return ("shard_map: each device's own moments; gradients and updated running statistics "
             "averaged over the devices (lax.pmean)")
+
+
+def sync_bn_unsupported(devices: int) -> Optional[str]:
+    """Why synchronised BatchNorm cannot run on ``devices`` devices here (None: it can; a
+    jitted step over a sharded batch runs on any JAX devices)."""
+    return None
 
 
 def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,

@@ -25,10 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import densenet_spec as spec
 from densenet_training import data as dataset_lib
 import densenet_training as training
+from densenet_flax import parallel
 from densenet_flax import state as state_lib
 from densenet_flax.model import build
 
@@ -43,18 +45,54 @@ def select_device(name: str = "auto"):
         return jax.devices("cpu")[0]
     kind, _, index = name.partition(":")
     if kind not in ("gpu", "cuda"):
-        raise ValueError(f"--device {name!r}: expected auto, cpu, gpu, cuda or cuda:N")
-    try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:
-        gpus = []
+        raise training.UserError(f"--device {name!r}: expected auto, cpu, gpu, cuda or cuda:N")
+    gpus = _gpus()
     if len(gpus) <= int(index or 0):
-        raise RuntimeError(f"--device {name}: JAX sees {len(gpus)} GPU(s)")
+        raise training.UserError(f"--device {name}: JAX sees {len(gpus)} GPU(s)")
     return gpus[int(index or 0)]
 
 
-def device_name(device) -> str:
-    return f"{device.platform}:{device.id}"
+def _gpus() -> list:
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+def select_devices(name: str = "auto", devices: int = 1, sync_bn: bool = False) -> list:
+    """The devices of a run on ``devices`` devices, a mesh's: GPUs 0..N-1 (auto where there
+    are N, gpu, cuda) or N host CPU devices (cpu, or auto with fewer GPUs). A clear error for
+    more devices than there are, one named GPU (cuda:N) with several devices, and a JAX that
+    started with fewer host devices than asked for."""
+    if devices == 1:
+        return [select_device(name)]
+    gpus = _gpus()
+    if name not in ("auto", "cpu", "gpu", "cuda"):
+        raise training.UserError(f"--device {name!r} names one device; with --devices {devices} "
+                                 "pass --device auto, cpu or gpu")
+    if name in ("gpu", "cuda") and len(gpus) < devices:
+        raise training.UserError(f"--devices {devices} --device {name}: JAX sees {len(gpus)} "
+                                 "GPU(s)")
+    if name in ("gpu", "cuda") or (name == "auto" and len(gpus) >= devices):
+        return gpus[:devices]
+    training.check_cpu_devices(devices)
+    cpus = jax.devices("cpu")
+    if len(cpus) < devices:
+        raise training.UserError(
+            f"--devices {devices}: JAX in this process has {len(cpus)} CPU device(s), and it "
+            "fixes the number when it starts. `densenet train` asks for N before JAX starts; "
+            f"from Python, set XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
+            "before the first `import jax`")
+    why = parallel.sync_bn_unsupported(devices) if sync_bn else None
+    if why:
+        raise training.UserError(why)
+    return cpus[:devices]
+
+
+def device_name(device, devices: int = 1) -> str:
+    if devices == 1:
+        return f"{device.platform}:{device.id}"
+    return f"{devices} x {device.platform} (JAX mesh)"
 
 
 def versions() -> dict:
@@ -92,42 +130,71 @@ def xavier_init(model, seed: int = 0) -> None:
 
 
 class Optimizer:
-    """optax's SGD with its state, and the compiled training step for a model's graph."""
+    """optax's SGD with its state, and the compiled training step for a model's graph. With a
+    ``mesh`` (several devices) the state and parameters are replicated over it and every batch
+    is split along it; ``sync_bn`` chooses the step (densenet_flax/parallel.py: one jitted step
+    over the sharded batch, whose BatchNorm sees the global batch, or shard_map's per-device
+    step with averaged gradients and running statistics)."""
 
-    def __init__(self, model, lr: float, momentum: float = 0.0):
-        self.lr, self.momentum = lr, momentum
+    def __init__(self, model, lr: float, momentum: float = 0.0, mesh: Optional[Mesh] = None,
+                 sync_bn: bool = False):
+        self.lr, self.momentum, self.mesh, self.sync_bn = lr, momentum, mesh, sync_bn
         self.tx = optax.sgd(lr, momentum=momentum or None)
         self.state = self.tx.init(nnx.state(model, nnx.Param))
         self._steps = {}
+
+    def replicate(self, tree):
+        """``tree`` on every device of the mesh (as it is without one)."""
+        return tree if self.mesh is None else jax.device_put(tree, NamedSharding(self.mesh, P()))
+
+    def split(self, x):
+        """A batch split along the mesh, an equal share per device (as it is without one)."""
+        return x if self.mesh is None else jax.device_put(x, NamedSharding(self.mesh, P("data")))
 
     def step_fn(self, graphdef, params, rest, x_shape):
         """The training step compiled (ahead of time) for this graph and batch shape (NHWC)."""
         key = (graphdef, tuple(x_shape))
         if key not in self._steps:
-            x = jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32)
-            y = jax.ShapeDtypeStruct(tuple(x_shape[:1]), jnp.int32)
-            self._steps[key] = jax.jit(functools.partial(_train_step, graphdef, self.tx),
-                                       donate_argnums=(0, 1, 2)).lower(
+            batch = None if self.mesh is None else NamedSharding(self.mesh, P("data"))
+            x = jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32, sharding=batch)
+            y = jax.ShapeDtypeStruct(tuple(x_shape[:1]), jnp.int32, sharding=batch)
+            step = functools.partial(_train_step, graphdef, self.tx)
+            if self.mesh is not None and not self.sync_bn:
+                step = jax.shard_map(functools.partial(step, axis="data"), mesh=self.mesh,
+                                     in_specs=(P(), P(), P(), P("data"), P("data")),
+                                     out_specs=(P(), P(), P(), P(), P()))
+            self._steps[key] = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
                 params, rest, self.state, x, y).compile()
         return self._steps[key]
 
 
-def make_optimizer(model, lr: float, momentum: float = 0.0) -> Optimizer:
+def make_optimizer(model, lr: float, momentum: float = 0.0, mesh: Optional[Mesh] = None,
+                   sync_bn: bool = False) -> Optimizer:
     """The book's optimiser: SGD (optax.sgd), no weight decay; momentum only if asked for."""
-    return Optimizer(model, lr, momentum)
+    return Optimizer(model, lr, momentum, mesh, sync_bn)
 
 
-def _train_step(graphdef, tx, params, rest, opt_state, x, y):
+def _train_step(graphdef, tx, params, rest, opt_state, x, y, axis=None):
+    """One SGD step. With ``axis`` (inside shard_map) on one device's share: the loss is the
+    devices' mean inside the differentiated function, so that the gradient of the replicated
+    parameters is the mean gradient; the updated running statistics are averaged too."""
     def loss_fn(params):
         model = nnx.merge(graphdef, params, rest, copy=True)
         logits = model(x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        if axis:
+            loss = jax.lax.pmean(loss, axis)
         return loss, (logits, nnx.split(model, nnx.Param, ...)[2])
 
     (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, new_rest, opt_state, loss, jnp.sum(jnp.argmax(logits, -1) == y)
+    correct = jnp.sum(jnp.argmax(logits, -1) == y)
+    if axis:
+        new_rest = jax.tree.map(lambda t: jax.lax.pmean(t, axis)
+                                if jnp.issubdtype(t.dtype, jnp.floating) else t, new_rest)
+        correct = jax.lax.psum(correct, axis)
+    return params, new_rest, opt_state, loss, correct
 
 
 def _nhwc(x: np.ndarray) -> np.ndarray:
@@ -143,20 +210,26 @@ def train_step(model, optimizer, x, y):
     """One SGD step on a batch (canonical NCHW numpy): (mean loss, correct predictions)."""
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = optimizer.replicate(params), optimizer.replicate(rest)
+    optimizer.state = optimizer.replicate(optimizer.state)
     x, y = _nhwc(x), np.asarray(y, np.int32)
     params, rest, optimizer.state, loss, correct = optimizer.step_fn(
-        graphdef, params, rest, x.shape)(params, rest, optimizer.state, x, y)
+        graphdef, params, rest, x.shape)(params, rest, optimizer.state, optimizer.split(x),
+                                         optimizer.split(y))
     nnx.update(model, params, rest)
     return loss, correct
 
 
 def train_epoch(model, optimizer, dataset, batches, meter) -> None:
     """One pass over ``batches`` (index arrays into the train set) in train mode. The model's
-    variables stay split (pure arrays through the compiled step) until the epoch ends. The
+    variables stay split (pure arrays through the compiled step, replicated over the mesh of a
+    data-parallel run, whose batches are split along it) until the epoch ends. The
     step is compiled first, for each batch size of the epoch; that time is reported apart
     (``compile_time``), not counted in examples/sec."""
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = optimizer.replicate(params), optimizer.replicate(rest)
+    optimizer.state = optimizer.replicate(optimizer.state)
     t0 = time.perf_counter()
     image = dataset.train_images.shape[1:] + (1,)  # H, W, C (grayscale)
     steps = {n: optimizer.step_fn(graphdef, params, rest, (n,) + image)
@@ -166,7 +239,8 @@ def train_epoch(model, optimizer, dataset, batches, meter) -> None:
     try:
         for idx in batches:
             x, y = _batch(dataset, idx)
-            params, rest, opt_state, loss, correct = steps[len(idx)](params, rest, opt_state, x, y)
+            params, rest, opt_state, loss, correct = steps[len(idx)](
+                params, rest, opt_state, optimizer.split(x), optimizer.split(y))
             meter.update(float(loss), int(correct), len(idx))
     finally:
         nnx.update(model, params, rest)
@@ -233,16 +307,33 @@ def load_checkpoint(directory, model, optimizer) -> dict:
 
 def fit(cfg: training.TrainConfig, dataset, reporter: Optional[training.Reporter] = None) -> dict:
     """Train ``cfg.preset`` on ``dataset`` as the book does; returns the metrics (also written
-    to ``cfg.out``/metrics.json)."""
+    to ``cfg.out``/metrics.json). With ``cfg.devices`` > 1: a mesh of that many devices, every
+    batch split along it, BatchNorm per device or over the global batch (``cfg.sync_bn``)."""
     reporter = reporter or training.ConsoleReporter(cfg.progress)
     enable_compilation_cache()
-    device = select_device(cfg.device)
-    with jax.default_device(device):
-        model = build_model(cfg, dataset, device)
+    devices = select_devices(cfg.device, cfg.devices, cfg.sync_bn)
+    mesh, info = None, None
+    if len(devices) > 1:
+        mesh = Mesh(np.array(devices), ("data",))
+        info = {"devices": len(devices), "sync_bn": cfg.sync_bn,
+                "engine": device_name(devices[0], len(devices)),
+                "batchnorm": parallel.batchnorm_semantics(cfg.sync_bn)}
+    with jax.default_device(devices[0]):
+        model = build_model(cfg, dataset, devices[0])
         if cfg.init:
             state_lib.load_state(model, training.initial_state(cfg, model.config))
         else:
             xavier_init(model, cfg.seed)
-        optimizer = make_optimizer(model, cfg.lr, cfg.momentum)
+        optimizer = make_optimizer(model, cfg.lr, cfg.momentum, mesh, cfg.sync_bn)
         return training.run_epochs(cfg, dataset, model, optimizer, sys.modules[__name__],
-                                   reporter, device_name(device), versions())
+                                   reporter, device_name(devices[0], len(devices)), versions(),
+                                   info)
+
+
+def main(argv=None) -> int:
+    """This trainer's own process (densenet_training.trainer_main)."""
+    return training.trainer_main(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,6 +21,7 @@ densenet_flax/parallel.py. What BatchNorm does there (docs/data_parallel.md):
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -36,6 +37,15 @@ def batchnorm_semantics(sync_bn: bool = False) -> str:
     return ("Gluon's default: each context's own moments and copy of the running statistics; "
             "gradients summed by the kvstore; the Trainer's first step copies context 0's "
             "statistics to every context; saved: the average of the copies")
+
+
+def sync_bn_unsupported(devices: int) -> Optional[str]:
+    """Why synchronised BatchNorm cannot run on ``devices`` devices here (None: it can)."""
+    import mxnet as mx
+    return (f"--sync-bn: Gluon's contrib.nn.SyncBatchNorm needs GPU contexts (on CPU contexts "
+            f"its forward pass never returns in MXNet {mx.__version__}), and this project has no "
+            f"CUDA build of MXNet (DESIGN.md 4); this machine has {mx.context.num_gpus()} GPU(s) "
+            "MXNet can use")
 
 
 def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
@@ -54,10 +64,7 @@ def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
     spec.check_devices(len(x), devices)
     gpus = mx.context.num_gpus()
     if sync_bn:
-        raise ValueError(f"--sync-bn: Gluon's contrib.nn.SyncBatchNorm needs GPU contexts (on "
-                         f"CPU contexts its forward pass never returns in MXNet {mx.__version__}), "
-                         f"and this project has no CUDA build of MXNet (DESIGN.md 4); this "
-                         f"machine has {gpus} GPU(s) MXNet can use")
+        raise ValueError(sync_bn_unsupported(devices))
     ctxs = [mx.gpu(i) for i in range(devices)] if gpus >= devices else \
         [mx.cpu(i) for i in range(devices)]
     model = _build(config)

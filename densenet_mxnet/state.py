@@ -31,9 +31,19 @@ def _canonical_params(model) -> Dict[str, mx.gluon.Parameter]:
 
 
 def export_state(model) -> Dict[str, np.ndarray]:
-    """name -> float32 numpy array, torchvision names, PyTorch layout (OIHW, [out, in])."""
-    return {k: p.data().asnumpy().astype(np.float32, copy=True)
+    """name -> float32 numpy array, torchvision names, PyTorch layout (OIHW, [out, in]). A
+    model on several contexts gives the average of each parameter's copies, as Gluon's
+    ``save_parameters`` does (they differ in the running statistics of data-parallel
+    training; the trainable parameters are equal)."""
+    return {k: _average(p).astype(np.float32, copy=True)
             for k, p in _canonical_params(model).items()}
+
+
+def _average(param) -> np.ndarray:
+    copies = param.list_data()
+    if len(copies) == 1:
+        return copies[0].asnumpy()
+    return np.mean([c.asnumpy().astype(np.float64) for c in copies], axis=0)
 
 
 def _set(param, value: np.ndarray) -> None:

@@ -15,14 +15,14 @@ progress.
 from __future__ import annotations
 
 import sys
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from densenet_training import data as dataset_lib
 import densenet_training as training
+from densenet_mxnet import parallel
 from densenet_mxnet import state as state_lib
 from densenet_mxnet.model import build
 
@@ -38,14 +38,39 @@ def select_device(name: str = "auto") -> mx.Context:
         return mx.cpu()
     kind, _, index = name.partition(":")
     if kind not in ("gpu", "cuda"):
-        raise ValueError(f"--device {name!r}: expected auto, cpu, gpu, cuda or cuda:N")
+        raise training.UserError(f"--device {name!r}: expected auto, cpu, gpu, cuda or cuda:N")
     if mx.context.num_gpus() <= int(index or 0):
-        raise RuntimeError(f"--device {name}: MXNet sees {mx.context.num_gpus()} GPU(s)")
+        raise training.UserError(f"--device {name}: MXNet sees {mx.context.num_gpus()} GPU(s)")
     return mx.gpu(int(index or 0))
 
 
-def device_name(device: mx.Context) -> str:
-    return str(device)
+def select_devices(name: str = "auto", devices: int = 1, sync_bn: bool = False
+                   ) -> List[mx.Context]:
+    """The contexts of a run on ``devices`` devices: gpu(0)..gpu(N-1) (auto where there are
+    N, gpu, cuda) or cpu(0)..cpu(N-1) (cpu, or auto with fewer GPUs). A clear error for more
+    devices than there are, one named GPU (cuda:N) with several devices, and synchronised
+    BatchNorm, which Gluon cannot run here (densenet_mxnet/parallel.py)."""
+    if devices == 1:
+        return [select_device(name)]
+    gpus = mx.context.num_gpus()
+    if name not in ("auto", "cpu", "gpu", "cuda"):
+        raise training.UserError(f"--device {name!r} names one device; with --devices {devices} "
+                                 "pass --device auto, cpu or gpu")
+    if name in ("gpu", "cuda") and gpus < devices:
+        raise training.UserError(f"--devices {devices} --device {name}: MXNet sees {gpus} GPU(s)")
+    why = parallel.sync_bn_unsupported(devices) if sync_bn else None
+    if why:
+        raise training.UserError(why)
+    if name in ("gpu", "cuda") or (name == "auto" and gpus >= devices):
+        return [mx.gpu(i) for i in range(devices)]
+    training.check_cpu_devices(devices)
+    return [mx.cpu(i) for i in range(devices)]
+
+
+def device_name(device: mx.Context, devices: int = 1) -> str:
+    if devices == 1:
+        return str(device)
+    return f"{devices} x {device.device_type} (Gluon contexts, kvstore device)"
 
 
 def versions() -> dict:
@@ -53,7 +78,8 @@ def versions() -> dict:
 
 
 def build_model(cfg: training.TrainConfig, dataset, device):
-    """The preset, with one input channel and the dataset's classes, on ``device``."""
+    """The preset, with one input channel and the dataset's classes, on ``device`` (a context,
+    or a list of contexts: a copy on each)."""
     model = build(cfg.preset, **training.model_options(cfg, dataset))
     model.initialize(ctx=device)  # placeholder values: xavier_init or a checkpoint sets them
     return model
@@ -67,37 +93,61 @@ def xavier_init(model, seed: int = 0) -> None:
 
 
 def make_optimizer(model, lr: float, momentum: float = 0.0) -> gluon.Trainer:
-    """The book's optimiser: SGD, no weight decay; momentum only if asked for."""
+    """The book's optimiser: SGD, no weight decay; momentum only if asked for. Over several
+    contexts the kvstore ('device') sums the gradients and every context updates its own copy
+    (so that the momentum buffers are each context's, as on one device)."""
+    if len(_contexts(model)) == 1:
+        return gluon.Trainer(model.collect_params(), "sgd",
+                             {"learning_rate": lr, "momentum": momentum, "wd": 0.0})
     return gluon.Trainer(model.collect_params(), "sgd",
-                         {"learning_rate": lr, "momentum": momentum, "wd": 0.0})
+                         {"learning_rate": lr, "momentum": momentum, "wd": 0.0},
+                         kvstore="device", update_on_kvstore=False)
+
+
+def _contexts(model) -> List[mx.Context]:
+    return model.classifier.weight.list_ctx()
 
 
 _loss = gluon.loss.SoftmaxCrossEntropyLoss()
 
 
 def train_step(model, optimizer, x, y):
-    """One SGD step on a batch: (mean loss, correct predictions), as NDArrays."""
+    """One SGD step on a batch, or on its equal shares (lists of NDArrays, one per context):
+    (mean loss, correct predictions), as NDArrays on the first context."""
+    xs, ys = (x, y) if isinstance(x, list) else ([x], [y])
     with autograd.record():
-        logits = model(x)
-        loss = _loss(logits, y).mean()
-    loss.backward()
-    optimizer.step(1)  # the loss is already the batch mean (PyTorch's and optax's convention)
-    return loss, (logits.argmax(axis=1) == y).sum()
+        logits = [model(a) for a in xs]
+        losses = [_loss(out, b).mean() for out, b in zip(logits, ys)]
+    autograd.backward(losses)
+    # each loss is its share's mean (PyTorch's and optax's convention); the kvstore sums the
+    # shares' gradients, and step(n) divides by the n shares: the gradient of the batch mean
+    optimizer.step(len(xs))
+    ctx = xs[0].context
+    loss = mx.nd.add_n(*[l.as_in_context(ctx) for l in losses]) / len(xs)
+    correct = mx.nd.add_n(*[(out.argmax(axis=1) == b).sum().as_in_context(ctx)
+                            for out, b in zip(logits, ys)])
+    return loss, correct
 
 
 def train_epoch(model, optimizer, dataset, batches, meter) -> None:
-    """One pass over ``batches`` (index arrays into the train set) in train mode."""
-    ctx = model.classifier.weight.list_ctx()[0]
+    """One pass over ``batches`` (index arrays into the train set) in train mode; over several
+    contexts every batch is split into equal shares (``gluon.utils.split_and_load``)."""
+    ctxs = _contexts(model)
     for idx in batches:
         x, y = dataset.batch(idx, "train")
-        loss, correct = train_step(model, optimizer, mx.nd.array(x, ctx=ctx),
-                                   mx.nd.array(y, ctx=ctx, dtype=np.float32))
+        if len(ctxs) == 1:
+            x, y = mx.nd.array(x, ctx=ctxs[0]), mx.nd.array(y, ctx=ctxs[0], dtype=np.float32)
+        else:
+            x = gluon.utils.split_and_load(mx.nd.array(x), ctxs)
+            y = gluon.utils.split_and_load(mx.nd.array(y, dtype=np.float32), ctxs)
+        loss, correct = train_step(model, optimizer, x, y)
         meter.update(float(loss.asscalar()), int(correct.asscalar()), len(idx))
 
 
 def evaluate(model, dataset, batch_size: int) -> float:
-    """Test accuracy in predict mode (BatchNorm running statistics)."""
-    ctx = model.classifier.weight.list_ctx()[0]
+    """Test accuracy in predict mode (BatchNorm running statistics: the first context's, as the
+    book's multi-GPU evaluation uses)."""
+    ctx = _contexts(model)[0]
     correct, n = 0, len(dataset.test_labels)
     with autograd.predict_mode():
         for s in range(0, n, batch_size):
@@ -120,7 +170,7 @@ def optimizer_state(model, optimizer) -> Dict[str, np.ndarray]:
     momentum, lr = optimizer._optimizer.momentum, optimizer.learning_rate
     if not momentum:
         return {}
-    states = optimizer._updaters[0].states
+    states = optimizer._updaters[0].states  # over several contexts: every copy the same
     return {name: states[i].asnumpy().astype(np.float64) / -lr
             for i, name in _indexed_names(model, optimizer) if states.get(i) is not None}
 
@@ -128,13 +178,13 @@ def optimizer_state(model, optimizer) -> Dict[str, np.ndarray]:
 def load_optimizer_state(model, optimizer, buffers: Dict[str, np.ndarray]) -> None:
     if not optimizer._optimizer.momentum or not buffers:
         return
-    updater, lr = optimizer._updaters[0], optimizer.learning_rate
-    ctx = model.classifier.weight.list_ctx()[0]
-    for i, name in _indexed_names(model, optimizer):
-        if name in buffers:
-            updater.states[i] = mx.nd.array(
-                (-lr * buffers[name].astype(np.float64)).astype(np.float32), ctx=ctx)
-            updater.states_synced[i] = True
+    lr = optimizer.learning_rate
+    for updater, ctx in zip(optimizer._updaters, _contexts(model)):  # one per context
+        for i, name in _indexed_names(model, optimizer):
+            if name in buffers:
+                updater.states[i] = mx.nd.array(
+                    (-lr * buffers[name].astype(np.float64)).astype(np.float32), ctx=ctx)
+                updater.states_synced[i] = True
 
 
 def save_checkpoint(out, epoch: int, model, optimizer, info: dict):
@@ -153,45 +203,29 @@ def load_checkpoint(directory, model, optimizer) -> dict:
 
 def fit(cfg: training.TrainConfig, dataset, reporter: Optional[training.Reporter] = None) -> dict:
     """Train ``cfg.preset`` on ``dataset`` as the book does; returns the metrics (also written
-    to ``cfg.out``/metrics.json)."""
+    to ``cfg.out``/metrics.json). With ``cfg.devices`` > 1: a copy on each of that many
+    contexts, every batch split over them, Gluon's per-context BatchNorm."""
     reporter = reporter or training.ConsoleReporter(cfg.progress)
-    device = select_device(cfg.device)
-    model = build_model(cfg, dataset, device)
+    devices = select_devices(cfg.device, cfg.devices, cfg.sync_bn)
+    model = build_model(cfg, dataset, devices if len(devices) > 1 else devices[0])
     if cfg.init:
         state_lib.load_state(model, training.initial_state(cfg, model.config))
     else:
         xavier_init(model, cfg.seed)
     model.hybridize(static_alloc=True)
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum)
+    info = None
+    if len(devices) > 1:
+        info = {"devices": len(devices), "sync_bn": cfg.sync_bn,
+                "engine": device_name(devices[0], len(devices)),
+                "batchnorm": parallel.batchnorm_semantics(cfg.sync_bn)}
     return training.run_epochs(cfg, dataset, model, optimizer, sys.modules[__name__], reporter,
-                               device_name(device), versions())
+                               device_name(devices[0], len(devices)), versions(), info)
 
 
 def main(argv=None) -> int:
-    """The MXNet environment's entry point (see the module docstring)."""
-    parser = training.make_parser("python -m densenet_mxnet.train")
-    parser.add_argument("--prepared", default=None, metavar="NPZ",
-                        help="dataset prepared by `densenet train` (densenet_training.data)")
-    parser.add_argument("--events", action="store_true",
-                        help="report progress as JSON lines on stdout, for the parent process")
-    args = parser.parse_args(argv)
-    args.backend = BACKEND
-    if args.events:
-        training.exit_with_parent()
-    cfg = training.config_from_args(args)
-    reporter = training.EventReporter() if args.events else training.ConsoleReporter(cfg.progress)
-    try:
-        if args.prepared:
-            dataset = dataset_lib.load_npz(args.prepared)
-        else:
-            dataset = dataset_lib.load_dataset(cfg.dataset, cfg.resize, cfg.limit, cfg.data_dir,
-                                               download=cfg.download, verify=cfg.verify)
-        training.check_size(cfg, dataset)
-        fit(cfg, dataset, reporter)
-    except training.user_errors() as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    """This trainer's own process (densenet_training.trainer_main): the MXNet environment's."""
+    return training.trainer_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

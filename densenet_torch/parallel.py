@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -37,6 +38,16 @@ def batchnorm_semantics(sync_bn: bool = False) -> str:
             "averaged; rank 0's buffers broadcast at each forward (saved: rank 0's)")
 
 
+def sync_bn_unsupported(devices: int) -> Optional[str]:
+    """Why synchronised BatchNorm cannot run on ``devices`` devices here (None: it can)."""
+    import torch
+    gpus = torch.cuda.device_count()
+    if gpus >= devices:
+        return None
+    return (f"--sync-bn with {devices} devices: PyTorch's SyncBatchNorm runs on GPUs only (one "
+            f"per process; its CPU forward pass raises), and this machine has {gpus}")
+
+
 def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
                        sync_bn: bool = False, lr: float = 0.1, dtype: str = "float64",
                        steps: int = 1) -> dict:
@@ -47,9 +58,9 @@ def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
     import torch
     spec.check_devices(len(x), devices)
     gpus = torch.cuda.device_count()
-    if sync_bn and gpus < devices:
-        raise ValueError(f"--sync-bn with {devices} devices: PyTorch's SyncBatchNorm runs on "
-                         f"GPUs only (one per process), and this machine has {gpus}")
+    why = sync_bn_unsupported(devices) if sync_bn else None
+    if why:
+        raise ValueError(why)
     with tempfile.TemporaryDirectory() as d:
         files.write_message(d, "in", {
             "config": config, "sync_bn": sync_bn, "lr": lr, "dtype": dtype,

@@ -8,14 +8,18 @@ this file is what PyTorch does in them. Layout: NCHW. Run it through
 """
 from __future__ import annotations
 
+import os
 import sys
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import densenet_training as training
+from densenet_torch import parallel
 from densenet_torch import state as state_lib
 from densenet_torch.model import build
 
@@ -30,14 +34,41 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     index = int(name.split(":", 1)[1]) if ":" in name else 0
     if name.split(":")[0] not in ("gpu", "cuda"):
-        raise ValueError(f"--device {name!r}: expected auto, cpu, gpu, cuda or cuda:N")
+        raise training.UserError(f"--device {name!r}: expected auto, cpu, gpu, cuda or cuda:N")
     if torch.cuda.device_count() <= index:
-        raise RuntimeError(f"--device {name}: PyTorch sees {torch.cuda.device_count()} GPU(s)")
+        raise training.UserError(f"--device {name}: PyTorch sees "
+                                 f"{torch.cuda.device_count()} GPU(s)")
     return torch.device(f"cuda:{index}")
 
 
-def device_name(device: torch.device) -> str:
-    return str(device)
+def select_devices(name: str = "auto", devices: int = 1, sync_bn: bool = False
+                   ) -> List[torch.device]:
+    """The devices of a run on ``devices`` devices, one per DDP process: GPUs 0..N-1 (auto
+    where there are N, gpu, cuda) or N CPU processes (cpu, or auto with fewer GPUs). A clear
+    error for more devices than there are, one named GPU (cuda:N) with several devices, and
+    synchronised BatchNorm where PyTorch cannot run it."""
+    if devices == 1:
+        return [select_device(name)]
+    gpus = torch.cuda.device_count()
+    if name not in ("auto", "cpu", "gpu", "cuda"):
+        raise training.UserError(f"--device {name!r} names one device; with --devices {devices} "
+                                 "pass --device auto, cpu or gpu")
+    if name in ("gpu", "cuda") and gpus < devices:
+        raise training.UserError(f"--devices {devices} --device {name}: PyTorch sees {gpus} GPU(s)")
+    cuda = name in ("gpu", "cuda") or (name == "auto" and gpus >= devices)
+    if not cuda:
+        training.check_cpu_devices(devices)
+    why = parallel.sync_bn_unsupported(devices) if sync_bn else None
+    if why:
+        raise training.UserError(why)
+    return ([torch.device(f"cuda:{i}") for i in range(devices)] if cuda
+            else [torch.device("cpu")] * devices)
+
+
+def device_name(device: torch.device, devices: int = 1) -> str:
+    if devices == 1:
+        return str(device)
+    return f"{devices} x {device.type} (DDP, {'NCCL' if device.type == 'cuda' else 'gloo'})"
 
 
 def versions() -> dict:
@@ -49,10 +80,24 @@ def build_model(cfg: training.TrainConfig, dataset, device):
     return build(cfg.preset, **training.model_options(cfg, dataset)).to(device)
 
 
+def _module(model):
+    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _share(model, idx):
+    """This process's equal share of a batch's indices (all of them without DDP)."""
+    if not isinstance(model, DistributedDataParallel):
+        return idx
+    n = len(idx) // dist.get_world_size()
+    rank = dist.get_rank()
+    return idx[rank * n:(rank + 1) * n]
+
+
 def xavier_init(model, seed: int = 0) -> None:
     """The book's init: Xavier-uniform conv and dense weights, zero biases, BatchNorm weight 1
     and bias 0 (training.xavier_state: the same weights in every backend for one seed)."""
-    state_lib.load_state(model, training.xavier_state(model.config, seed))
+    state_lib.load_state(_module(model), training.xavier_state(_module(model).config, seed))
 
 
 def make_optimizer(model, lr: float, momentum: float = 0.0):
@@ -71,18 +116,26 @@ def train_step(model, optimizer, x, y):
 
 
 def train_epoch(model, optimizer, dataset, batches, meter) -> None:
-    """One pass over ``batches`` (index arrays into the train set) in train mode."""
+    """One pass over ``batches`` (index arrays into the train set) in train mode. Under DDP
+    each process takes its share of every batch; the meter gets the whole batch's mean loss
+    and correct predictions (one all-reduce of the two numbers)."""
     model.train()
     device = next(model.parameters()).device
     for idx in batches:
-        x, y = dataset.batch(idx, "train")
+        x, y = dataset.batch(_share(model, idx), "train")
         loss, correct = train_step(model, optimizer, torch.from_numpy(x).to(device),
                                    torch.from_numpy(y).to(device))
-        meter.update(loss.item(), correct.item(), len(idx))
+        if isinstance(model, DistributedDataParallel):
+            both = torch.stack([loss.double(), correct.double()])
+            dist.all_reduce(both)
+            loss, correct = both[0] / dist.get_world_size(), both[1]
+        meter.update(loss.item(), int(correct.item()), len(idx))
 
 
 def evaluate(model, dataset, batch_size: int) -> float:
-    """Test accuracy in eval mode (BatchNorm running statistics)."""
+    """Test accuracy in eval mode (BatchNorm running statistics; under DDP this process's
+    network, without collective calls)."""
+    model = _module(model)
     model.eval()
     device = next(model.parameters()).device
     correct, n = 0, len(dataset.test_labels)
@@ -98,7 +151,7 @@ def evaluate(model, dataset, batch_size: int) -> float:
 def optimizer_state(model, optimizer) -> Dict[str, np.ndarray]:
     """Momentum buffers under the canonical parameter names (none for plain SGD)."""
     out = {}
-    for name, p in model.named_parameters():
+    for name, p in _module(model).named_parameters():
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             out[name] = buf.detach().to("cpu", torch.float32).numpy().copy()
@@ -106,35 +159,85 @@ def optimizer_state(model, optimizer) -> Dict[str, np.ndarray]:
 
 
 def load_optimizer_state(model, optimizer, buffers: Dict[str, np.ndarray]) -> None:
-    for name, p in model.named_parameters():
+    for name, p in _module(model).named_parameters():
         if name in buffers:
             optimizer.state[p]["momentum_buffer"] = torch.as_tensor(buffers[name]).to(p.device)
 
 
 def save_checkpoint(out, epoch: int, model, optimizer, info: dict):
     """Epoch ``epoch``'s checkpoint: canonical model state, optimiser state, JSON (``info``)."""
-    return training.write_checkpoint(out, epoch, state_lib.export_state(model),
-                                     optimizer_state(model, optimizer), info, model.config)
+    return training.write_checkpoint(out, epoch, state_lib.export_state(_module(model)),
+                                     optimizer_state(model, optimizer), info,
+                                     _module(model).config)
 
 
 def load_checkpoint(directory, model, optimizer) -> dict:
     """Load a checkpoint into ``model`` and ``optimizer``; its JSON."""
     state, buffers, info = training.read_checkpoint(directory)
-    state_lib.load_state(model, state)
+    state_lib.load_state(_module(model), state)
     load_optimizer_state(model, optimizer, buffers)
     return info
 
 
+def _process_group(cfg: training.TrainConfig):
+    """(rank, world size) of this process: (0, 1) on one device; under torchrun, join the
+    process group (gloo on the CPU, NCCL on GPUs). --devices must be torchrun's process count."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != cfg.devices:
+        launched = (f"torchrun started {world} processes" if "WORLD_SIZE" in os.environ else
+                    "this process was not started by torchrun")
+        raise training.UserError(
+            f"--devices {cfg.devices}: PyTorch trains on several devices in one process each, "
+            f"and {launched}. Run `densenet train ... --devices {cfg.devices}` (it starts "
+            f"torchrun), or `torchrun --nproc-per-node {cfg.devices} -m densenet_cli train ... "
+            f"--devices {cfg.devices}`")
+    if world > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available() and cfg.device != "cpu" and \
+            torch.cuda.device_count() >= world
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
 def fit(cfg: training.TrainConfig, dataset, reporter: Optional[training.Reporter] = None) -> dict:
     """Train ``cfg.preset`` on ``dataset`` as the book does; returns the metrics (also written
-    to ``cfg.out``/metrics.json)."""
+    to ``cfg.out``/metrics.json). With ``cfg.devices`` > 1 this is one process of a DDP run
+    under torchrun: its share of every batch, gradients averaged by DDP, BatchNorm per process
+    or synchronised (``cfg.sync_bn``); rank 0 reports and writes."""
     reporter = reporter or training.ConsoleReporter(cfg.progress)
-    device = select_device(cfg.device)
+    devices = select_devices(cfg.device, cfg.devices, cfg.sync_bn)
+    rank, world = _process_group(cfg)
+    device = devices[rank]
     model = build_model(cfg, dataset, device)
     if cfg.init:
         state_lib.load_state(model, training.initial_state(cfg, model.config))
     else:
         xavier_init(model, cfg.seed)
+    info = None
+    if world > 1:
+        if cfg.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.index is not
+                                        None else None)
+        info = {"devices": world, "sync_bn": cfg.sync_bn, "engine": device_name(device, world),
+                "batchnorm": parallel.batchnorm_semantics(cfg.sync_bn)}
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum)
-    return training.run_epochs(cfg, dataset, model, optimizer, sys.modules[__name__], reporter,
-                               device_name(device), versions())
+    try:
+        metrics = training.run_epochs(cfg, dataset, model, optimizer, sys.modules[__name__],
+                                      reporter, device_name(device, world), versions(), info,
+                                      lead=rank == 0)
+        if world > 1:
+            dist.barrier()  # every rank done before any leaves: gloo aborts a rank whose peer left
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    return metrics
+
+
+def main(argv=None) -> int:
+    """This trainer's own process (densenet_training.trainer_main): each DDP process that
+    `densenet train --devices N` starts with torchrun."""
+    return training.trainer_main(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

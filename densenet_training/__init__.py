@@ -9,8 +9,10 @@ supplies the rest, the same for all three:
 
 * the book's recipe (``d2l.train_ch6``): SGD, learning rate 0.1, 10 epochs, batch 256,
   Xavier-uniform weights, softmax cross-entropy, the loss and accuracies reported per epoch;
-* the command line (``make_parser``), shared by ``densenet train`` and the MXNet
-  trainer's process;
+* the command line (``make_parser``), shared by ``densenet train`` and the trainers' own
+  processes (``trainer_main``: MXNet's environment, PyTorch's DDP processes under torchrun);
+* data-parallel runs (``--devices N``): the checks that need no framework (``check_parallel``),
+  batches that split evenly (``data.even_batches``), one process that reports and writes;
 * the Xavier initial state, drawn once in the canonical form from the seed, so every backend
   starts from the same weights (``xavier_state``);
 * progress (a bar per epoch with running loss and accuracy), per-epoch lines, the book's final
@@ -27,24 +29,28 @@ Their public names are re-exported here: ``import densenet_training as training`
 from densenet_training import data
 from densenet_training.checkpoints import (checkpoints_dir, data_fingerprint, latest_checkpoint,
                                           optimizer_info, read_checkpoint, write_checkpoint)
-from densenet_training.loop import run_epochs, summarize, write_json
+from densenet_training.loop import check_run_dir, run_epochs, summarize, trainer_main, write_json
 from densenet_training.plots import plot_comparison, plot_metrics
 from densenet_training.progress import (ConsoleReporter, EpochMeter, EventReporter, Reporter,
                                         book_lines, epoch_line, exit_with_parent, relay)
 from densenet_training.recipe import (BACKENDS, BOOK_BATCH_SIZE, BOOK_EPOCHS, BOOK_LR,
                                       CHECKPOINT_FORMAT, EVENT_PREFIX, METRICS_FORMAT,
-                                      MOMENTUM_CONVENTION, RESUME_KEYS, ResumeError, TrainConfig,
-                                      UserError, check_size, config_from_args, config_to_argv,
+                                      MOMENTUM_CONVENTION, RESUME_DEFAULTS, RESUME_KEYS,
+                                      ResumeError, TrainConfig, UserError, check_cpu_devices,
+                                      check_parallel, check_size, config_from_args, config_to_argv,
+                                      cpu_cores,
                                       initial_state, make_parser, model_options, user_errors,
                                       xavier_state)
 
 __all__ = [
     "data", "checkpoints_dir", "data_fingerprint", "latest_checkpoint", "optimizer_info",
-    "read_checkpoint", "write_checkpoint", "run_epochs", "summarize", "write_json",
+    "read_checkpoint", "write_checkpoint", "check_run_dir", "run_epochs", "summarize",
+    "trainer_main", "write_json",
     "plot_comparison", "plot_metrics", "ConsoleReporter", "EpochMeter", "EventReporter",
     "Reporter", "book_lines", "epoch_line", "exit_with_parent", "relay", "BACKENDS",
     "BOOK_BATCH_SIZE", "BOOK_EPOCHS", "BOOK_LR", "CHECKPOINT_FORMAT", "EVENT_PREFIX",
-    "METRICS_FORMAT", "MOMENTUM_CONVENTION", "RESUME_KEYS", "ResumeError", "TrainConfig",
-    "UserError", "check_size", "config_from_args", "config_to_argv", "initial_state",
+    "METRICS_FORMAT", "MOMENTUM_CONVENTION", "RESUME_DEFAULTS", "RESUME_KEYS", "ResumeError",
+    "TrainConfig", "UserError", "check_cpu_devices", "check_parallel", "check_size",
+    "config_from_args", "config_to_argv", "cpu_cores", "initial_state",
     "make_parser", "model_options", "user_errors", "xavier_state",
 ]

@@ -35,6 +35,7 @@ __all__ = [
     "DataError", "FASHION_MNIST_FILES", "FASHION_MNIST_MIRRORS", "FASHION_MNIST_CLASSES",
     "DATASETS", "DEFAULT_RESIZE", "read_idx", "write_idx", "md5sum", "cache_dir",
     "load_fashion_mnist", "load_digits", "resize_bilinear", "epoch_order", "batch_indices",
+    "even_batches",
     "Dataset", "load_dataset", "save_npz", "load_npz",
 ]
 
@@ -307,6 +308,14 @@ def batch_indices(n: int, batch_size: int, seed: int, epoch: int) -> List[np.nda
     DataLoader keeps it)."""
     order = epoch_order(n, seed, epoch)
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def even_batches(batches: List[np.ndarray], devices: int) -> List[np.ndarray]:
+    """The batches for ``devices`` devices that each take an equal share: every batch cut to
+    a multiple of ``devices`` (only the epoch's last, smaller batch can lose examples: at most
+    devices - 1, different ones each epoch since the order is reshuffled), empty ones dropped."""
+    out = [b[:len(b) - len(b) % devices] for b in batches]
+    return [b for b in out if len(b)]
 
 
 # --------------------------------------------------------------------------- dataset

@@ -70,10 +70,11 @@ class ConsoleReporter(Reporter):
         self.epochs = info["epochs"]
         resumed = (f", resumed after epoch {info['resumed_from']}" if info.get("resumed_from")
                    else "")
+        sync = ", synchronised BatchNorm" if info.get("sync_bn") else ""
         self._print(f"training {info['preset']} on {info['dataset']} ({info['train']} train / "
                     f"{info['test']} test, {info['size']}x{info['size']}) with {info['backend']} "
                     f"on {info['device']}: {info['epochs']} epochs, batch {info['batch_size']}, "
-                    f"lr {info['lr']}{resumed}")
+                    f"lr {info['lr']}{sync}{resumed}")
 
     def epoch_start(self, epoch, epochs, num_batches):
         if not self.progress:

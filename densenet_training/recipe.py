@@ -25,7 +25,9 @@ MOMENTUM_CONVENTION = ("buf = momentum * buf + grad; weight -= lr * buf "
                        "(PyTorch / optax; MXNet's mom = -lr * buf)")
 #: Settings that must agree for --resume to continue the same run.
 RESUME_KEYS = ("backend", "preset", "dataset", "resize", "limit", "batch_size", "lr", "momentum",
-               "seed", "init")
+               "seed", "init", "devices", "sync_bn")
+#: What a checkpoint written before a setting existed had (single-device runs).
+RESUME_DEFAULTS = {"devices": 1, "sync_bn": False}
 EVENT_PREFIX = "@@densenet-event "
 
 
@@ -57,6 +59,8 @@ class TrainConfig:
     momentum: float = 0.0
     resize: Optional[int] = None
     device: str = "auto"
+    devices: int = 1
+    sync_bn: bool = False
     seed: int = 0
     limit: Optional[int] = None
     out: Optional[str] = None
@@ -117,6 +121,18 @@ def make_parser(prog: str = "densenet train") -> argparse.ArgumentParser:
                    help="image size (default: 96 for fashion-mnist as the book, 32 for digits)")
     p.add_argument("--device", default="auto",
                    help="auto (GPU if there is one), cpu, gpu or cuda[:N]")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="data-parallel training on N devices, each with an equal share of every "
+                   "batch (--batch-size is the global batch), on the framework's own engine: "
+                   "PyTorch DDP in N processes started by torchrun (gloo on the CPU, NCCL on "
+                   "GPUs), a JAX mesh of N devices, a Gluon Trainer over N contexts with a "
+                   "kvstore. --device auto takes N GPUs where there are N, else N CPU devices "
+                   "(one per core). See docs/data_parallel.md")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="synchronised BatchNorm with --devices: the moments of the whole batch "
+                   "(PyTorch SyncBatchNorm, GPUs only; JAX one jitted step over the sharded "
+                   "batch; Gluon: not available). Default: each framework's own per-device "
+                   "BatchNorm")
     p.add_argument("--seed", type=int, default=0,
                    help="initial weights and batch order (the same in every backend)")
     p.add_argument("--limit", type=int, default=None,
@@ -140,13 +156,13 @@ def config_to_argv(cfg: TrainConfig) -> List[str]:
     """The command-line arguments that give ``cfg`` back (for the MXNet trainer's process)."""
     argv = ["--backend", cfg.backend, "--preset", cfg.preset, "--dataset", cfg.dataset,
             "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", repr(cfg.lr),
-            "--momentum", repr(cfg.momentum), "--device", cfg.device, "--seed", str(cfg.seed)]
+            "--momentum", repr(cfg.momentum), "--device", cfg.device, "--devices", str(cfg.devices), "--seed", str(cfg.seed)]
     for flag, value in (("--data-dir", cfg.data_dir), ("--resize", cfg.resize),
                         ("--limit", cfg.limit), ("--out", cfg.out), ("--init", cfg.init)):
         if value is not None:
             argv += [flag, str(value)]
     for flag, on in (("--no-verify", not cfg.verify), ("--resume", cfg.resume),
-                     ("--overwrite", cfg.overwrite), ("--no-progress", not cfg.progress),
+                     ("--overwrite", cfg.overwrite), ("--sync-bn", cfg.sync_bn), ("--no-progress", not cfg.progress),
                      ("--no-plot", not cfg.plot)):
         if on:
             argv.append(flag)
@@ -162,7 +178,44 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise SystemExit("--lr must be positive")
     if not 0.0 <= cfg.momentum < 1.0:
         raise SystemExit("--momentum must be in [0, 1)")
+    check_parallel(cfg)  # a UserError: printed as one message, exit status 2
     return cfg.finalize()
+
+
+def check_parallel(cfg: TrainConfig) -> None:
+    """--devices and --sync-bn, as far as they can be checked without a framework: a count of
+    at least 1, a batch that splits evenly, synchronised BatchNorm only over several devices, at
+    most a device per core on the CPU (each framework then checks its GPUs)."""
+    if cfg.devices < 1:
+        raise UserError(f"--devices must be at least 1, got {cfg.devices}")
+    if cfg.sync_bn and cfg.devices < 2:
+        raise UserError("--sync-bn synchronises BatchNorm across devices: it needs --devices 2 "
+                        f"or more, got --devices {cfg.devices}")
+    if cfg.batch_size % cfg.devices:
+        lower = cfg.batch_size - cfg.batch_size % cfg.devices
+        raise UserError(f"--batch-size {cfg.batch_size} does not split evenly over --devices "
+                        f"{cfg.devices} (every device takes an equal share of the batch): pass a "
+                        f"multiple of {cfg.devices}, such as {lower or cfg.devices} or "
+                        f"{lower + cfg.devices}")
+    if cfg.devices > 1 and cfg.device == "cpu":
+        check_cpu_devices(cfg.devices)
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_cpu_devices(devices: int) -> None:
+    """N CPU devices (DDP processes, JAX host devices, Gluon contexts) need N cores: each
+    device's share is computed alongside the others' only on a core of its own."""
+    cores = cpu_cores()
+    if devices > cores:
+        raise UserError(f"--devices {devices} on the CPU: this machine has {cores} core(s) for "
+                        f"this process, and each CPU device needs one; pass --devices {cores} or "
+                        "fewer")
 
 
 def model_options(cfg: TrainConfig, dataset: "dataset_lib.Dataset") -> Dict[str, int]:

@@ -31,7 +31,6 @@ EXTRA_NAMES: Dict[str, Dict[str, Dict[str, str]]] = {
                  "from_canonical": "and back"},
     },
     "train.py": {
-        "mxnet": {"main": "the trainer's own process in the MXNet environment"},
         "flax": {"enable_compilation_cache": "JAX's persistent compilation cache",
                  "Optimizer": "optax has no stateful optimizer object"},
     },
