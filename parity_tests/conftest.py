@@ -113,7 +113,8 @@ GIANTS = ("densenet264", "densenet161", "densenet_bc190", "densenet_bc250", "den
 #: in docs/performance/test-suite.md): run after the light ones.
 HEAVY_MODULES = ("parity_tests/test_memory_efficient.py", "parity_tests/test_benchmarks.py",
                  "parity_tests/test_convert.py", "parity_tests/test_train.py",
-                 "parity_tests/test_check.py", "parity_tests/test_cli.py")
+                 "parity_tests/test_check.py", "parity_tests/test_cli.py",
+                 "parity_tests/test_train_parallel.py")
 _STEP = "test_gradients_and_one_sgd_step"
 _FORWARD = "test_eval_forward_every_stage"
 
