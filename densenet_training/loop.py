@@ -90,10 +90,11 @@ def run_epochs(cfg: TrainConfig, dataset: "dataset_lib.Dataset", model, optimize
     if cfg.devices > 1:
         last = n_train % cfg.batch_size
         if last % cfg.devices:
+            left = last % cfg.devices
             reporter.message(
-                f"--devices {cfg.devices}: each epoch's last batch has {last} examples; "
-                f"{last % cfg.devices} of them are left out of it so that every device gets an "
-                "equal share")
+                f"--devices {cfg.devices}: each epoch's last batch has {last} examples; {left} "
+                f"of them {'is' if left == 1 else 'are'} left out of it so that every device "
+                "gets an equal share")
         reporter.message(f"BatchNorm: {parallel['batchnorm']}")
     if start >= cfg.epochs:
         reporter.message(f"nothing to do: the checkpoint has {start} epochs, --epochs {cfg.epochs}")

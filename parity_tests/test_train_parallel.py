@@ -131,7 +131,7 @@ def test_two_device_training_is_the_frameworks_data_parallel_step(case, tmp_path
     assert par["batchnorm"] and metrics["device"].startswith(f"{DEVICES} x ")
     assert [r["examples"] for r in metrics["epochs"]] == [16]
     if case == "flax":  # the 17th example is the last batch: it cannot be split over 2 devices
-        assert "last batch has 1 examples; 1 of them are left out" in printed
+        assert "last batch has 1 examples; 1 of them is left out" in printed
 
     ckpt = training.latest_checkpoint(run)
     got, config = files.load_state(ckpt / "model.safetensors")  # the single-device format
