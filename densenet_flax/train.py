@@ -67,15 +67,11 @@ def select_devices(name: str = "auto", devices: int = 1, sync_bn: bool = False) 
     if devices == 1:
         return [select_device(name)]
     gpus = _gpus()
-    if name not in ("auto", "cpu", "gpu", "cuda"):
-        raise training.UserError(f"--device {name!r} names one device; with --devices {devices} "
-                                 "pass --device auto, cpu or gpu")
-    if name in ("gpu", "cuda") and len(gpus) < devices:
-        raise training.UserError(f"--devices {devices} --device {name}: JAX sees {len(gpus)} "
-                                 "GPU(s)")
-    if name in ("gpu", "cuda") or (name == "auto" and len(gpus) >= devices):
+    why = parallel.sync_bn_unsupported(devices) if sync_bn else None
+    if why:
+        raise training.UserError(why)
+    if training.parallel_kind(name, devices, len(gpus), "JAX") == "gpu":
         return gpus[:devices]
-    training.check_cpu_devices(devices)
     cpus = jax.devices("cpu")
     if len(cpus) < devices:
         raise training.UserError(
@@ -83,9 +79,6 @@ def select_devices(name: str = "auto", devices: int = 1, sync_bn: bool = False) 
             "fixes the number when it starts. `densenet train` asks for N before JAX starts; "
             f"from Python, set XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
             "before the first `import jax`")
-    why = parallel.sync_bn_unsupported(devices) if sync_bn else None
-    if why:
-        raise training.UserError(why)
     return cpus[:devices]
 
 

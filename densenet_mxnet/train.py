@@ -52,19 +52,11 @@ def select_devices(name: str = "auto", devices: int = 1, sync_bn: bool = False
     BatchNorm, which Gluon cannot run here (densenet_mxnet/parallel.py)."""
     if devices == 1:
         return [select_device(name)]
-    gpus = mx.context.num_gpus()
-    if name not in ("auto", "cpu", "gpu", "cuda"):
-        raise training.UserError(f"--device {name!r} names one device; with --devices {devices} "
-                                 "pass --device auto, cpu or gpu")
-    if name in ("gpu", "cuda") and gpus < devices:
-        raise training.UserError(f"--devices {devices} --device {name}: MXNet sees {gpus} GPU(s)")
+    kind = training.parallel_kind(name, devices, mx.context.num_gpus(), "MXNet")
     why = parallel.sync_bn_unsupported(devices) if sync_bn else None
     if why:
         raise training.UserError(why)
-    if name in ("gpu", "cuda") or (name == "auto" and gpus >= devices):
-        return [mx.gpu(i) for i in range(devices)]
-    training.check_cpu_devices(devices)
-    return [mx.cpu(i) for i in range(devices)]
+    return [mx.gpu(i) if kind == "gpu" else mx.cpu(i) for i in range(devices)]
 
 
 def device_name(device: mx.Context, devices: int = 1) -> str:

@@ -49,19 +49,11 @@ def select_devices(name: str = "auto", devices: int = 1, sync_bn: bool = False
     synchronised BatchNorm where PyTorch cannot run it."""
     if devices == 1:
         return [select_device(name)]
-    gpus = torch.cuda.device_count()
-    if name not in ("auto", "cpu", "gpu", "cuda"):
-        raise training.UserError(f"--device {name!r} names one device; with --devices {devices} "
-                                 "pass --device auto, cpu or gpu")
-    if name in ("gpu", "cuda") and gpus < devices:
-        raise training.UserError(f"--devices {devices} --device {name}: PyTorch sees {gpus} GPU(s)")
-    cuda = name in ("gpu", "cuda") or (name == "auto" and gpus >= devices)
-    if not cuda:
-        training.check_cpu_devices(devices)
+    kind = training.parallel_kind(name, devices, torch.cuda.device_count(), "PyTorch")
     why = parallel.sync_bn_unsupported(devices) if sync_bn else None
     if why:
         raise training.UserError(why)
-    return ([torch.device(f"cuda:{i}") for i in range(devices)] if cuda
+    return ([torch.device(f"cuda:{i}") for i in range(devices)] if kind == "gpu"
             else [torch.device("cpu")] * devices)
 
 

@@ -38,7 +38,7 @@ from densenet_training.recipe import (BACKENDS, BOOK_BATCH_SIZE, BOOK_EPOCHS, BO
                                       MOMENTUM_CONVENTION, RESUME_DEFAULTS, RESUME_KEYS,
                                       ResumeError, TrainConfig, UserError, check_cpu_devices,
                                       check_parallel, check_size, config_from_args, config_to_argv,
-                                      cpu_cores,
+                                      cpu_cores, parallel_kind,
                                       initial_state, make_parser, model_options, user_errors,
                                       xavier_state)
 
@@ -51,6 +51,6 @@ __all__ = [
     "BOOK_BATCH_SIZE", "BOOK_EPOCHS", "BOOK_LR", "CHECKPOINT_FORMAT", "EVENT_PREFIX",
     "METRICS_FORMAT", "MOMENTUM_CONVENTION", "RESUME_DEFAULTS", "RESUME_KEYS", "ResumeError",
     "TrainConfig", "UserError", "check_cpu_devices", "check_parallel", "check_size",
-    "config_from_args", "config_to_argv", "cpu_cores", "initial_state",
+    "config_from_args", "config_to_argv", "cpu_cores", "parallel_kind", "initial_state",
     "make_parser", "model_options", "user_errors", "xavier_state",
 ]

@@ -201,6 +201,22 @@ def check_parallel(cfg: TrainConfig) -> None:
         check_cpu_devices(cfg.devices)
 
 
+def parallel_kind(name: str, devices: int, gpus: int, framework: str) -> str:
+    """Where ``--devices N`` (N > 1) runs with ``--device name``, given the GPUs ``framework``
+    sees: 'gpu' (GPUs 0..N-1: auto where there are N, gpu, cuda) or 'cpu' (N CPU devices: cpu,
+    or auto with fewer GPUs). A UserError for one named device (cuda:K), fewer GPUs than asked
+    for, or more CPU devices than cores."""
+    if name not in ("auto", "cpu", "gpu", "cuda"):
+        raise UserError(f"--device {name!r} names one device; with --devices {devices} pass "
+                        "--device auto, cpu or gpu")
+    if name in ("gpu", "cuda") and gpus < devices:
+        raise UserError(f"--devices {devices} --device {name}: {framework} sees {gpus} GPU(s)")
+    if name in ("gpu", "cuda") or (name == "auto" and gpus >= devices):
+        return "gpu"
+    check_cpu_devices(devices)
+    return "cpu"
+
+
 def cpu_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
