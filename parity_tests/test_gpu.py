@@ -158,3 +158,50 @@ def test_torchvision_densenet121_converts_into_our_backends(tmp_path):
                 got[f"flax-{v}"] = flax_forward(cfg.to_dict(), state, x, variant=v)["arrays"]["head"]
     for name, logits in got.items():
         assert compare.rel_diff(logits, ref) <= compare.EVAL_RTOL, name
+
+
+def cuda_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+requires_two_gpus = pytest.mark.skipif(
+    cuda_count() < 2, reason=f"fewer than 2 NVIDIA GPUs (torch.cuda.device_count() is "
+    f"{cuda_count()}): PyTorch's SyncBatchNorm needs one GPU per process, and NCCL refuses two "
+    "processes on one GPU")
+
+
+@requires_two_gpus
+@pytest.mark.parametrize("sync_bn", [False, True])
+def test_torch_ddp_on_two_gpus_is_its_batchnorm_semantics(sync_bn):
+    """The data-parallel rows of docs/data_parallel.md that need two GPUs: DDP over NCCL, one
+    float64 step; with SyncBatchNorm it is the one-device step on the global batch, without it
+    the per-device step (the parameters move by the mean of the shares' gradients, the running
+    statistics are rank 0's); the two differ."""
+    from densenet_torch.parallel import data_parallel_step
+    from parity_tests.conftest import get_backend
+    cfg = spec.get_preset("book")
+    ref = get_backend("torch")
+    state = ref.call("init_state", config=cfg.to_dict(), seed=2)["arrays"]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 1, 64, 64)).astype(np.float32)
+    labels = rng.integers(0, cfg.num_classes, 4).astype(np.int64)
+    got = data_parallel_step(cfg.to_dict(), state, x, labels, devices=2, sync_bn=sync_bn,
+                             lr=0.1, dtype="float64")
+    assert got["platform"] == "cuda" and got["devices"] == 2
+
+    def step(xs, ys):
+        return ref.call("train_step", config=cfg.to_dict(), state=state, x=xs, labels=ys, lr=0.1,
+                        dtype="float64")
+    whole, halves = step(x, labels), [step(x[:2], labels[:2]), step(x[2:], labels[2:])]
+    per_device = {k: (state[k] - 0.1 * (halves[0]["grads"][k] + halves[1]["grads"][k]) / 2
+                      if k in halves[0]["grads"] else halves[0]["arrays"][k]) for k in state}
+    want, other = (whole["arrays"], per_device) if sync_bn else (per_device, whole["arrays"])
+
+    def worst(a, b):
+        return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-8)) for k in b)
+    assert worst(got["arrays"], want) < 1e-9
+    assert worst(got["arrays"], other) > 1e-3
