@@ -111,10 +111,15 @@ GIANTS = ("densenet264", "densenet161", "densenet_bc190", "densenet_bc250", "den
           "densenet169")
 #: Modules whose tests build, train or convert whole models (1.5 to 3.5 GB a test; the profile
 #: in docs/performance/test-suite.md): run after the light ones.
-HEAVY_MODULES = ("parity_tests/test_memory_efficient.py", "parity_tests/test_benchmarks.py",
-                 "parity_tests/test_convert.py", "parity_tests/test_train.py",
-                 "parity_tests/test_check.py", "parity_tests/test_cli.py",
-                 "parity_tests/test_train_parallel.py")
+#: In the order they run: the lighter trees first (they may still meet the giants' last steps on
+#: the other worker), the float64 groups of (3) after test_memory_efficient, and last the modules
+#: whose tests start heavy subprocesses (torchrun's processes, torch.compile's C++ compiler):
+#: a run at 46a59ae peaked at 7.30 GB where test_benchmarks, then first, met DenseNet-BC-190.
+HEAVY_MODULES = ("parity_tests/test_check.py", "parity_tests/test_cli.py",
+                 "parity_tests/test_convert.py", "parity_tests/test_memory_efficient.py",
+                 "parity_tests/test_train.py", "parity_tests/test_train_parallel.py",
+                 "parity_tests/test_benchmarks.py")
+_GROUPS_AFTER = HEAVY_MODULES.index("parity_tests/test_memory_efficient.py")
 _STEP = "test_gradients_and_one_sgd_step"
 _FORWARD = "test_eval_forward_every_stage"
 
@@ -138,8 +143,12 @@ def pytest_collection_modifyitems(config, items):
         g = _group(item)
         if g == "giants":
             return (0, GIANTS.index(item.callspec.params["name"]), item.originalname != _STEP)
-        heavy = g is not None or item.nodeid.split("::")[0] in HEAVY_MODULES
-        return (2 if heavy else 1, 0, False)
+        module = item.nodeid.split("::")[0]
+        if module in HEAVY_MODULES:
+            return (2, HEAVY_MODULES.index(module), False)
+        if g is not None:
+            return (2, _GROUPS_AFTER, True)
+        return (1, 0, False)
     for item in items:
         g = _group(item)
         if g:
