@@ -116,7 +116,7 @@ def train(cfg: training.TrainConfig, reporter: Optional[training.Reporter] = Non
             host_devices(cfg.devices)
         trainer = importlib.import_module(f"densenet_{cfg.backend}.train")
         metrics = trainer.fit(cfg, dataset, reporter)
-    if os.environ.get("RANK", "0") != "0":  # another torchrun process: rank 0 writes
+    if not training.lead_process():  # another torchrun process: rank 0 writes
         return metrics
     out = Path(cfg.out)
     if cfg.plot:
@@ -133,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = training.config_from_args(args)
         train(cfg)
     except training.user_errors() as e:
-        if os.environ.get("RANK", "0") == "0":
+        if training.lead_process():
             print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

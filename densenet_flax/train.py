@@ -305,12 +305,7 @@ def fit(cfg: training.TrainConfig, dataset, reporter: Optional[training.Reporter
     reporter = reporter or training.ConsoleReporter(cfg.progress)
     enable_compilation_cache()
     devices = select_devices(cfg.device, cfg.devices, cfg.sync_bn)
-    mesh, info = None, None
-    if len(devices) > 1:
-        mesh = Mesh(np.array(devices), ("data",))
-        info = {"devices": len(devices), "sync_bn": cfg.sync_bn,
-                "engine": device_name(devices[0], len(devices)),
-                "batchnorm": parallel.batchnorm_semantics(cfg.sync_bn)}
+    mesh = Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
     with jax.default_device(devices[0]):
         model = build_model(cfg, dataset, devices[0])
         if cfg.init:
@@ -320,7 +315,7 @@ def fit(cfg: training.TrainConfig, dataset, reporter: Optional[training.Reporter
         optimizer = make_optimizer(model, cfg.lr, cfg.momentum, mesh, cfg.sync_bn)
         return training.run_epochs(cfg, dataset, model, optimizer, sys.modules[__name__],
                                    reporter, device_name(devices[0], len(devices)), versions(),
-                                   info)
+                                   parallel.batchnorm_semantics(cfg.sync_bn))
 
 
 def main(argv=None) -> int:

@@ -206,13 +206,9 @@ def fit(cfg: training.TrainConfig, dataset, reporter: Optional[training.Reporter
         xavier_init(model, cfg.seed)
     model.hybridize(static_alloc=True)
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum)
-    info = None
-    if len(devices) > 1:
-        info = {"devices": len(devices), "sync_bn": cfg.sync_bn,
-                "engine": device_name(devices[0], len(devices)),
-                "batchnorm": parallel.batchnorm_semantics(cfg.sync_bn)}
     return training.run_epochs(cfg, dataset, model, optimizer, sys.modules[__name__], reporter,
-                               device_name(devices[0], len(devices)), versions(), info)
+                               device_name(devices[0], len(devices)), versions(),
+                               parallel.batchnorm_semantics(cfg.sync_bn))
 
 
 def main(argv=None) -> int:

@@ -171,9 +171,9 @@ def load_checkpoint(directory, model, optimizer) -> dict:
     return info
 
 
-def _process_group(cfg: training.TrainConfig):
+def _process_group(cfg: training.TrainConfig, cuda: bool):
     """(rank, world size) of this process: (0, 1) on one device; under torchrun, join the
-    process group (gloo on the CPU, NCCL on GPUs). --devices must be torchrun's process count."""
+    process group (NCCL on GPUs, ``cuda``, else gloo). --devices must be torchrun's count."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != cfg.devices:
         launched = (f"torchrun started {world} processes" if "WORLD_SIZE" in os.environ else
@@ -184,8 +184,6 @@ def _process_group(cfg: training.TrainConfig):
             f"torchrun), or `torchrun --nproc-per-node {cfg.devices} -m densenet_cli train ... "
             f"--devices {cfg.devices}`")
     if world > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available() and cfg.device != "cpu" and \
-            torch.cuda.device_count() >= world
         dist.init_process_group("nccl" if cuda else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
@@ -197,26 +195,23 @@ def fit(cfg: training.TrainConfig, dataset, reporter: Optional[training.Reporter
     or synchronised (``cfg.sync_bn``); rank 0 reports and writes."""
     reporter = reporter or training.ConsoleReporter(cfg.progress)
     devices = select_devices(cfg.device, cfg.devices, cfg.sync_bn)
-    rank, world = _process_group(cfg)
+    rank, world = _process_group(cfg, devices[0].type == "cuda")
     device = devices[rank]
     model = build_model(cfg, dataset, device)
     if cfg.init:
         state_lib.load_state(model, training.initial_state(cfg, model.config))
     else:
         xavier_init(model, cfg.seed)
-    info = None
     if world > 1:
         if cfg.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.index is not
                                         None else None)
-        info = {"devices": world, "sync_bn": cfg.sync_bn, "engine": device_name(device, world),
-                "batchnorm": parallel.batchnorm_semantics(cfg.sync_bn)}
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum)
     try:
         metrics = training.run_epochs(cfg, dataset, model, optimizer, sys.modules[__name__],
-                                      reporter, device_name(device, world), versions(), info,
-                                      lead=rank == 0)
+                                      reporter, device_name(device, world), versions(),
+                                      parallel.batchnorm_semantics(cfg.sync_bn), lead=rank == 0)
         if world > 1:
             dist.barrier()  # every rank done before any leaves: gloo aborts a rank whose peer left
     finally:

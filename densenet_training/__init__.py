@@ -29,7 +29,8 @@ Their public names are re-exported here: ``import densenet_training as training`
 from densenet_training import data
 from densenet_training.checkpoints import (checkpoints_dir, data_fingerprint, latest_checkpoint,
                                           optimizer_info, read_checkpoint, write_checkpoint)
-from densenet_training.loop import check_run_dir, run_epochs, summarize, trainer_main, write_json
+from densenet_training.loop import (check_run_dir, lead_process, run_epochs, summarize,
+                                    trainer_main, write_json)
 from densenet_training.plots import plot_comparison, plot_metrics
 from densenet_training.progress import (ConsoleReporter, EpochMeter, EventReporter, Reporter,
                                         book_lines, epoch_line, exit_with_parent, relay)
@@ -44,7 +45,8 @@ from densenet_training.recipe import (BACKENDS, BOOK_BATCH_SIZE, BOOK_EPOCHS, BO
 
 __all__ = [
     "data", "checkpoints_dir", "data_fingerprint", "latest_checkpoint", "optimizer_info",
-    "read_checkpoint", "write_checkpoint", "check_run_dir", "run_epochs", "summarize",
+    "read_checkpoint", "write_checkpoint", "check_run_dir", "lead_process", "run_epochs",
+    "summarize",
     "trainer_main", "write_json",
     "plot_comparison", "plot_metrics", "ConsoleReporter", "EpochMeter", "EventReporter",
     "Reporter", "book_lines", "epoch_line", "exit_with_parent", "relay", "BACKENDS",

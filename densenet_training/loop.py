@@ -30,10 +30,18 @@ def summarize(history: List[dict]) -> dict:
             "examples_per_sec": examples / max(seconds, 1e-12), "epochs": len(history)}
 
 
-def check_run_dir(cfg: TrainConfig, dataset: "dataset_lib.Dataset"):
+def lead_process() -> bool:
+    """Whether this process reports and writes: always, except in torchrun's processes other than
+    rank 0 (PyTorch DDP)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def check_run_dir(cfg: TrainConfig, dataset: "dataset_lib.Dataset",
+                  fingerprint: Optional[str] = None):
     """What ``cfg.out`` holds, checked against ``cfg``: the checkpoint to resume from (None for a
     fresh start). ResumeError for --resume without a checkpoint or from a different run, and for
-    a fresh start over a run without --overwrite. Nothing is changed on disk."""
+    a fresh start over a run without --overwrite. Nothing is changed on disk. ``fingerprint``:
+    the dataset's ``data_fingerprint``, if the caller has it already (it hashes every image)."""
     latest = latest_checkpoint(cfg.out)
     if cfg.resume:
         if latest is None:
@@ -41,7 +49,7 @@ def check_run_dir(cfg: TrainConfig, dataset: "dataset_lib.Dataset"):
                               "(start the run without --resume)")
         info = json.loads((latest / "checkpoint.json").read_text())
         theirs = dict(RESUME_DEFAULTS, **info["settings"], data=info["data_fingerprint"])
-        ours = dict({k: getattr(cfg, k) for k in RESUME_KEYS}, data=data_fingerprint(dataset))
+        ours = dict({k: getattr(cfg, k) for k in RESUME_KEYS}, data=fingerprint or data_fingerprint(dataset))
         diff = [f"{k}: checkpoint {theirs.get(k)!r}, now {ours.get(k)!r}"
                 for k in ours if theirs.get(k) != ours.get(k)]
         if diff:
@@ -55,13 +63,14 @@ def check_run_dir(cfg: TrainConfig, dataset: "dataset_lib.Dataset"):
 
 def run_epochs(cfg: TrainConfig, dataset: "dataset_lib.Dataset", model, optimizer, trainer,
                reporter: Reporter, device: str, versions: Optional[dict] = None,
-               parallel: Optional[dict] = None, lead: bool = True) -> dict:
+               batchnorm: Optional[str] = None, lead: bool = True) -> dict:
     """The loop of d2l.train_ch6 around a backend's ``trainer`` module: for each epoch, train
     (running loss and accuracy), evaluate, report, checkpoint. Resumes from the run's last
     checkpoint with ``cfg.resume``. Writes metrics.json into ``cfg.out``; returns the metrics.
 
-    Data-parallel runs (``cfg.devices`` > 1) pass ``parallel`` (engine, BatchNorm semantics: it
-    goes into the metrics) and train on ``even_batches``. In a run of several processes
+    Data-parallel runs (``cfg.devices`` > 1) pass ``batchnorm``, the framework's BatchNorm
+    semantics in words (``parallel.batchnorm_semantics``): it goes into the metrics and
+    checkpoints with the devices and the engine (``device``); they train on ``even_batches``. In a run of several processes
     (PyTorch DDP) every process runs this loop, and only the ``lead`` one (rank 0) reports and
     writes the checkpoints and metrics.
     """
@@ -71,9 +80,11 @@ def run_epochs(cfg: TrainConfig, dataset: "dataset_lib.Dataset", model, optimize
         reporter = Reporter()
     fingerprint = data_fingerprint(dataset)
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    parallel = ({"devices": cfg.devices, "sync_bn": cfg.sync_bn, "engine": device,
+                 "batchnorm": batchnorm} if cfg.devices > 1 else None)
     history: List[dict] = []
     start = steps = 0
-    latest = check_run_dir(cfg, dataset)
+    latest = check_run_dir(cfg, dataset, fingerprint)
     if latest is not None:
         info = trainer.load_checkpoint(latest, model, optimizer)
         history, start, steps = info["history"], info["epoch"], info["optimizer"]["step"]
@@ -152,7 +163,7 @@ def trainer_main(trainer, argv=None) -> int:
     args.backend = trainer.BACKEND
     if args.events:
         exit_with_parent()
-    lead = os.environ.get("RANK", "0") == "0"
+    lead = lead_process()
     try:
         cfg = config_from_args(args)
         reporter = EventReporter() if args.events else ConsoleReporter(cfg.progress)
