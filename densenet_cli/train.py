@@ -1,5 +1,9 @@
 """``densenet train --backend torch|mxnet|flax ...``: train with the book's recipe.
 
+Images (digits, fashion-mnist) train with d2l.train_ch6; house prices (``--dataset ames`` or
+``kaggle-house``, an MLP preset such as ``house_mlp``, or ``--model linear``) with the book's
+Kaggle recipe (``train_house``: K-fold cross-validation, Adam, log-rmse).
+
 Loads the dataset (Fashion-MNIST or the offline digits), checks the network takes its size, then
 runs the backend's trainer: PyTorch and Flax in this process, MXNet in its own environment as a
 subprocess (``python -m densenet_mxnet.train``) that gets the prepared dataset as an .npz file
@@ -25,6 +29,7 @@ from typing import List, Optional
 import densenet_training as training
 from densenet_parity.backends import MXNET_HINT, ROOT, mxnet_python
 from densenet_training import data as dataset_lib
+from densenet_training import tabular
 
 
 def run_child(cfg: training.TrainConfig, dataset, reporter: training.Reporter, launch: List[str],
@@ -44,7 +49,7 @@ def run_child(cfg: training.TrainConfig, dataset, reporter: training.Reporter, l
     cmd = [*launch, "-m", module, *training.config_to_argv(cfg), "--prepared", npz, "--events"]
     metrics = None
     try:
-        dataset_lib.save_npz(dataset, npz)
+        (tabular.save_npz if cfg.house else dataset_lib.save_npz)(dataset, npz)
         proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=subprocess.PIPE, text=True,
                                 bufsize=1)
         try:
@@ -102,6 +107,8 @@ def train(cfg: training.TrainConfig, reporter: Optional[training.Reporter] = Non
     PyTorch on several devices runs under torchrun (started here unless this process is one
     of torchrun's already), MXNet in its own environment, Flax in this process."""
     reporter = reporter or training.ConsoleReporter(cfg.progress)
+    if cfg.house:
+        return train_house(cfg, reporter)
     training.check_parallel(cfg)
     dataset = dataset_lib.load_dataset(cfg.dataset, cfg.resize, cfg.limit, cfg.data_dir,
                                        download=cfg.download, verify=cfg.verify)
@@ -121,6 +128,28 @@ def train(cfg: training.TrainConfig, reporter: Optional[training.Reporter] = Non
     out = Path(cfg.out)
     if cfg.plot:
         png = training.plot_metrics(metrics, out / "metrics.png")
+        reporter.message(f"plot: {png}")
+    reporter.message(f"metrics: {out / 'metrics.json'}; checkpoint: "
+                     f"{training.latest_checkpoint(out)}")
+    return metrics
+
+
+def train_house(cfg: training.TrainConfig, reporter: training.Reporter) -> dict:
+    """The house-price recipe: the tables read and encoded here (pandas), then the backend's
+    ``fit_house`` (MXNet's in its own environment, given the encoded arrays); the plot."""
+    training.check_recipe(cfg)
+    data = tabular.load_house(cfg.dataset, cfg.data_dir, cfg.limit)
+    for i in range(cfg.folds):  # too few rows for the folds: one message before any work
+        tabular.k_fold_indices(len(data.labels), cfg.folds, i)
+    training.check_run_dir(cfg, None, tabular.fingerprint(data))
+    if cfg.backend == "mxnet":
+        metrics = run_mxnet(cfg, data, reporter)
+    else:
+        trainer = importlib.import_module(f"densenet_{cfg.backend}.train")
+        metrics = trainer.fit_house(cfg, data, reporter)
+    out = Path(cfg.out)
+    if cfg.plot:
+        png = training.plot_house(metrics, out / "metrics.png")
         reporter.message(f"plot: {png}")
     reporter.message(f"metrics: {out / 'metrics.json'}; checkpoint: "
                      f"{training.latest_checkpoint(out)}")

@@ -220,6 +220,114 @@ def fit(cfg: training.TrainConfig, dataset, reporter: Optional[training.Reporter
     return metrics
 
 
+# ------------------------------------------------------------------ house prices (tabular)
+
+class _Linear(torch.nn.Module):
+    """The book's linear model for house prices (get_net: one Linear layer), canonical name
+    ``classifier``."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.classifier = torch.nn.Linear(in_features, 1)
+
+    def forward(self, x):
+        return self.classifier(x)
+
+
+def build_house_model(cfg: training.TrainConfig, in_features: int, device):
+    """The MLP preset for ``in_features`` inputs (float32 (N, F) -> (N, 1)), or with
+    ``cfg.model == 'linear'`` the book's one Linear layer; on ``device``."""
+    if cfg.model == "linear":
+        return _Linear(in_features).to(device)
+    return build(cfg.preset, in_features=in_features).to(device)
+
+
+def load_house_state(model, state: Dict[str, np.ndarray]) -> None:
+    """Load a canonical state (all of it, or a clear error) into a house-price model."""
+    if isinstance(model, _Linear):
+        training.house.check_linear_state(state, model.classifier.in_features)
+        model.load_state_dict({k: torch.as_tensor(np.asarray(v, np.float32)) for k, v in
+                               state.items()})
+        return
+    state_lib.load_state(model, state)
+
+
+def house_state(model) -> Dict[str, np.ndarray]:
+    """A house-price model's canonical state."""
+    if isinstance(model, _Linear):
+        return {k: v.detach().to("cpu").numpy().copy() for k, v in model.state_dict().items()}
+    return state_lib.export_state(model)
+
+
+def make_adam(model, lr: float, weight_decay: float = 0.0):
+    """The book's optimiser for house prices: torch.optim.Adam (weight decay: L2 added to the
+    gradient)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=training.house.ADAM_BETAS,
+                            eps=training.house.ADAM_EPS, weight_decay=weight_decay)
+
+
+def house_step(model, optimizer, x, y):
+    """One Adam step on a batch: the mean squared error of the prices (the book's
+    nn.MSELoss), as a tensor."""
+    optimizer.zero_grad()
+    loss = F.mse_loss(model(x).reshape(-1), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def house_train_epoch(model, optimizer, features, labels, batches, meter) -> None:
+    """One pass over ``batches`` (row indices into ``features``/``labels``) in train mode."""
+    model.train()
+    device = next(model.parameters()).device
+    for idx in batches:
+        loss = house_step(model, optimizer, torch.from_numpy(features[idx]).to(device),
+                          torch.from_numpy(labels[idx]).to(device))
+        meter.update(loss.item(), 0, len(idx))
+
+
+def house_predict(model, features) -> np.ndarray:
+    """Predicted prices (N,) in eval mode (BatchNorm's running statistics)."""
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(torch.from_numpy(features).to(device)).reshape(-1).to("cpu").numpy()
+    model.train()
+    return out.copy()
+
+
+def adam_state(model, optimizer) -> Dict[str, np.ndarray]:
+    """Adam's moments under the canonical parameter names: exp_avg/<name>, exp_avg_sq/<name>
+    (none before the first step)."""
+    out = {}
+    for name, p in model.named_parameters():
+        st = optimizer.state.get(p)
+        if st:
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[f"{key}/{name}"] = st[key].detach().to("cpu", torch.float32).numpy().copy()
+    return out
+
+
+def load_adam_state(model, optimizer, arrays: Dict[str, np.ndarray], step: int) -> None:
+    """Restore Adam's moments (adam_state's names) and its step count."""
+    for name, p in model.named_parameters():
+        if f"exp_avg/{name}" in arrays:
+            optimizer.state[p] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": torch.as_tensor(arrays[f"exp_avg/{name}"]).to(p.device).clone(),
+                "exp_avg_sq": torch.as_tensor(arrays[f"exp_avg_sq/{name}"]).to(p.device).clone()}
+
+
+def fit_house(cfg: training.TrainConfig, data, reporter: Optional[training.Reporter] = None
+              ) -> dict:
+    """The house-price recipe (densenet_training.run_folds: K-fold cross-validation, Adam, MSE,
+    log-rmse) on ``data`` (densenet_training.tabular.HouseData); returns the metrics (also
+    written to ``cfg.out``/metrics.json)."""
+    reporter = reporter or training.ConsoleReporter(cfg.progress)
+    return training.run_folds(cfg, data, sys.modules[__name__], reporter,
+                              select_device(cfg.device), versions())
+
+
 def main(argv=None) -> int:
     """This trainer's own process (densenet_training.trainer_main): each DDP process that
     `densenet train --devices N` starts with torchrun."""

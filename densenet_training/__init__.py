@@ -22,29 +22,39 @@ supplies the rest, the same for all three:
   the newest complete one and is written last, so a run killed at any moment resumes from the
   last finished epoch.
 
+The house-price recipe (d2l's Kaggle section with the MLP DenseNet of the chapter's exercise 5:
+Adam, MSE on the prices, K-fold cross-validation, log-rmse) has its data in ``tabular`` and its
+loop in ``house`` (``run_folds``); the trainers supply ``fit_house`` and its steps.
+
 Modules: ``recipe`` (settings, command line, Xavier state), ``progress`` (reporters, the
-per-epoch meter), ``checkpoints``, ``loop`` (``run_epochs``), ``plots``, ``data`` (the datasets).
+per-epoch meter), ``checkpoints``, ``loop`` (``run_epochs``), ``plots``, ``data`` (the datasets),
+``tabular`` and ``house`` (house prices).
 Their public names are re-exported here: ``import densenet_training as training``.
 """
-from densenet_training import data
+from densenet_training import data, tabular
 from densenet_training.checkpoints import (checkpoints_dir, data_fingerprint, latest_checkpoint,
                                           optimizer_info, read_checkpoint, write_checkpoint)
 from densenet_training.loop import (check_run_dir, lead_process, run_epochs, summarize,
                                     trainer_main, write_json)
-from densenet_training.plots import plot_comparison, plot_metrics
+from densenet_training.house import (HOUSE_METRICS_FORMAT, fold_initial_state, house_network,
+                                     linear_state, run_folds)
+from densenet_training.plots import plot_comparison, plot_house, plot_metrics
 from densenet_training.progress import (ConsoleReporter, EpochMeter, EventReporter, Reporter,
                                         book_lines, epoch_line, exit_with_parent, relay)
 from densenet_training.recipe import (BACKENDS, BOOK_BATCH_SIZE, BOOK_EPOCHS, BOOK_LR,
                                       CHECKPOINT_FORMAT, EVENT_PREFIX, METRICS_FORMAT,
                                       MOMENTUM_CONVENTION, RESUME_DEFAULTS, RESUME_KEYS,
                                       ResumeError, TrainConfig, UserError, check_cpu_devices,
-                                      check_parallel, check_size, config_from_args, config_to_argv,
+                                      check_parallel, check_recipe, check_size, config_from_args,
+                                      config_to_argv, HOUSE_BATCH_SIZE, HOUSE_LR, HOUSE_FOLDS,
                                       cpu_cores, parallel_kind,
                                       initial_state, make_parser, model_options, user_errors,
                                       xavier_state)
 
 __all__ = [
-    "data", "checkpoints_dir", "data_fingerprint", "latest_checkpoint", "optimizer_info",
+    "data", "tabular", "HOUSE_METRICS_FORMAT", "fold_initial_state", "house_network",
+    "linear_state", "run_folds", "plot_house", "check_recipe", "HOUSE_BATCH_SIZE", "HOUSE_LR",
+    "HOUSE_FOLDS", "checkpoints_dir", "data_fingerprint", "latest_checkpoint", "optimizer_info",
     "read_checkpoint", "write_checkpoint", "check_run_dir", "lead_process", "run_epochs",
     "summarize",
     "trainer_main", "write_json",

@@ -151,7 +151,8 @@ def run_epochs(cfg: TrainConfig, dataset: "dataset_lib.Dataset", model, optimize
 def trainer_main(trainer, argv=None) -> int:
     """A trainer's own process (``python -m densenet_<backend>.train``): the MXNet environment's
     trainer, and each process of a PyTorch DDP run under torchrun. With ``--prepared`` it takes
-    the dataset ``densenet train`` prepared; with ``--events`` it reports as JSON lines on stdout
+    the dataset ``densenet train`` prepared (images, or the house-price tables, which it then
+    trains with ``trainer.fit_house``); with ``--events`` it reports as JSON lines on stdout
     for the parent to draw. Only the lead process (rank 0 under torchrun) reports or prints an
     error."""
     parser = make_parser(f"python -m {trainer.__name__}")
@@ -167,6 +168,12 @@ def trainer_main(trainer, argv=None) -> int:
     try:
         cfg = config_from_args(args)
         reporter = EventReporter() if args.events else ConsoleReporter(cfg.progress)
+        if cfg.house:
+            from densenet_training import tabular
+            data = (tabular.load_npz(args.prepared) if args.prepared else
+                    tabular.load_house(cfg.dataset, cfg.data_dir, cfg.limit))
+            trainer.fit_house(cfg, data, reporter)
+            return 0
         if args.prepared:
             dataset = dataset_lib.load_npz(args.prepared)
         else:

@@ -57,3 +57,43 @@ def plot_comparison(runs: List[dict], path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_house(metrics: dict, path) -> Path:
+    """The house-price run's figure: per fold, train (solid) and validation (dashed) log-rmse
+    against epochs (log scale, as the book's k_fold plot), and their averages over the folds.
+    matplotlib, main process only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, f in enumerate(metrics["folds"]):
+        c = colors[i % len(colors)]
+        epochs = [r["epoch"] for r in f["epochs"]]
+        left.plot(epochs, [r["train_log_rmse"] for r in f["epochs"]], "-", color=c,
+                  label=f"fold {f['fold']} train")
+        left.plot(epochs, [r["valid_log_rmse"] for r in f["epochs"]], "--", color=c,
+                  label=f"fold {f['fold']} valid")
+    n = min(len(f["epochs"]) for f in metrics["folds"])
+    for key, style, label in (("train_log_rmse", "-", "train"), ("valid_log_rmse", "--", "valid")):
+        mean = [sum(f["epochs"][e][key] for f in metrics["folds"]) / len(metrics["folds"])
+                for e in range(n)]
+        right.plot(range(1, n + 1), mean, style, marker="o", markersize=3,
+                   label=f"{label} (average of {len(metrics['folds'])} folds)")
+    for ax, what in ((left, "log-rmse per fold"), (right, "log-rmse, average over the folds")):
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(what, fontsize=9)
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=6, ncol=2 if ax is left else 1)
+    d = metrics["dataset"]
+    network = "linear" if metrics["model"] == "linear" else metrics["preset"]
+    fig.suptitle(f"{network} / {metrics['backend']} on {metrics['device']}: {d['name']} "
+                 f"({d['train']} houses, {d['features']} features), lr {metrics['config']['lr']}, "
+                 f"batch {metrics['config']['batch_size']}", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

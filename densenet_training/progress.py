@@ -30,8 +30,19 @@ def epoch_line(r: dict, epochs: int) -> str:
             f"test acc {r['test_acc']:.3f}, {r['examples_per_sec']:.1f} examples/sec{compiling}")
 
 
+def house_epoch_line(r: dict, epochs: int) -> str:
+    compiling = (f" (+{r['compile_time']:.1f} s compiling)" if r.get("compile_time", 0) >= 0.05
+                 else "")
+    return (f"fold {r['fold']} epoch {r['epoch']}/{epochs}: loss {r['loss']:.4g}, train log rmse "
+            f"{r['train_log_rmse']:.6f}, valid log rmse {r['valid_log_rmse']:.6f}, "
+            f"{r['examples_per_sec']:.1f} examples/sec{compiling}")
+
+
 def book_lines(metrics: dict) -> List[str]:
-    """The book's two closing lines."""
+    """The book's closing lines (the house-price recipe's: one per fold and the average)."""
+    if metrics.get("recipe") == "house":
+        from densenet_training.house import house_lines
+        return house_lines(metrics)
     f = metrics["final"]
     return [f"loss {f['loss']:.3f}, train acc {f['train_acc']:.3f}, test acc {f['test_acc']:.3f}",
             f"{f['examples_per_sec']:.1f} examples/sec on {metrics['device']}"]
@@ -65,9 +76,22 @@ class ConsoleReporter(Reporter):
         self.progress = progress and getattr(self.bar_stream, "isatty", lambda: False)()
         self._bar = None
         self.epochs = 0
+        self.house = False
 
     def start(self, info):
         self.epochs = info["epochs"]
+        self.house = info.get("recipe") == "house"
+        if self.house:
+            resumed = info.get("resumed_from")
+            network = "linear model" if info["model"] == "linear" else info["preset"]
+            self._print(f"training {network} on {info['dataset']} ({info['train']} houses, "
+                        f"{info['features']} features) with {info['backend']} on "
+                        f"{info['device']}: {info['folds']}-fold cross-validation, "
+                        f"{info['epochs']} epochs per fold, Adam lr {info['lr']}, weight decay "
+                        f"{info['weight_decay']}, batch {info['batch_size']}" +
+                        (f", resumed after fold {resumed['fold']} epoch {resumed['epoch']}"
+                         if resumed else ""))
+            return
         resumed = (f", resumed after epoch {info['resumed_from']}" if info.get("resumed_from")
                    else "")
         sync = ", synchronised BatchNorm" if info.get("sync_bn") else ""
@@ -90,7 +114,7 @@ class ConsoleReporter(Reporter):
     def batch(self, i, num_batches, loss, acc):
         if self._bar is None:
             return
-        postfix = f"loss {loss:.3f}, acc {acc:.3f}"
+        postfix = f"loss {loss:.4g}" if self.house else f"loss {loss:.3f}, acc {acc:.3f}"
         if isinstance(self._bar, _TextBar):
             self._bar.update(i, postfix)
         else:
@@ -101,7 +125,8 @@ class ConsoleReporter(Reporter):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        self._print(epoch_line(record, self.epochs))
+        self._print(house_epoch_line(record, self.epochs) if self.house
+                    else epoch_line(record, self.epochs))
 
     def message(self, text):
         self._print(text)

