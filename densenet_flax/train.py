@@ -318,6 +318,187 @@ def fit(cfg: training.TrainConfig, dataset, reporter: Optional[training.Reporter
                                    parallel.batchnorm_semantics(cfg.sync_bn))
 
 
+# ------------------------------------------------------------------ house prices (tabular)
+
+class _Linear(nnx.Module):
+    """The book's linear model for house prices (get_net: one Linear layer), canonical name
+    ``classifier`` (its kernel is the canonical weight transposed)."""
+
+    def __init__(self, in_features: int, rngs: nnx.Rngs):
+        self.in_features = in_features
+        self.classifier = nnx.Linear(in_features, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.classifier(x)
+
+
+def build_house_model(cfg: training.TrainConfig, in_features: int, device):
+    """The MLP preset for ``in_features`` inputs (float32 (N, F) -> (N, 1)), or with
+    ``cfg.model == 'linear'`` the book's one Linear layer. Built abstractly (``nnx.eval_shape``)
+    unless it has dropout: load_house_state sets every value."""
+    with jax.default_device(device):
+        if cfg.model == "linear":
+            return nnx.eval_shape(lambda: _Linear(in_features, nnx.Rngs(cfg.seed)))
+        if spec.make_config(cfg.preset, in_features=in_features).drop_rate:
+            return build(cfg.preset, rngs=nnx.Rngs(cfg.seed), in_features=in_features)
+        return nnx.eval_shape(lambda: build(cfg.preset, rngs=nnx.Rngs(cfg.seed),
+                                            in_features=in_features))
+
+
+def load_house_state(model, state: Dict[str, np.ndarray]) -> None:
+    """Load a canonical state (all of it, or a clear error) into a house-price model."""
+    if isinstance(model, _Linear):
+        training.house.check_linear_state(state, model.in_features)
+        model.classifier.kernel.value = jnp.asarray(np.asarray(state["classifier.weight"],
+                                                               np.float32).T)
+        model.classifier.bias.value = jnp.asarray(np.asarray(state["classifier.bias"],
+                                                             np.float32))
+        return
+    state_lib.load_state(model, state)
+
+
+def house_state(model) -> Dict[str, np.ndarray]:
+    """A house-price model's canonical state."""
+    if isinstance(model, _Linear):
+        return {"classifier.weight": np.array(model.classifier.kernel.value).T.copy(),
+                "classifier.bias": np.array(model.classifier.bias.value)}
+    return state_lib.export_state(model)
+
+
+class _Adam:
+    """optax's Adam (after add_decayed_weights: L2 added to the gradient, as torch.optim.Adam's
+    weight_decay) with its state."""
+
+    def __init__(self, model, lr: float, weight_decay: float):
+        self.lr, self.weight_decay = lr, weight_decay
+        b1, b2 = training.house.ADAM_BETAS
+        self.tx = optax.chain(optax.add_decayed_weights(weight_decay),
+                              optax.scale_by_adam(b1, b2, training.house.ADAM_EPS),
+                              optax.scale(-lr))
+        self.state = self.tx.init(nnx.split(model, nnx.Param, ...)[1])
+
+
+def make_adam(model, lr: float, weight_decay: float = 0.0) -> _Adam:
+    """The book's optimiser for house prices: optax.add_decayed_weights, then Adam."""
+    return _Adam(model, lr, weight_decay)
+
+
+def _house_step(graphdef, tx, params, rest, opt_state, x, y):
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        loss = jnp.mean((model(x).reshape(-1) - y) ** 2)
+        return loss, nnx.split(model, nnx.Param, ...)[2]
+
+    (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_rest, opt_state, loss
+
+
+_house_steps: dict = {}
+
+
+def house_step(model, optimizer, x, y):
+    """One Adam step on a batch (numpy): the mean squared error of the prices (the book's
+    nn.MSELoss). The step is compiled once per graph, settings and batch size."""
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    key = (graphdef, optimizer.lr, optimizer.weight_decay, x.shape)
+    if key not in _house_steps:
+        _house_steps[key] = jax.jit(functools.partial(_house_step, graphdef, optimizer.tx),
+                                    donate_argnums=(0, 1, 2)).lower(
+            params, rest, optimizer.state, x, y).compile()
+    params, rest, optimizer.state, loss = _house_steps[key](params, rest, optimizer.state, x, y)
+    nnx.update(model, params, rest)
+    return loss
+
+
+def house_train_epoch(model, optimizer, features, labels, batches, meter) -> None:
+    """One pass over ``batches`` (row indices into ``features``/``labels``) in train mode;
+    compiling a step for a new batch size is reported apart (``compile_time``)."""
+    model.train()
+    for idx in batches:
+        x, y = features[idx], labels[idx]
+        t0 = time.perf_counter()
+        fresh = (nnx.graphdef(model), optimizer.lr, optimizer.weight_decay, x.shape) \
+            not in _house_steps
+        loss = house_step(model, optimizer, x, y)
+        value = float(loss)
+        if fresh:
+            meter.exclude(time.perf_counter() - t0)
+        meter.update(value, 0, len(idx))
+
+
+_house_predict_fns: dict = {}
+
+
+def _house_forward(graphdef, params, rest, x):
+    return nnx.merge(graphdef, params, rest, copy=True)(x).reshape(-1)
+
+
+def house_predict(model, features) -> np.ndarray:
+    """Predicted prices (N,) in eval mode (BatchNorm's running statistics)."""
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    model.train()
+    if graphdef not in _house_predict_fns:
+        _house_predict_fns[graphdef] = jax.jit(functools.partial(_house_forward, graphdef))
+    return np.array(_house_predict_fns[graphdef](params, rest, features))
+
+
+def _moments_model(model, moments):
+    """A copy of ``model`` whose parameters are ``moments`` (a tree shaped as its params)."""
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, moments, rest, copy=True)
+
+
+def adam_state(model, optimizer) -> Dict[str, np.ndarray]:
+    """Adam's moments under the canonical parameter names and layout: exp_avg/<name> (optax's
+    mu), exp_avg_sq/<name> (nu)."""
+    adam = optimizer.state[1]
+    if int(adam.count) == 0:
+        return {}
+    trainable = set(house_state(model)) if isinstance(model, _Linear) else {
+        n for n, _, kind in spec.canonical_tensors(model.config) if kind == "param"}
+    out = {}
+    for key, tree in (("exp_avg", adam.mu), ("exp_avg_sq", adam.nu)):
+        for name, value in house_state(_moments_model(model, tree)).items():
+            if name in trainable:
+                out[f"{key}/{name}"] = value
+    return out
+
+
+def load_adam_state(model, optimizer, arrays: Dict[str, np.ndarray], step: int) -> None:
+    """Restore Adam's moments (adam_state's names) and its step count."""
+    if not arrays:
+        return
+    full = house_state(model)
+    trees = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        shadow = _moments_model(model, nnx.split(model, nnx.Param, ...)[1])
+        load_house_state(shadow, {**full, **{n[len(key) + 1:]: v for n, v in arrays.items()
+                                             if n.startswith(key + "/")}})
+        trees[key] = nnx.split(shadow, nnx.Param, ...)[1]
+    adam = optimizer.state[1]
+    like = lambda old, new: jnp.asarray(new, old.dtype)  # noqa: E731
+    adam = adam._replace(count=jnp.asarray(step, adam.count.dtype),
+                         mu=jax.tree.map(like, adam.mu, trees["exp_avg"]),
+                         nu=jax.tree.map(like, adam.nu, trees["exp_avg_sq"]))
+    optimizer.state = (optimizer.state[0], adam) + tuple(optimizer.state[2:])
+
+
+def fit_house(cfg: training.TrainConfig, data, reporter: Optional[training.Reporter] = None
+              ) -> dict:
+    """The house-price recipe (densenet_training.run_folds: K-fold cross-validation, Adam, MSE,
+    log-rmse) on ``data`` (densenet_training.tabular.HouseData); returns the metrics (also
+    written to ``cfg.out``/metrics.json)."""
+    reporter = reporter or training.ConsoleReporter(cfg.progress)
+    enable_compilation_cache()
+    device = select_device(cfg.device)
+    with jax.default_device(device):
+        return training.run_folds(cfg, data, sys.modules[__name__], reporter, device,
+                                  versions())
+
+
 def main(argv=None) -> int:
     """This trainer's own process (densenet_training.trainer_main)."""
     return training.trainer_main(sys.modules[__name__], argv)

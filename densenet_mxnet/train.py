@@ -211,6 +211,134 @@ def fit(cfg: training.TrainConfig, dataset, reporter: Optional[training.Reporter
                                parallel.batchnorm_semantics(cfg.sync_bn))
 
 
+# ------------------------------------------------------------------ house prices (tabular)
+
+class _Linear(gluon.HybridBlock):
+    """The book's linear model for house prices (get_net: one Dense layer), canonical name
+    ``classifier``."""
+
+    def __init__(self, in_features: int, **kwargs):
+        super().__init__(**kwargs)
+        self.in_features = in_features
+        with self.name_scope():
+            self.classifier = gluon.nn.Dense(1, in_units=in_features)
+
+    def hybrid_forward(self, F, x):
+        return self.classifier(x)
+
+
+def build_house_model(cfg: training.TrainConfig, in_features: int, device):
+    """The MLP preset for ``in_features`` inputs (float32 (N, F) -> (N, 1)), or with
+    ``cfg.model == 'linear'`` the book's one Dense layer; on ``device``, hybridized."""
+    model = (_Linear(in_features) if cfg.model == "linear"
+             else build(cfg.preset, in_features=in_features))
+    model.initialize(ctx=device)  # placeholder values: load_house_state sets them
+    model.hybridize(static_alloc=True)
+    return model
+
+
+def _house_params(model) -> Dict[str, gluon.Parameter]:
+    if isinstance(model, _Linear):
+        return {"classifier.weight": model.classifier.weight,
+                "classifier.bias": model.classifier.bias}
+    return state_lib._canonical_params(model)
+
+
+def load_house_state(model, state: Dict[str, np.ndarray]) -> None:
+    """Load a canonical state (all of it, or a clear error) into a house-price model."""
+    if isinstance(model, _Linear):
+        training.house.check_linear_state(state, model.in_features)
+        for name, p in _house_params(model).items():
+            p.set_data(mx.nd.array(np.asarray(state[name], np.float32)))
+        return
+    state_lib.load_state(model, state)
+
+
+def house_state(model) -> Dict[str, np.ndarray]:
+    """A house-price model's canonical state."""
+    if isinstance(model, _Linear):
+        return {k: p.data().asnumpy().copy() for k, p in _house_params(model).items()}
+    return state_lib.export_state(model)
+
+
+def make_adam(model, lr: float, weight_decay: float = 0.0) -> gluon.Trainer:
+    """The book's optimiser for house prices: gluon.Trainer 'adam' (wd: L2 added to the
+    gradient, as torch.optim.Adam's weight_decay). MXNet adds epsilon to sqrt(v) before the bias
+    correction, PyTorch after it: the same update but for epsilon's scale."""
+    return gluon.Trainer(model.collect_params(), "adam", {
+        "learning_rate": lr, "wd": weight_decay, "beta1": training.house.ADAM_BETAS[0],
+        "beta2": training.house.ADAM_BETAS[1], "epsilon": training.house.ADAM_EPS})
+
+
+def house_step(model, optimizer, x, y):
+    """One Adam step on a batch: the mean squared error of the prices (the book's
+    nn.MSELoss), as an NDArray."""
+    with autograd.record():
+        loss = ((model(x).reshape((-1,)) - y) ** 2).mean()
+    loss.backward()
+    optimizer.step(1)  # the loss is the batch mean already
+    return loss
+
+
+def house_train_epoch(model, optimizer, features, labels, batches, meter) -> None:
+    """One pass over ``batches`` (row indices into ``features``/``labels``) in train mode."""
+    ctx = _contexts(model)[0]
+    for idx in batches:
+        loss = house_step(model, optimizer, mx.nd.array(features[idx], ctx=ctx),
+                          mx.nd.array(labels[idx], ctx=ctx))
+        meter.update(float(loss.asscalar()), 0, len(idx))
+
+
+def house_predict(model, features) -> np.ndarray:
+    """Predicted prices (N,) in predict mode (BatchNorm's running statistics)."""
+    with autograd.predict_mode():
+        out = model(mx.nd.array(features, ctx=_contexts(model)[0]))
+    return out.asnumpy().reshape(-1).copy()
+
+
+def _house_indexed(model, optimizer):
+    """(Trainer's parameter index, canonical name) of every trainable parameter."""
+    names = {id(p): k for k, p in _house_params(model).items()}
+    return [(i, names[id(p)]) for i, p in enumerate(optimizer._params) if p.grad_req != "null"]
+
+
+def adam_state(model, optimizer) -> Dict[str, np.ndarray]:
+    """Adam's moments under the canonical parameter names: exp_avg/<name>, exp_avg_sq/<name>
+    (MXNet's mean and var; none before the first step)."""
+    states = optimizer._updaters[0].states
+    out = {}
+    for i, name in _house_indexed(model, optimizer):
+        if states.get(i) is not None:
+            mean, var = states[i]
+            out[f"exp_avg/{name}"] = mean.asnumpy().copy()
+            out[f"exp_avg_sq/{name}"] = var.asnumpy().copy()
+    return out
+
+
+def load_adam_state(model, optimizer, arrays: Dict[str, np.ndarray], step: int) -> None:
+    """Restore Adam's moments (adam_state's names) and its step count (MXNet's per-parameter
+    update counts, which its bias correction reads)."""
+    ctx = _contexts(model)[0]
+    updater, opt = optimizer._updaters[0], optimizer._optimizer
+    for i, name in _house_indexed(model, optimizer):
+        if f"exp_avg/{name}" in arrays:
+            updater.states[i] = (mx.nd.array(arrays[f"exp_avg/{name}"], ctx=ctx),
+                                 mx.nd.array(arrays[f"exp_avg_sq/{name}"], ctx=ctx))
+            updater.states_synced[i] = True
+            opt._index_update_count[i] = int(step)
+    opt.num_update = max(opt.num_update, int(step))
+
+
+def fit_house(cfg: training.TrainConfig, data, reporter: Optional[training.Reporter] = None
+              ) -> dict:
+    """The house-price recipe (densenet_training.run_folds: K-fold cross-validation, Adam, MSE,
+    log-rmse) on ``data`` (densenet_training.tabular.HouseData); returns the metrics (also
+    written to ``cfg.out``/metrics.json)."""
+    reporter = reporter or training.ConsoleReporter(cfg.progress)
+    return training.run_folds(cfg, data, sys.modules[__name__], reporter,
+                              select_device(cfg.device), versions())
+
+
 def main(argv=None) -> int:
     """This trainer's own process (densenet_training.trainer_main): the MXNet environment's."""
     return training.trainer_main(sys.modules[__name__], argv)
