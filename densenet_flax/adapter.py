@@ -23,6 +23,10 @@ from flax import nnx
 
 import densenet_spec as spec
 from densenet_flax import linen, model as nnx_model
+from densenet_flax.runtime import (_DROPOUT, abstract as _abstract, cross_entropy as _loss,
+                                   device, from_config as _build, linen_loss as _linen_loss,
+                                   loaded as _loaded, nhwc as _nhwc, numerics as _numerics,
+                                   sgd as _sgd)
 from densenet_flax.state import export_state, load_state, to_canonical
 
 BACKEND = "flax"
@@ -38,11 +42,6 @@ def _module(variant):
     return nnx_model if variant == "nnx" else linen
 
 
-def device() -> str:
-    d = jax.devices()[0]
-    return "cpu" if d.platform == "cpu" else f"{d.platform}:{d.id}"
-
-
 def versions() -> dict:
     import flax
     import jaxlib
@@ -56,40 +55,10 @@ def info(variant: str = "nnx") -> dict:
             "memory_efficient": MEMORY_EFFICIENT}
 
 
-def _build(config: dict, memory_efficient=False, variant="nnx", seed=0, **_):
-    cfg = spec.Preset.from_dict(config)
-    if variant == "nnx":
-        return nnx_model.DenseNet(**cfg.options(), memory_efficient=memory_efficient,
-                                  name=cfg.name, rngs=nnx.Rngs(seed))
-    return _module(variant).DenseNet(**cfg.options(), memory_efficient=memory_efficient,
-                                     name=cfg.name)
-
-
-@functools.lru_cache(maxsize=8)
-def _abstract_parts(config_json: str, memory_efficient: bool):
-    """NNX's model for a configuration, built abstractly once (nnx.eval_shape: the shapes of
-    every variable, no initialiser run; still seconds for the deepest presets)."""
-    import json
-    model = nnx.eval_shape(lambda: _build(json.loads(config_json),
-                                          memory_efficient=memory_efficient))
-    return nnx.split(model)
-
-
-def _abstract(config: dict, memory_efficient: bool = False):
-    """A fresh abstract NNX model (its own Variables) for ``config``."""
-    import json
-    return nnx.merge(*_abstract_parts(json.dumps(config, sort_keys=True), memory_efficient))
-
-
 def _nhwc_shape(shape):
     """Canonical NCHW shape -> Flax's NHWC (other ranks are passed as they are)."""
     shape = tuple(shape)
     return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else shape
-
-
-def _nhwc(x, dtype="float32"):
-    x = jnp.asarray(np.asarray(x, dtype=dtype))
-    return jnp.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x
 
 
 def _nchw(y) -> np.ndarray:
@@ -234,45 +203,6 @@ def book_examples(variant: str = "nnx") -> dict:
 # train_step, the parity suite's gradient check) computes in double precision: JAX's x64 mode
 # for the call, the loaded weights cast to float64, float64 results.
 
-@contextlib.contextmanager
-def _numerics(dtype="float32"):
-    if dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(jax.default_matmul_precision("highest"))
-        if dtype == "float64":
-            stack.enter_context(jax.enable_x64(True))
-        yield
-
-
-def _loaded(config, state, memory_efficient=False, variant="nnx", dtype="float32"):
-    """NNX: the model, loaded. linen: (model, variables). At ``dtype`` (inside _numerics).
-    NNX builds abstractly (nnx.eval_shape: no random initialisation, which would compile an
-    initialiser per weight shape) unless dropout needs its RNG streams."""
-    if variant == "nnx" and not config.get("drop_rate"):
-        model = _abstract(config, memory_efficient)
-    else:
-        model = _build(config, memory_efficient=memory_efficient, variant=variant)
-    variables = load_state(model, state, dtype=np.dtype(dtype))
-    return model if variant == "nnx" else (model, variables)
-
-
-def _loss(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-_DROPOUT = {"dropout": jax.random.key(0)}  # linen: used only when drop_rate > 0
-
-
-def _linen_loss(model, batch_stats, x, labels):
-    """linen: params -> (loss, updated batch_stats), train mode."""
-    def loss_fn(params):
-        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                      train=True, mutable=["batch_stats"], rngs=_DROPOUT)
-        return _loss(logits, labels), updates["batch_stats"]
-    return loss_fn
-
-
 # The computations are compiled (nnx.jit / jax.jit), as Flax code runs them: op-by-op
 # ("eager") JAX compiles every primitive for every new shape, which for a DenseNet (a new
 # channel count at every layer) is many times slower than one compilation of the network.
@@ -316,13 +246,6 @@ def _linen_forward(model, variables, x, labels):
 @jax.jit
 def _backward(pullback, loss):
     return pullback(jnp.ones_like(loss))[0]
-
-
-@jax.jit
-def _sgd(params, grads, lr):
-    tx = optax.sgd(lr)
-    updates, _ = tx.update(grads, tx.init(params), params)
-    return optax.apply_updates(params, updates)
 
 
 def _step(config, state, x, labels, variant, memory_efficient, dtype):

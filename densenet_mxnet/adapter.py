@@ -16,18 +16,10 @@ from mxnet import autograd, gluon
 
 import densenet_spec as spec
 from densenet_mxnet.model import DenseNet, DenseBlock, conv_block, transition_block
+from densenet_mxnet.runtime import _context, device, from_config as _build, loaded as _loaded
 
 BACKEND = "mxnet"
 VARIANTS = ("mxnet",)
-
-
-def _context():
-    # MXNet's last CUDA builds predate Hopper; a CPU build (or no GPU) runs on the CPU.
-    return mx.gpu(0) if mx.context.num_gpus() > 0 else mx.cpu()
-
-
-def device() -> str:
-    return "gpu(0)" if mx.context.num_gpus() > 0 else "cpu"
 
 
 def versions() -> dict:
@@ -50,11 +42,6 @@ def info(variant: str = "mxnet") -> dict:
     """Backend, device, versions and the memory-efficient mode's status, for reports."""
     return {"backend": BACKEND, "variant": variant, "device": device(), "versions": versions(),
             "memory_efficient": MEMORY_EFFICIENT}
-
-
-def _build(config: dict, memory_efficient=False, **_) -> DenseNet:
-    cfg = spec.Preset.from_dict(config)
-    return DenseNet(**cfg.options(), memory_efficient=memory_efficient, name=cfg.name)
 
 
 def _numel(shape):
@@ -156,17 +143,6 @@ def book_examples(variant: str = "mxnet") -> dict:
 # canonical NCHW float32 input ``x``. Loss: mean softmax cross-entropy of the logits against
 # integer ``labels``. SGD: plain, no momentum, no weight decay (the book's optimiser).
 # The models are hybridized (Gluon's cached graphs), as Gluon code runs them.
-
-def _loaded(config, state, memory_efficient=False, dtype="float32"):
-    from densenet_mxnet.state import load_state
-    model = _build(config, memory_efficient=memory_efficient)
-    with _context():
-        load_state(model, state)
-    if dtype != "float32":
-        model.cast(dtype)
-    model.hybridize()
-    return model
-
 
 def _loss(model, x, labels, dtype="float32"):
     ctx = _context()

@@ -15,13 +15,10 @@ import torch
 
 import densenet_spec as spec
 from densenet_torch.model import DenseNet, DenseBlock, conv_block, transition_block
+from densenet_torch.runtime import device, from_config as _build, loaded as _loaded
 
 BACKEND = "torch"
 VARIANTS = ("torch",)
-
-
-def device() -> str:
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 def versions() -> dict:
@@ -36,11 +33,6 @@ def info(variant: str = "torch") -> dict:
     """Backend, device, versions and the memory-efficient mode's status, for reports."""
     return {"backend": BACKEND, "variant": variant, "device": device(), "versions": versions(),
             "memory_efficient": MEMORY_EFFICIENT}
-
-
-def _build(config: dict, memory_efficient=False, **_) -> DenseNet:
-    cfg = spec.Preset.from_dict(config)
-    return DenseNet(**cfg.options(), memory_efficient=memory_efficient, name=cfg.name)
 
 
 def _counts(modules):
@@ -124,14 +116,6 @@ def _full_precision():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
-def _loaded(config, state, memory_efficient=False, dtype="float32"):
-    """A model with the canonical ``state`` loaded, on the GPU when there is one."""
-    from densenet_torch.state import load_state
-    model = _build(config, memory_efficient=memory_efficient)
-    load_state(model, state)
-    return model.to(device=device(), dtype=getattr(torch, dtype))
 
 
 def _tensor(a, dtype="float32"):
