@@ -23,10 +23,10 @@ from flax import nnx
 
 import densenet_spec as spec
 from densenet_flax import linen, model as nnx_model
-from densenet_flax.runtime import (_DROPOUT, abstract as _abstract, cross_entropy as _loss,
+from densenet_flax.runtime import (_DROPOUT, abstract as _abstract, loss as _loss,
                                    device, from_config as _build, linen_loss as _linen_loss,
                                    loaded as _loaded, nhwc as _nhwc, numerics as _numerics,
-                                   sgd as _sgd)
+                                   sgd as _sgd, targets as _targets)
 from densenet_flax.state import export_state, load_state, to_canonical
 
 BACKEND = "flax"
@@ -100,7 +100,8 @@ def describe(config: dict, batch: int, height: int, width: int, variant: str = "
     """Per-stage output shape (canonical NCHW), trainable parameters and BN state, measured on
     the framework's own model: abstract evaluation (nnx.eval_shape / jax.eval_shape: shapes
     only, no parameter memory, no compute), or a real forward (eval mode)."""
-    x = jax.ShapeDtypeStruct((batch, height, width, config["in_channels"]), jnp.float32)
+    x = jax.ShapeDtypeStruct(_nhwc_shape(spec.input_shape(spec.config_from_dict(config), batch,
+                                                          height, width)), jnp.float32)
     if not abstract:
         x = jnp.zeros(x.shape, x.dtype)
     stages = []
@@ -170,11 +171,10 @@ def layer_error(kind: str, args: list, variant: str = "nnx"):
     """
     mod = _module(variant)
     if kind == "preset":
-        return _error(lambda: mod.DenseNet.from_preset(args[0]))
-    if kind == "DenseNet":
-        return _error(lambda: mod.DenseNet(**args[0]))
-    fn = {"conv_block": mod.conv_block, "DenseBlock": mod.DenseBlock,
-          "transition_block": mod.transition_block}[kind]
+        return _error(lambda: mod.build(args[0]))
+    if kind in ("DenseNet", "MLPDenseNet"):
+        return _error(lambda: getattr(mod, kind)(**args[0]))
+    fn = getattr(mod, kind)  # conv_block, DenseBlock, transition_block and the MLP's
     if variant == "nnx":
         return _error(lambda: fn(*args, rngs=nnx.Rngs(0)))
     return _error(lambda: fn(*args))
@@ -251,7 +251,7 @@ def _backward(pullback, loss):
 def _step(config, state, x, labels, variant, memory_efficient, dtype):
     """Train mode at ``dtype``: (model, loss, gradients, parameters, updated BatchNorm
     statistics); NNX's params and statistics are nnx.State, linen's plain trees."""
-    x, labels = _nhwc(x, dtype), jnp.asarray(labels, jnp.int32)
+    x, labels = _nhwc(x, dtype), _targets(labels, dtype)
     if _module(variant) is nnx_model:
         model = _loaded(config, state, memory_efficient, dtype=dtype)
         model.train()
@@ -314,9 +314,7 @@ def init_state(config: dict, seed: int = 0, variant: str = "nnx") -> dict:
 
 def _linen_init(model, seed=0):
     """linen's variables for ``model``, initialised on the smallest input it takes."""
-    cfg = model.config
-    size = spec.min_input_size(cfg)
-    x = jnp.zeros((1, size, size, cfg.in_channels), jnp.float32)
+    x = jnp.zeros(_nhwc_shape(spec.input_shape(model.config)), jnp.float32)
     return jax.jit(functools.partial(model.init, train=False))(jax.random.key(seed), x)
 
 
@@ -392,7 +390,7 @@ def summary(config: dict, batch: int, height: int, width: int, variant: str = "n
     """The framework-style per-layer summary text (NHWC shapes) and its totals."""
     from densenet_flax.summary import summary as text, summary_rows
     model = _build(config, variant=variant)
-    shape = (batch, height, width, config["in_channels"])
+    shape = _nhwc_shape(spec.input_shape(model.config, batch, height, width))
     rows = summary_rows(model, shape)
     return {"text": text(model, shape), "params": rows[0][4], "state": rows[0][5]}
 
@@ -612,7 +610,7 @@ def model_run(model, x, labels=None, modules=(), train: bool = False, dtype: str
     with _numerics(dtype):
         cast = (lambda a: jnp.asarray(np.asarray(a, dtype=dtype)))
         xs = _nhwc(x, dtype)
-        ys = None if labels is None else jnp.asarray(labels, jnp.int32)
+        ys = None if labels is None else _targets(labels, dtype)
         if isinstance(model, nnx.Module):
             m = nnx.clone(model)
             for kind in (nnx.Param, nnx.BatchStat):

@@ -75,7 +75,7 @@ def _step(config, state, x, labels, devices, sync_bn, lr, dtype, variant, steps=
     from densenet_flax.state import export_state
     mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
     with runtime.numerics(dtype):
-        xs, ys = runtime.nhwc(x, dtype), jnp.asarray(labels, jnp.int32)
+        xs, ys = runtime.nhwc(x, dtype), runtime.targets(labels, dtype)
         if variant == "nnx":
             model = runtime.loaded(config, state, dtype=dtype)
             model.train()
@@ -84,7 +84,7 @@ def _step(config, state, x, labels, devices, sync_bn, lr, dtype, variant, steps=
             def loss_of(params, rest, xb, yb):
                 def loss_fn(p):
                     m = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, rest))
-                    return runtime.cross_entropy(m(xb), yb), nnx.state(m, nnx.BatchStat)
+                    return runtime.loss(m(xb), yb), nnx.state(m, nnx.BatchStat)
                 return loss_fn
         else:
             model, variables = runtime.loaded(config, state, variant="linen", dtype=dtype)

@@ -90,8 +90,21 @@ def nhwc(x, dtype="float32"):
     return jnp.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x
 
 
-def cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def targets(labels, dtype="float32"):
+    """Integer labels as int32 (the conv family's classes); float targets at ``dtype`` (the MLP
+    family's regression, (N, outputs))."""
+    labels = np.asarray(labels)
+    if np.issubdtype(labels.dtype, np.integer):
+        return jnp.asarray(labels, jnp.int32)
+    return jnp.asarray(labels.astype(dtype))
+
+
+def loss(outputs, labels):
+    """Mean softmax cross-entropy against integer labels; the mean squared error against float
+    targets (chosen by the targets' dtype, when the function is traced)."""
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        return optax.softmax_cross_entropy_with_integer_labels(outputs, labels).mean()
+    return jnp.mean(jnp.square(outputs - labels))
 
 
 _DROPOUT = {"dropout": jax.random.key(0)}  # linen: used only when drop_rate > 0
@@ -102,7 +115,7 @@ def linen_loss(model, batch_stats, x, labels):
     def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
                                       train=True, mutable=["batch_stats"], rngs=_DROPOUT)
-        return cross_entropy(logits, labels), updates["batch_stats"]
+        return loss(logits, labels), updates["batch_stats"]
     return loss_fn
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from mxnet import autograd, gluon
 
 import densenet_spec as spec
+from densenet_mxnet import model as model_lib
 from densenet_mxnet.model import DenseNet, DenseBlock, conv_block, transition_block
 from densenet_mxnet.runtime import _context, device, from_config as _build, loaded as _loaded
 
@@ -64,7 +65,7 @@ def describe(config: dict, batch: int, height: int, width: int, variant: str = "
     """Per-stage output shape (canonical NCHW), trainable parameters and BN state, measured on
     the framework's own model: symbolic shape inference (nothing computed), or a real forward."""
     model = _build(config)
-    shape = (batch, config["in_channels"], height, width)
+    shape = spec.input_shape(model.config, batch, height, width)
     if abstract:
         # A Symbol has no shape to check in forward_stages; check it as forward() would.
         spec.check_input(model.config, shape, layout="NCHW")
@@ -113,14 +114,16 @@ def layer_error(kind: str, args: list, variant: str = "mxnet"):
     """Call one of the book's pieces with the book's arguments for Gluon; the error, or None.
 
     kind: 'conv_block' (num_channels), 'DenseBlock' (num_convs, num_channels),
-    'transition_block' (num_channels), 'preset' (name), 'DenseNet' (options dict).
+    'transition_block' (num_channels), 'preset' (name), 'DenseNet' (options dict); the MLP family's mlp_block,
+    MLPDenseBlock, mlp_transition_block (the same arguments with features for channels) and
+    'MLPDenseNet' (options dict).
     Gluon infers input channels, so the book's Gluon signatures take none.
     """
     if kind == "preset":
-        return _error(lambda: DenseNet.from_preset(args[0]))
-    if kind == "DenseNet":
-        return _error(lambda: DenseNet(**args[0]))
-    fn = {"conv_block": conv_block, "DenseBlock": DenseBlock, "transition_block": transition_block}[kind]
+        return _error(lambda: model_lib.build(args[0]))
+    if kind in ("DenseNet", "MLPDenseNet"):
+        return _error(lambda: getattr(model_lib, kind)(**args[0]))
+    fn = getattr(model_lib, kind)  # conv_block, DenseBlock, transition_block and the MLP's
     return _error(lambda: fn(*args))
 
 
@@ -145,10 +148,17 @@ def book_examples(variant: str = "mxnet") -> dict:
 # The models are hybridized (Gluon's cached graphs), as Gluon code runs them.
 
 def _loss(model, x, labels, dtype="float32"):
-    ctx = _context()
-    logits = model(mx.nd.array(x, ctx=ctx, dtype=dtype))
-    labels = mx.nd.array(np.asarray(labels), ctx=ctx, dtype=dtype)
-    return gluon.loss.SoftmaxCrossEntropyLoss()(logits, labels).mean()
+    return _loss_of(model(mx.nd.array(x, ctx=_context(), dtype=dtype)), labels, dtype)
+
+
+def _loss_of(outputs, labels, dtype="float32"):
+    """Softmax cross-entropy against integer labels (the conv family's classes); the mean
+    squared error against float targets (the MLP family's regression, (N, outputs))."""
+    labels = np.asarray(labels)
+    y = mx.nd.array(labels, ctx=outputs.context, dtype=dtype)
+    if np.issubdtype(labels.dtype, np.integer):
+        return gluon.loss.SoftmaxCrossEntropyLoss()(outputs, y).mean()
+    return ((outputs - y) ** 2).mean()
 
 
 def _state_in(model, dtype):
@@ -252,7 +262,7 @@ def summary(config: dict, batch: int, height: int, width: int, variant: str = "m
     from densenet_mxnet.summary import summary as text, summary_rows
     model = _build(config)
     model.initialize(ctx=_context())
-    shape = (batch, config["in_channels"], height, width)
+    shape = spec.input_shape(model.config, batch, height, width)
     rows = summary_rows(model, shape)
     return {"text": text(model, shape), "params": rows[0][4], "state": rows[0][5]}
 
@@ -352,8 +362,7 @@ def model_run(model, x, labels=None, modules=(), train: bool = False, dtype: str
         else:
             with autograd.record(train_mode=train):
                 logits = model(X)
-                loss = gluon.loss.SoftmaxCrossEntropyLoss()(
-                    logits, mx.nd.array(labels, ctx=_context(), dtype=dtype)).mean()
+                loss = _loss_of(logits, labels, dtype)
             loss.backward()
             out = {"logits": logits.asnumpy(), "loss": float(loss.asscalar()),
                    "grads": {k: p.grad().asnumpy() for k, p in params.items()

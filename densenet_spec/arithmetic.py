@@ -90,13 +90,15 @@ def min_input_size(p) -> int:
     return size
 
 
-def input_shape(p, batch: int = 1, size: Optional[int] = None) -> Tuple[int, ...]:
-    """The canonical input shape: (N, features) for the MLP family; NCHW for the conv family,
-    ``size`` x ``size`` (the smallest input it takes when None)."""
+def input_shape(p, batch: int = 1, height: Optional[int] = None,
+                width: Optional[int] = None) -> Tuple[int, ...]:
+    """The canonical input shape: (N, features) for the MLP family (no height or width); NCHW
+    for the conv family, ``height`` x ``width`` (the smallest input it takes where None; width
+    defaults to height)."""
     if isinstance(p, MLPPreset):
         return (batch, p.in_features)
-    size = min_input_size(p) if size is None else size
-    return (batch, p.in_channels, size, size)
+    height = min_input_size(p) if height is None else height
+    return (batch, p.in_channels, height, height if width is None else width)
 
 
 def stage_shapes(p, batch: int, height: Optional[int] = None,

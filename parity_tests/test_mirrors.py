@@ -33,7 +33,8 @@ EXTRA_NAMES: Dict[str, Dict[str, Dict[str, str]]] = {
     "runtime.py": {
         "flax": {"abstract": "NNX models built by nnx.eval_shape (no initialiser compiled)",
                  "numerics": "JAX's precision and float64 (x64) context",
-                 "nhwc": "Flax's NHWC input", "cross_entropy": "optax's loss, shared with parallel.py",
+                 "nhwc": "Flax's NHWC input", "targets": "labels or regression targets as JAX arrays",
+                 "loss": "cross-entropy or MSE, shared with parallel.py",
                  "linen_loss": "linen's functional train-mode loss",
                  "sgd": "optax's SGD update, compiled once"},
     },
