@@ -46,7 +46,8 @@ def report(argv: List[str]) -> int:
                  "not run, 2 a usage error.",
                  "densenet report --preset densenet121 --size 224 --json report.json")
     ap.add_argument("--preset", default="book", help=f"one of: {', '.join(spec.preset_names())}")
-    ap.add_argument("--size", type=int, default=96, help="input height and width (default 96)")
+    ap.add_argument("--size", type=int, default=96, help="input height and width (default 96; "
+                    "an MLP preset takes (batch, features): no size)")
     ap.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     ap.add_argument("--backends", default=",".join(BACKEND_NAMES),
                     help=f"comma-separated subset of {','.join(BACKEND_NAMES)}")
@@ -57,7 +58,7 @@ def report(argv: List[str]) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = spec.make_config(args.preset)
-        spec.check_input(cfg, (args.batch, cfg.in_channels, args.size, args.size))
+        spec.check_input(cfg, spec.input_shape(cfg, args.batch, args.size, args.size))
         names = [n.strip() for n in args.backends.split(",") if n.strip()]
         for n in names:
             if n not in BACKEND_NAMES:
@@ -127,12 +128,13 @@ def summary(argv: List[str]) -> int:
                  "densenet summary --backend flax-nnx --preset book --size 96")
     ap.add_argument("--backend", default="torch", choices=BACKEND_NAMES)
     ap.add_argument("--preset", default="book", help=f"one of: {', '.join(spec.preset_names())}")
-    ap.add_argument("--size", type=int, default=96, help="input height and width (default 96)")
+    ap.add_argument("--size", type=int, default=96, help="input height and width (default 96; "
+                    "an MLP preset takes (batch, features): no size)")
     ap.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     args = ap.parse_args(argv)
     try:
         cfg = spec.make_config(args.preset)
-        spec.check_input(cfg, (args.batch, cfg.in_channels, args.size, args.size))
+        spec.check_input(cfg, spec.input_shape(cfg, args.batch, args.size, args.size))
     except ValueError as e:
         ap.error(str(e))
     b = make_backend(args.backend)

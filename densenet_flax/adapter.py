@@ -23,6 +23,10 @@ from flax import nnx
 
 import densenet_spec as spec
 from densenet_flax import linen, model as nnx_model
+from densenet_flax.runtime import (_DROPOUT, abstract as _abstract, loss as _loss,
+                                   device, from_config as _build, linen_loss as _linen_loss,
+                                   loaded as _loaded, nhwc as _nhwc, numerics as _numerics,
+                                   sgd as _sgd, targets as _targets)
 from densenet_flax.state import export_state, load_state, to_canonical
 
 BACKEND = "flax"
@@ -38,11 +42,6 @@ def _module(variant):
     return nnx_model if variant == "nnx" else linen
 
 
-def device() -> str:
-    d = jax.devices()[0]
-    return "cpu" if d.platform == "cpu" else f"{d.platform}:{d.id}"
-
-
 def versions() -> dict:
     import flax
     import jaxlib
@@ -56,40 +55,10 @@ def info(variant: str = "nnx") -> dict:
             "memory_efficient": MEMORY_EFFICIENT}
 
 
-def _build(config: dict, memory_efficient=False, variant="nnx", seed=0, **_):
-    cfg = spec.Preset.from_dict(config)
-    if variant == "nnx":
-        return nnx_model.DenseNet(**cfg.options(), memory_efficient=memory_efficient,
-                                  name=cfg.name, rngs=nnx.Rngs(seed))
-    return _module(variant).DenseNet(**cfg.options(), memory_efficient=memory_efficient,
-                                     name=cfg.name)
-
-
-@functools.lru_cache(maxsize=8)
-def _abstract_parts(config_json: str, memory_efficient: bool):
-    """NNX's model for a configuration, built abstractly once (nnx.eval_shape: the shapes of
-    every variable, no initialiser run; still seconds for the deepest presets)."""
-    import json
-    model = nnx.eval_shape(lambda: _build(json.loads(config_json),
-                                          memory_efficient=memory_efficient))
-    return nnx.split(model)
-
-
-def _abstract(config: dict, memory_efficient: bool = False):
-    """A fresh abstract NNX model (its own Variables) for ``config``."""
-    import json
-    return nnx.merge(*_abstract_parts(json.dumps(config, sort_keys=True), memory_efficient))
-
-
 def _nhwc_shape(shape):
     """Canonical NCHW shape -> Flax's NHWC (other ranks are passed as they are)."""
     shape = tuple(shape)
     return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else shape
-
-
-def _nhwc(x, dtype="float32"):
-    x = jnp.asarray(np.asarray(x, dtype=dtype))
-    return jnp.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x
 
 
 def _nchw(y) -> np.ndarray:
@@ -131,7 +100,8 @@ def describe(config: dict, batch: int, height: int, width: int, variant: str = "
     """Per-stage output shape (canonical NCHW), trainable parameters and BN state, measured on
     the framework's own model: abstract evaluation (nnx.eval_shape / jax.eval_shape: shapes
     only, no parameter memory, no compute), or a real forward (eval mode)."""
-    x = jax.ShapeDtypeStruct((batch, height, width, config["in_channels"]), jnp.float32)
+    x = jax.ShapeDtypeStruct(_nhwc_shape(spec.input_shape(spec.config_from_dict(config), batch,
+                                                          height, width)), jnp.float32)
     if not abstract:
         x = jnp.zeros(x.shape, x.dtype)
     stages = []
@@ -201,11 +171,10 @@ def layer_error(kind: str, args: list, variant: str = "nnx"):
     """
     mod = _module(variant)
     if kind == "preset":
-        return _error(lambda: mod.DenseNet.from_preset(args[0]))
-    if kind == "DenseNet":
-        return _error(lambda: mod.DenseNet(**args[0]))
-    fn = {"conv_block": mod.conv_block, "DenseBlock": mod.DenseBlock,
-          "transition_block": mod.transition_block}[kind]
+        return _error(lambda: mod.build(args[0]))
+    if kind in ("DenseNet", "MLPDenseNet"):
+        return _error(lambda: getattr(mod, kind)(**args[0]))
+    fn = getattr(mod, kind)  # conv_block, DenseBlock, transition_block and the MLP's
     if variant == "nnx":
         return _error(lambda: fn(*args, rngs=nnx.Rngs(0)))
     return _error(lambda: fn(*args))
@@ -233,45 +202,6 @@ def book_examples(variant: str = "nnx") -> dict:
 # about; on the CPU 'highest' is what JAX does anyway. ``dtype`` 'float64' (gradients and
 # train_step, the parity suite's gradient check) computes in double precision: JAX's x64 mode
 # for the call, the loaded weights cast to float64, float64 results.
-
-@contextlib.contextmanager
-def _numerics(dtype="float32"):
-    if dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(jax.default_matmul_precision("highest"))
-        if dtype == "float64":
-            stack.enter_context(jax.enable_x64(True))
-        yield
-
-
-def _loaded(config, state, memory_efficient=False, variant="nnx", dtype="float32"):
-    """NNX: the model, loaded. linen: (model, variables). At ``dtype`` (inside _numerics).
-    NNX builds abstractly (nnx.eval_shape: no random initialisation, which would compile an
-    initialiser per weight shape) unless dropout needs its RNG streams."""
-    if variant == "nnx" and not config.get("drop_rate"):
-        model = _abstract(config, memory_efficient)
-    else:
-        model = _build(config, memory_efficient=memory_efficient, variant=variant)
-    variables = load_state(model, state, dtype=np.dtype(dtype))
-    return model if variant == "nnx" else (model, variables)
-
-
-def _loss(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-_DROPOUT = {"dropout": jax.random.key(0)}  # linen: used only when drop_rate > 0
-
-
-def _linen_loss(model, batch_stats, x, labels):
-    """linen: params -> (loss, updated batch_stats), train mode."""
-    def loss_fn(params):
-        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                      train=True, mutable=["batch_stats"], rngs=_DROPOUT)
-        return _loss(logits, labels), updates["batch_stats"]
-    return loss_fn
-
 
 # The computations are compiled (nnx.jit / jax.jit), as Flax code runs them: op-by-op
 # ("eager") JAX compiles every primitive for every new shape, which for a DenseNet (a new
@@ -318,17 +248,10 @@ def _backward(pullback, loss):
     return pullback(jnp.ones_like(loss))[0]
 
 
-@jax.jit
-def _sgd(params, grads, lr):
-    tx = optax.sgd(lr)
-    updates, _ = tx.update(grads, tx.init(params), params)
-    return optax.apply_updates(params, updates)
-
-
 def _step(config, state, x, labels, variant, memory_efficient, dtype):
     """Train mode at ``dtype``: (model, loss, gradients, parameters, updated BatchNorm
     statistics); NNX's params and statistics are nnx.State, linen's plain trees."""
-    x, labels = _nhwc(x, dtype), jnp.asarray(labels, jnp.int32)
+    x, labels = _nhwc(x, dtype), _targets(labels, dtype)
     if _module(variant) is nnx_model:
         model = _loaded(config, state, memory_efficient, dtype=dtype)
         model.train()
@@ -391,9 +314,7 @@ def init_state(config: dict, seed: int = 0, variant: str = "nnx") -> dict:
 
 def _linen_init(model, seed=0):
     """linen's variables for ``model``, initialised on the smallest input it takes."""
-    cfg = model.config
-    size = spec.min_input_size(cfg)
-    x = jnp.zeros((1, size, size, cfg.in_channels), jnp.float32)
+    x = jnp.zeros(_nhwc_shape(spec.input_shape(model.config)), jnp.float32)
     return jax.jit(functools.partial(model.init, train=False))(jax.random.key(seed), x)
 
 
@@ -469,7 +390,7 @@ def summary(config: dict, batch: int, height: int, width: int, variant: str = "n
     """The framework-style per-layer summary text (NHWC shapes) and its totals."""
     from densenet_flax.summary import summary as text, summary_rows
     model = _build(config, variant=variant)
-    shape = (batch, height, width, config["in_channels"])
+    shape = _nhwc_shape(spec.input_shape(model.config, batch, height, width))
     rows = summary_rows(model, shape)
     return {"text": text(model, shape), "params": rows[0][4], "state": rows[0][5]}
 
@@ -689,7 +610,7 @@ def model_run(model, x, labels=None, modules=(), train: bool = False, dtype: str
     with _numerics(dtype):
         cast = (lambda a: jnp.asarray(np.asarray(a, dtype=dtype)))
         xs = _nhwc(x, dtype)
-        ys = None if labels is None else jnp.asarray(labels, jnp.int32)
+        ys = None if labels is None else _targets(labels, dtype)
         if isinstance(model, nnx.Module):
             m = nnx.clone(model)
             for kind in (nnx.Param, nnx.BatchStat):
@@ -763,3 +684,35 @@ def data_parallel_error(config: dict, state: dict, x, labels, devices: int = 2,
     """The error a data-parallel step raises for these arguments, or None."""
     return _error(lambda: data_parallel_step(config, state, x, labels, devices=devices,
                                              sync_bn=sync_bn, variant=variant))
+
+
+def model_bn_settings(model, variant: str = "nnx", in_channels: int = 3) -> dict:
+    """Every BatchNorm of the model (its path, as model_tensors names its variables less the
+    leaf) -> {"epsilon", "momentum"} as the model has them (Flax's momentum: the share of the
+    running statistics kept per step). NNX: every module with BatchStat variables and an
+    epsilon and a momentum (nnx.BatchNorm, ours); linen: each nn.BatchNorm as it is called
+    (read while tracing the model abstractly on a 224 x 224 input with ``in_channels``: its
+    submodules exist only then)."""
+    from flax import linen as nn
+    if isinstance(model, nnx.Module):
+        out = {}
+        for path, node in nnx.iter_graph(model):
+            if isinstance(node, nnx.Module) and hasattr(node, "epsilon") and hasattr(
+                    node, "momentum") and any(isinstance(v, nnx.BatchStat) for v in vars(node).values()):
+                out["/".join(map(str, path))] = {"epsilon": float(node.epsilon),
+                                                 "momentum": float(node.momentum)}
+        return out
+    module, variables = model
+    found = {}
+
+    def record(next_fun, args, kwargs, context):
+        m = context.module
+        if isinstance(m, nn.BatchNorm) and context.method_name == "__call__":
+            found["/".join(m.path)] = {"epsilon": float(m.epsilon), "momentum": float(m.momentum)}
+        return next_fun(*args, **kwargs)
+
+    m, kw = _linen_mode(module, False)
+    x = jax.ShapeDtypeStruct((1, 224, 224, in_channels), jnp.float32)  # never computed
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v, x: m.apply(v, x, **kw), variables, x)
+    return found

@@ -30,7 +30,8 @@ from densenet_flax.model import batch_moments, normalize
 
 __all__ = ["conv_block", "DenseBlock", "transition_block", "DenseNet", "build",
            "book", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
-           "densenet40", "densenet_bc100", "densenet_bc250", "densenet_bc190"]
+           "densenet40", "densenet_bc100", "densenet_bc250", "densenet_bc190",
+           "mlp_block", "MLPDenseBlock", "mlp_transition_block", "MLPDenseNet", "house_mlp"]
 
 
 class BatchNorm(nn.Module):
@@ -303,7 +304,10 @@ class DenseNet(nn.Module):
 
 
 def build(preset="book", **options):
-    """Build any preset by name (or a densenet_spec.Preset); options override it."""
+    """Build any preset by name (or a densenet_spec preset), of either family (DenseNet or
+    MLPDenseNet); options override it."""
+    if spec.get_preset(preset).family == "mlp":
+        return MLPDenseNet.from_preset(preset, **options)
     return DenseNet.from_preset(preset, **options)
 
 
@@ -355,3 +359,177 @@ def densenet_bc250(**options):
 @spec.preset_builder("densenet_bc190")
 def densenet_bc190(**options):
     return build("densenet_bc190", **options)
+
+
+# ---------------------------------------------------------------- the MLP family (exercise 5)
+# As densenet_flax.model's MLP DenseNet (the forum's answer to the chapter's exercise 5), in
+# linen: input widths inferred, the mode chosen at call time. Input (N, features).
+
+class MLPBlock(nn.Module):
+    """What mlp_block returns: BatchNorm-ReLU-Linear (norm1, linear1), then dropout (drop) if
+    drop_rate; returns only the new features (MLPDenseBlock concatenates)."""
+
+    num_features: int
+    drop_rate: float = 0.0
+
+    def setup(self):
+        self.norm1 = BatchNorm()
+        self.linear1 = nn.Dense(self.num_features)
+        if self.drop_rate:
+            self.drop = nn.Dropout(self.drop_rate)
+
+    def __call__(self, X, train: bool = True):
+        Y = self.linear1(nn.relu(self.norm1(X, train)))
+        if self.drop_rate:
+            Y = self.drop(Y, deterministic=not train)  # needs rngs={'dropout': key} in training
+        return Y
+
+
+def mlp_block(num_features, drop_rate=0.0):
+    """The forum's ``conv_block_mlp``: BatchNorm-ReLU-Linear to ``num_features`` (the growth
+    rate); ``drop_rate`` adds dropout after the new features (active in training only)."""
+    spec.check_layer_args(num_channels=num_features)
+    return MLPBlock(num_features, drop_rate=drop_rate)
+
+
+class MLPDenseBlock(nn.Module):
+    """``num_layers`` mlp_blocks; each one's input is the concatenation (feature axis) of the
+    block input and all earlier outputs. Output: input features + num_layers * num_features."""
+
+    num_layers: int
+    num_features: int
+    drop_rate: float = 0.0
+
+    def __post_init__(self):
+        spec.check_layer_args(num_convs=self.num_layers, num_channels=self.num_features)
+        super().__post_init__()
+
+    def setup(self):
+        for i in range(self.num_layers):
+            setattr(self, f"denselayer{i + 1}", mlp_block(self.num_features, self.drop_rate))
+
+    def __call__(self, X, train: bool = True):
+        features = [X]
+        for i in range(self.num_layers):
+            layer = getattr(self, f"denselayer{i + 1}")
+            features.append(layer(jnp.concatenate(features, axis=-1), train))
+        return jnp.concatenate(features, axis=-1)
+
+
+class MLPTransition(nn.Module):
+    """What mlp_transition_block returns: norm - ReLU - Linear, then a ReLU if ``relu``."""
+
+    num_features: int
+    relu: bool = True
+
+    def setup(self):
+        self.norm = BatchNorm()
+        self.linear = nn.Dense(self.num_features)
+
+    def __call__(self, X, train: bool = True):
+        Y = self.linear(nn.relu(self.norm(X, train)))
+        return nn.relu(Y) if self.relu else Y
+
+
+def mlp_transition_block(num_features, relu=True):
+    """BatchNorm-ReLU-Linear to ``num_features``, then (the forum's) a ReLU."""
+    spec.check_layer_args(num_channels=num_features)
+    return MLPTransition(num_features, relu=relu)
+
+
+class MLPFeatures(nn.Module):
+    """The MLP's ``features``: linear0, linear1, ... (the stem), denseblock1, transition1, ...,
+    norm<N+1>, as named submodules. MLPDenseNet runs them."""
+
+    config: spec.MLPPreset
+
+    def setup(self):
+        cfg = self.config
+        for i, w in enumerate(cfg.stem_widths):
+            setattr(self, f"linear{i}", nn.Dense(w))
+        c = cfg.stem_widths[-1]
+        for i, num_layers in enumerate(cfg.block_config):
+            setattr(self, f"denseblock{i + 1}", MLPDenseBlock(num_layers, cfg.growth_rate,
+                                                              drop_rate=cfg.drop_rate))
+            c += num_layers * cfg.growth_rate
+            if i != len(cfg.block_config) - 1:
+                c = spec.transition_channels(cfg, c)
+                setattr(self, f"transition{i + 1}",
+                        mlp_transition_block(c, relu=cfg.transition_relu))
+        setattr(self, f"norm{len(cfg.block_config) + 1}", BatchNorm())
+
+
+class MLPDenseNet(nn.Module):
+    """The MLP DenseNet family, with the options of densenet_flax.model.MLPDenseNet as fields.
+    ``name`` is linen's own module name, used as the preset name (None: 'custom'). The head is
+    BN - ReLU - Dense. Input (N, in_features), output (N, num_outputs)."""
+
+    in_features: int = 330
+    stem_widths: Tuple[int, ...] = (512, 1024)
+    block_config: Tuple[int, ...] = (2, 2, 2, 2)
+    growth_rate: int = 128
+    compression: float = 0.5
+    transition_relu: bool = True
+    num_outputs: int = 1
+    drop_rate: float = 0.0
+
+    def __post_init__(self):
+        cfg = self.config  # validates at construction, as the other backends do
+        object.__setattr__(self, "block_config", cfg.block_config)  # a list -> tuple
+        object.__setattr__(self, "stem_widths", cfg.stem_widths)
+        super().__post_init__()
+
+    @property
+    def config(self) -> spec.MLPPreset:
+        return spec.config_from_options(
+            self.name or "custom", family="mlp", in_features=self.in_features,
+            stem_widths=self.stem_widths, block_config=self.block_config,
+            growth_rate=self.growth_rate, compression=self.compression,
+            transition_relu=self.transition_relu, num_outputs=self.num_outputs,
+            drop_rate=self.drop_rate)
+
+    @classmethod
+    def from_preset(cls, preset, **options):
+        """Build a named preset; keyword options override its values."""
+        cfg = spec.make_config(preset, **options)
+        return cls(**cfg.options(), name=cfg.name)
+
+    def setup(self):
+        self.features = MLPFeatures(self.config)
+        self.classifier = nn.Dense(self.num_outputs)
+
+    def stage_paths(self):
+        """OrderedDict stage -> list of module paths into the variables (as DenseNet's)."""
+        cfg, n = self.config, len(self.config.block_config)
+        stages = OrderedDict(stem=[("features", f"linear{i}") for i in range(len(cfg.stem_widths))])
+        for i in range(n):
+            stages[f"denseblock{i + 1}"] = [("features", f"denseblock{i + 1}")]
+            if i != n - 1:
+                stages[f"transition{i + 1}"] = [("features", f"transition{i + 1}")]
+        stages["head"] = [("features", f"norm{n + 1}"), ("classifier",)]
+        return stages
+
+    def forward_stages(self, X, train: bool = True):
+        """Run the network and return an OrderedDict stage -> output (the head's is the outputs).
+        ``model.apply(variables, x, train=False, method="forward_stages")``."""
+        spec.check_input(self.config, X.shape)
+        f, cfg = self.features, self.config
+        n = len(cfg.block_config)
+        outputs = OrderedDict()
+        for i in range(len(cfg.stem_widths)):
+            X = nn.relu(getattr(f, f"linear{i}")(X))
+        outputs["stem"] = X
+        for i in range(n):
+            X = outputs[f"denseblock{i + 1}"] = getattr(f, f"denseblock{i + 1}")(X, train)
+            if i != n - 1:
+                X = outputs[f"transition{i + 1}"] = getattr(f, f"transition{i + 1}")(X, train)
+        outputs["head"] = self.classifier(nn.relu(getattr(f, f"norm{n + 1}")(X, train)))
+        return outputs
+
+    def __call__(self, X, train: bool = True):
+        return self.forward_stages(X, train)["head"]
+
+
+@spec.preset_builder("house_mlp")
+def house_mlp(**options):
+    return build("house_mlp", **options)

@@ -18,7 +18,8 @@ from densenet_spec import DenseNetInputError  # noqa: F401  (re-exported)
 
 __all__ = ["conv_block", "DenseBlock", "transition_block", "DenseNet", "build",
            "book", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
-           "densenet40", "densenet_bc100", "densenet_bc250", "densenet_bc190"]
+           "densenet40", "densenet_bc100", "densenet_bc250", "densenet_bc190",
+           "mlp_block", "MLPDenseBlock", "mlp_transition_block", "MLPDenseNet", "house_mlp"]
 
 
 # ---- BatchNorm with PyTorch's semantics. Why not nnx.BatchNorm: it updates the running
@@ -298,8 +299,11 @@ class DenseNet(nnx.Module):
 
 
 def build(preset="book", **options):
-    """Build any preset by name (or a densenet_spec.Preset); options override it
-    (``rngs=nnx.Rngs(seed)`` and ``memory_efficient=True`` included)."""
+    """Build any preset by name (or a densenet_spec preset), of either family (DenseNet or
+    MLPDenseNet); options override it (``rngs=nnx.Rngs(seed)`` and ``memory_efficient=True``
+    included)."""
+    if spec.get_preset(preset).family == "mlp":
+        return MLPDenseNet.from_preset(preset, **options)
     return DenseNet.from_preset(preset, **options)
 
 
@@ -351,3 +355,126 @@ def densenet_bc250(**options):
 @spec.preset_builder("densenet_bc190")
 def densenet_bc190(**options):
     return build("densenet_bc190", **options)
+
+
+# ---------------------------------------------------------------- the MLP family (exercise 5)
+# The chapter's exercise 5, as a reader answered it in the forum: the DenseNet idea on a
+# multilayer perceptron, for the house-price data. BatchNorm-ReLU-Linear layers in place of
+# BN-ReLU-conv, dense blocks that concatenate features, transitions that compress the width
+# (the forum's end with a ReLU), a Linear-ReLU stem, a BN-ReLU-Linear head. Input (N, features).
+# Our BatchNorm over the last axis of (N, features) is PyTorch's BatchNorm1d (n = N).
+
+def mlp_block(input_features, num_features, drop_rate=0.0, *, rngs):
+    """The forum's ``conv_block_mlp``: BatchNorm-ReLU-Linear to ``num_features`` (the growth
+    rate); ``drop_rate`` adds dropout after the new features (active in training only)."""
+    spec.check_layer_args(input_channels=input_features, num_channels=num_features)
+    layers = OrderedDict([
+        ("norm1", _batch_norm(input_features)),
+        ("relu1", nnx.relu),
+        ("linear1", nnx.Linear(input_features, num_features, rngs=rngs)),
+    ])
+    if drop_rate:
+        layers["drop"] = nnx.Dropout(drop_rate, rngs=rngs)
+    return Sequential(layers)
+
+
+class MLPDenseBlock(nnx.Module):
+    """``num_layers`` mlp_blocks; each one's input is the concatenation (feature axis) of the
+    block input and all earlier outputs. Output: input_features + num_layers * num_features."""
+
+    def __init__(self, num_layers, input_features, num_features, drop_rate=0.0, *, rngs):
+        spec.check_layer_args(num_convs=num_layers, input_channels=input_features,
+                              num_channels=num_features)
+        self.num_layers = num_layers
+        for i in range(num_layers):
+            setattr(self, f"denselayer{i + 1}", mlp_block(
+                input_features + i * num_features, num_features, drop_rate=drop_rate, rngs=rngs))
+
+    def children(self):
+        return [getattr(self, f"denselayer{i + 1}") for i in range(self.num_layers)]
+
+    def __call__(self, X):
+        features = [X]
+        for layer in self.children():
+            features.append(layer(jnp.concatenate(features, axis=-1)))
+        return jnp.concatenate(features, axis=-1)
+
+
+def mlp_transition_block(input_features, num_features, relu=True, *, rngs):
+    """BatchNorm-ReLU-Linear to ``num_features``, then (the forum's) a ReLU."""
+    spec.check_layer_args(input_channels=input_features, num_channels=num_features)
+    layers = OrderedDict([
+        ("norm", _batch_norm(input_features)),
+        ("relu", nnx.relu),
+        ("linear", nnx.Linear(input_features, num_features, rngs=rngs)),
+    ])
+    if relu:
+        layers["relu2"] = nnx.relu
+    return Sequential(layers)
+
+
+class MLPDenseNet(nnx.Module):
+    """The MLP DenseNet family. ``features`` holds the stem (linear0, relu0, ...), the dense
+    blocks, transitions and the final BatchNorm; ``classifier`` is the output Linear. The head
+    is BN - ReLU - Linear. Input (N, in_features), output (N, num_outputs). Training mode by
+    default (as PyTorch); ``model.eval()`` / ``model.train()`` switch."""
+
+    def __init__(self, in_features=330, stem_widths=(512, 1024), block_config=(2, 2, 2, 2),
+                 growth_rate=128, compression=0.5, transition_relu=True, num_outputs=1,
+                 drop_rate=0.0, name="custom", *, rngs=None):
+        self.config = cfg = spec.config_from_options(
+            name, family="mlp", in_features=in_features, stem_widths=stem_widths,
+            block_config=block_config, growth_rate=growth_rate, compression=compression,
+            transition_relu=transition_relu, num_outputs=num_outputs, drop_rate=drop_rate)
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        stem, c = [], cfg.in_features
+        for i, w in enumerate(cfg.stem_widths):
+            stem += [(f"linear{i}", nnx.Linear(c, w, rngs=rngs)), (f"relu{i}", nnx.relu)]
+            c = w
+        self.features = Sequential(OrderedDict(stem))
+        for i, num_layers in enumerate(cfg.block_config):
+            self.features.add_module(f"denseblock{i + 1}", MLPDenseBlock(
+                num_layers, c, cfg.growth_rate, drop_rate=cfg.drop_rate, rngs=rngs))
+            c += num_layers * cfg.growth_rate
+            if i != len(cfg.block_config) - 1:
+                out = spec.transition_channels(cfg, c)
+                self.features.add_module(f"transition{i + 1}", mlp_transition_block(
+                    c, out, relu=cfg.transition_relu, rngs=rngs))
+                c = out
+        self.features.add_module(f"norm{len(cfg.block_config) + 1}", _batch_norm(c))
+        self.classifier = nnx.Linear(c, cfg.num_outputs, rngs=rngs)
+
+    @classmethod
+    def from_preset(cls, preset, **options):
+        """Build a named preset; keyword options override its values (``rngs`` too)."""
+        rngs = options.pop("rngs", None)
+        cfg = spec.make_config(preset, **options)
+        return cls(**cfg.options(), name=cfg.name, rngs=rngs)
+
+    stage_modules = DenseNet.stage_modules
+
+    def forward_stages(self, X):
+        """Run the network and return an OrderedDict stage -> output (the head's is the outputs)."""
+        spec.check_input(self.config, X.shape)
+        outputs = OrderedDict()
+        for name, modules in self.stage_modules().items():
+            if name == "head":
+                outputs[name] = self._head(modules[0](X))
+            else:
+                for module in modules:
+                    X = module(X)
+                outputs[name] = X
+        return outputs
+
+    def _head(self, X):
+        """ReLU - Linear, on the final BatchNorm's output."""
+        return self.classifier(nnx.relu(X))
+
+    def __call__(self, X):
+        spec.check_input(self.config, X.shape)
+        return self._head(self.features(X))
+
+
+@spec.preset_builder("house_mlp")
+def house_mlp(**options):
+    return build("house_mlp", **options)

@@ -71,27 +71,27 @@ def _step(config, state, x, labels, devices, sync_bn, lr, dtype, variant, steps=
 
     from flax import nnx
 
-    from densenet_flax import adapter
+    from densenet_flax import runtime
     from densenet_flax.state import export_state
     mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
-    with adapter._numerics(dtype):
-        xs, ys = adapter._nhwc(x, dtype), jnp.asarray(labels, jnp.int32)
+    with runtime.numerics(dtype):
+        xs, ys = runtime.nhwc(x, dtype), runtime.targets(labels, dtype)
         if variant == "nnx":
-            model = adapter._loaded(config, state, dtype=dtype)
+            model = runtime.loaded(config, state, dtype=dtype)
             model.train()
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
             def loss_of(params, rest, xb, yb):
                 def loss_fn(p):
                     m = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, rest))
-                    return adapter._loss(m(xb), yb), nnx.state(m, nnx.BatchStat)
+                    return runtime.loss(m(xb), yb), nnx.state(m, nnx.BatchStat)
                 return loss_fn
         else:
-            model, variables = adapter._loaded(config, state, variant="linen", dtype=dtype)
+            model, variables = runtime.loaded(config, state, variant="linen", dtype=dtype)
             params, rest = variables["params"], variables["batch_stats"]
 
             def loss_of(params, batch_stats, xb, yb):
-                return adapter._linen_loss(model, batch_stats, xb, yb)
+                return runtime.linen_loss(model, batch_stats, xb, yb)
 
         def local(params, rest, xb, yb):
             (loss, stats), grads = jax.value_and_grad(loss_of(params, rest, xb, yb),
@@ -119,7 +119,7 @@ def _step(config, state, x, labels, devices, sync_bn, lr, dtype, variant, steps=
         for _ in range(steps):
             t0 = time.perf_counter()
             loss, grads, stats = step(params, rest, xs, ys)
-            params = jax.block_until_ready(adapter._sgd(params, grads, lr))
+            params = jax.block_until_ready(runtime.sgd(params, grads, lr))
             times.append(time.perf_counter() - t0)
             first = float(loss) if first is None else first
             if variant == "nnx":

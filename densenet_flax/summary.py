@@ -139,5 +139,6 @@ def summary(model, input_size, depth: int = 4) -> str:
     total_p, total_s = rows[0][4], rows[0][5]
     lines += [RULE, f"Total params: {total_p:,}", f"Trainable params: {total_p:,}",
               f"Non-trainable params: 0", f"BatchNorm state (running mean + var): {total_s:,}",
-              f"Input size: {list(input_size)} (NHWC)  Output size: {list(rows[0][3])}", RULE]
+              f"Input size: {list(input_size)}{' (NHWC)' if len(input_size) == 4 else ''}  "
+              f"Output size: {list(rows[0][3])}", RULE]
     return "\n".join(lines)

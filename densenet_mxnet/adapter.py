@@ -9,25 +9,19 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import re
 
 import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
 import densenet_spec as spec
+from densenet_mxnet import model as model_lib
 from densenet_mxnet.model import DenseNet, DenseBlock, conv_block, transition_block
+from densenet_mxnet.runtime import _context, device, from_config as _build, loaded as _loaded
 
 BACKEND = "mxnet"
 VARIANTS = ("mxnet",)
-
-
-def _context():
-    # MXNet's last CUDA builds predate Hopper; a CPU build (or no GPU) runs on the CPU.
-    return mx.gpu(0) if mx.context.num_gpus() > 0 else mx.cpu()
-
-
-def device() -> str:
-    return "gpu(0)" if mx.context.num_gpus() > 0 else "cpu"
 
 
 def versions() -> dict:
@@ -52,11 +46,6 @@ def info(variant: str = "mxnet") -> dict:
             "memory_efficient": MEMORY_EFFICIENT}
 
 
-def _build(config: dict, memory_efficient=False, **_) -> DenseNet:
-    cfg = spec.Preset.from_dict(config)
-    return DenseNet(**cfg.options(), memory_efficient=memory_efficient, name=cfg.name)
-
-
 def _numel(shape):
     return int(np.prod(shape, dtype=np.int64))
 
@@ -77,7 +66,7 @@ def describe(config: dict, batch: int, height: int, width: int, variant: str = "
     """Per-stage output shape (canonical NCHW), trainable parameters and BN state, measured on
     the framework's own model: symbolic shape inference (nothing computed), or a real forward."""
     model = _build(config)
-    shape = (batch, config["in_channels"], height, width)
+    shape = spec.input_shape(model.config, batch, height, width)
     if abstract:
         # A Symbol has no shape to check in forward_stages; check it as forward() would.
         spec.check_input(model.config, shape, layout="NCHW")
@@ -126,14 +115,16 @@ def layer_error(kind: str, args: list, variant: str = "mxnet"):
     """Call one of the book's pieces with the book's arguments for Gluon; the error, or None.
 
     kind: 'conv_block' (num_channels), 'DenseBlock' (num_convs, num_channels),
-    'transition_block' (num_channels), 'preset' (name), 'DenseNet' (options dict).
+    'transition_block' (num_channels), 'preset' (name), 'DenseNet' (options dict); the MLP family's mlp_block,
+    MLPDenseBlock, mlp_transition_block (the same arguments with features for channels) and
+    'MLPDenseNet' (options dict).
     Gluon infers input channels, so the book's Gluon signatures take none.
     """
     if kind == "preset":
-        return _error(lambda: DenseNet.from_preset(args[0]))
-    if kind == "DenseNet":
-        return _error(lambda: DenseNet(**args[0]))
-    fn = {"conv_block": conv_block, "DenseBlock": DenseBlock, "transition_block": transition_block}[kind]
+        return _error(lambda: model_lib.build(args[0]))
+    if kind in ("DenseNet", "MLPDenseNet"):
+        return _error(lambda: getattr(model_lib, kind)(**args[0]))
+    fn = getattr(model_lib, kind)  # conv_block, DenseBlock, transition_block and the MLP's
     return _error(lambda: fn(*args))
 
 
@@ -157,22 +148,18 @@ def book_examples(variant: str = "mxnet") -> dict:
 # integer ``labels``. SGD: plain, no momentum, no weight decay (the book's optimiser).
 # The models are hybridized (Gluon's cached graphs), as Gluon code runs them.
 
-def _loaded(config, state, memory_efficient=False, dtype="float32"):
-    from densenet_mxnet.state import load_state
-    model = _build(config, memory_efficient=memory_efficient)
-    with _context():
-        load_state(model, state)
-    if dtype != "float32":
-        model.cast(dtype)
-    model.hybridize()
-    return model
-
-
 def _loss(model, x, labels, dtype="float32"):
-    ctx = _context()
-    logits = model(mx.nd.array(x, ctx=ctx, dtype=dtype))
-    labels = mx.nd.array(np.asarray(labels), ctx=ctx, dtype=dtype)
-    return gluon.loss.SoftmaxCrossEntropyLoss()(logits, labels).mean()
+    return _loss_of(model(mx.nd.array(x, ctx=_context(), dtype=dtype)), labels, dtype)
+
+
+def _loss_of(outputs, labels, dtype="float32"):
+    """Softmax cross-entropy against integer labels (the conv family's classes); the mean
+    squared error against float targets (the MLP family's regression, (N, outputs))."""
+    labels = np.asarray(labels)
+    y = mx.nd.array(labels, ctx=outputs.context, dtype=dtype)
+    if np.issubdtype(labels.dtype, np.integer):
+        return gluon.loss.SoftmaxCrossEntropyLoss()(outputs, y).mean()
+    return ((outputs - y) ** 2).mean()
 
 
 def _state_in(model, dtype):
@@ -276,7 +263,7 @@ def summary(config: dict, batch: int, height: int, width: int, variant: str = "m
     from densenet_mxnet.summary import summary as text, summary_rows
     model = _build(config)
     model.initialize(ctx=_context())
-    shape = (batch, config["in_channels"], height, width)
+    shape = spec.input_shape(model.config, batch, height, width)
     rows = summary_rows(model, shape)
     return {"text": text(model, shape), "params": rows[0][4], "state": rows[0][5]}
 
@@ -296,27 +283,58 @@ def user_model(factory: str = None, config: dict = None, size: int = 0, variant:
     """The model to check, initialised: the user's, built by ``factory`` ('MODULE:FUNCTION',
     imported from ``path`` or the working directory), or ours for ``config`` (the reference).
     Gluon infers input channels at the first forward: ``in_channels`` if given, else 1, then 3,
-    on a ``size`` x ``size`` input."""
-    if factory is None:
-        model = _build(config)
-        in_channels = config["in_channels"]
-    else:
-        model = spec.call_factory(factory, path)
-        if not isinstance(model, gluon.Block):
-            raise TypeError(f"{factory} returned {type(model).__name__}, not a mxnet.gluon.Block")
+    on a ``size`` x ``size`` input, each try on a model built afresh (a failed try leaves its
+    inferred shapes behind). If no try runs, whether the model runs on 224 x 224 is said too."""
     ctx = _context()
-    params = model.collect_params()
-    if any(p._data is None for p in params.values()):
-        model.initialize(ctx=ctx)
+
+    def fresh():
+        if factory is None:
+            model = _build(config)
+        else:
+            model = spec.call_factory(factory, path)
+            if not isinstance(model, gluon.Block):
+                raise TypeError(f"{factory} returned {type(model).__name__}, not a mxnet.gluon.Block")
+        if any(p._data is None for p in model.collect_params().values()):
+            model.initialize(ctx=ctx)
+        return model
+
+    def runs(model, c, s):
+        with autograd.predict_mode():
+            model(mx.nd.zeros((1, c, s, s), ctx=ctx)).wait_to_read()
+
     errors = []
-    for c in ([in_channels] if in_channels else [1, 3]):
+    channels = [config["in_channels"]] if factory is None else ([in_channels] if in_channels
+                                                                 else [1, 3])
+    for i, c in enumerate(channels):
+        model = fresh()
         try:
-            with autograd.predict_mode():
-                model(mx.nd.zeros((1, c, size, size), ctx=ctx)).wait_to_read()
+            runs(model, c, size)
             return model
         except Exception as e:  # noqa: BLE001 - try the next channel count, then report all
-            errors.append(f"{c} input channel(s): {str(e).splitlines()[0]}")
-    raise ValueError(f"the model does not run on a {size}x{size} input: " + "; ".join(errors))
+            errors.append(f"{c} input channel(s): {_error_line(e)}")
+    msg = f"the model does not run on a {size}x{size} input: " + "; ".join(errors)
+    if size != 224:
+        try:
+            runs(fresh(), channels[-1], 224)
+            msg += (f"; it runs on 224x224 ({channels[-1]} channel(s)): a layer of fixed size "
+                    "needs ImageNet's 224-px input")
+        except Exception:  # noqa: BLE001 - not a matter of size: the errors above say it all
+            pass
+    pool = re.search(r"kernel size \((\d+)\) exceeds input \((\d+)", msg)
+    if pool:
+        k, d = pool.groups()
+        msg += (f" (a fixed {k}x{k} pooling window over a {d}x{d} feature map: a head that pools "
+                f"a fixed window, as the Gluon model zoo's DenseNets' AvgPool2D(pool_size=7), where "
+                f"the book and torchvision pool globally, needs 224x224 input: give --size 224)")
+    raise ValueError(msg)
+
+
+def _error_line(e) -> str:
+    """The line of an exception's message that says what failed (MXNet's messages begin with
+    a C++ traceback: the 'MXNetError: ...' line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    said = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln)]
+    return (said or lines or [type(e).__name__])[-1]
 
 
 def _block(model, name: str):
@@ -376,8 +394,7 @@ def model_run(model, x, labels=None, modules=(), train: bool = False, dtype: str
         else:
             with autograd.record(train_mode=train):
                 logits = model(X)
-                loss = gluon.loss.SoftmaxCrossEntropyLoss()(
-                    logits, mx.nd.array(labels, ctx=_context(), dtype=dtype)).mean()
+                loss = _loss_of(logits, labels, dtype)
             loss.backward()
             out = {"logits": logits.asnumpy(), "loss": float(loss.asscalar()),
                    "grads": {k: p.grad().asnumpy() for k, p in params.items()
@@ -434,3 +451,19 @@ def data_parallel_error(config: dict, state: dict, x, labels, devices: int = 2,
     """The error a data-parallel step raises for these arguments, or None."""
     return _error(lambda: data_parallel_step(config, state, x, labels, devices=devices,
                                              sync_bn=sync_bn, variant=variant))
+
+
+def model_bn_settings(model, variant: str = "mxnet") -> dict:
+    """Every BatchNorm of the model (its structural name, '0.net.1.0') -> {"epsilon",
+    "momentum"} as the model has them (Gluon's momentum: the share of the running statistics
+    kept per step)."""
+    out = {}
+
+    def walk(block, prefix):
+        if isinstance(block, gluon.nn.BatchNorm):
+            out[prefix] = {"epsilon": float(block._kwargs["eps"]),
+                           "momentum": float(block._kwargs["momentum"])}
+        for name, child in block._children.items():
+            walk(child, f"{prefix}.{name}" if prefix else name)
+    walk(model, "")
+    return out

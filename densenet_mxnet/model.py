@@ -16,7 +16,8 @@ from densenet_spec import DenseNetInputError  # noqa: F401  (re-exported)
 
 __all__ = ["conv_block", "DenseBlock", "transition_block", "DenseNet", "build",
            "book", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
-           "densenet40", "densenet_bc100", "densenet_bc250", "densenet_bc190"]
+           "densenet40", "densenet_bc100", "densenet_bc250", "densenet_bc190",
+           "mlp_block", "MLPDenseBlock", "mlp_transition_block", "MLPDenseNet", "house_mlp"]
 
 
 def _batch_norm(channels):
@@ -246,7 +247,10 @@ class DenseNet(nn.HybridBlock):
 
 
 def build(preset="book", **options):
-    """Build any preset by name (or a densenet_spec.Preset); options override it."""
+    """Build any preset by name (or a densenet_spec preset), of either family (DenseNet or
+    MLPDenseNet); options override it."""
+    if spec.get_preset(preset).family == "mlp":
+        return MLPDenseNet.from_preset(preset, **options)
     return DenseNet.from_preset(preset, **options)
 
 
@@ -298,3 +302,128 @@ def densenet_bc250(**options):
 @spec.preset_builder("densenet_bc190")
 def densenet_bc190(**options):
     return build("densenet_bc190", **options)
+
+
+# ---------------------------------------------------------------- the MLP family (exercise 5)
+# The chapter's exercise 5, as a reader answered it in the forum: the DenseNet idea on a
+# multilayer perceptron, for the house-price data. BatchNorm-ReLU-Dense layers in place of
+# BN-ReLU-conv, dense blocks that concatenate features, transitions that compress the width
+# (the forum's end with a ReLU), a Dense-ReLU stem, a BN-ReLU-Dense head. Input (N, features):
+# Gluon's BatchNorm normalises axis 1, which for 2-D input is PyTorch's BatchNorm1d.
+
+def mlp_block(num_features, drop_rate=0.0, input_features=0):
+    """The forum's ``conv_block_mlp``: BatchNorm-ReLU-Dense to ``num_features`` (the growth
+    rate); ``drop_rate`` adds dropout after the new features (active in training only)."""
+    spec.check_layer_args(input_channels=_known(input_features), num_channels=num_features)
+    layers = OrderedDict([
+        ("norm1", _batch_norm(input_features)),
+        ("relu1", nn.Activation("relu")),
+        ("linear1", nn.Dense(num_features, in_units=input_features)),
+    ])
+    if drop_rate:
+        layers["drop"] = nn.Dropout(drop_rate)
+    return _Sequential(layers)
+
+
+class MLPDenseBlock(nn.HybridBlock):
+    """``num_layers`` mlp_blocks; each one's input is the concatenation (feature axis 1) of the
+    block input and all earlier outputs. Output: input_features + num_layers * num_features."""
+
+    def __init__(self, num_layers, num_features, drop_rate=0.0, input_features=0):
+        super().__init__()
+        spec.check_layer_args(num_convs=num_layers, input_channels=_known(input_features),
+                              num_channels=num_features)
+        for i in range(num_layers):
+            setattr(self, f"denselayer{i + 1}", mlp_block(
+                num_features, drop_rate=drop_rate,
+                input_features=input_features + i * num_features if input_features else 0))
+
+    def hybrid_forward(self, F, X):
+        features = [X]
+        for layer in self._children.values():
+            features.append(layer(F.concat(*features, dim=1)))
+        return F.concat(*features, dim=1)
+
+
+def mlp_transition_block(num_features, relu=True, input_features=0):
+    """BatchNorm-ReLU-Dense to ``num_features``, then (the forum's) a ReLU."""
+    spec.check_layer_args(input_channels=_known(input_features), num_channels=num_features)
+    layers = [("norm", _batch_norm(input_features)),
+              ("relu", nn.Activation("relu")),
+              ("linear", nn.Dense(num_features, in_units=input_features))]
+    if relu:
+        layers.append(("relu2", nn.Activation("relu")))
+    return _Sequential(layers)
+
+
+class MLPDenseNet(nn.HybridBlock):
+    """The MLP DenseNet family. ``features`` holds the stem (linear0, relu0, ...), the dense
+    blocks, transitions and the final BatchNorm; ``classifier`` is the output Dense. The head is
+    BN - ReLU - Dense. Input (N, in_features), output (N, num_outputs). Every layer is given its
+    input width, so all parameters exist right after initialize()."""
+
+    def __init__(self, in_features=330, stem_widths=(512, 1024), block_config=(2, 2, 2, 2),
+                 growth_rate=128, compression=0.5, transition_relu=True, num_outputs=1,
+                 drop_rate=0.0, name="custom"):
+        super().__init__()
+        self.config = cfg = spec.config_from_options(
+            name, family="mlp", in_features=in_features, stem_widths=stem_widths,
+            block_config=block_config, growth_rate=growth_rate, compression=compression,
+            transition_relu=transition_relu, num_outputs=num_outputs, drop_rate=drop_rate)
+        stem, c = [], cfg.in_features
+        for i, w in enumerate(cfg.stem_widths):
+            stem += [(f"linear{i}", nn.Dense(w, in_units=c)), (f"relu{i}", nn.Activation("relu"))]
+            c = w
+        self.features = _Sequential(stem)
+        for i, num_layers in enumerate(cfg.block_config):
+            self.features.add_module(f"denseblock{i + 1}", MLPDenseBlock(
+                num_layers, cfg.growth_rate, drop_rate=cfg.drop_rate, input_features=c))
+            c += num_layers * cfg.growth_rate
+            if i != len(cfg.block_config) - 1:
+                out = spec.transition_channels(cfg, c)
+                self.features.add_module(f"transition{i + 1}", mlp_transition_block(
+                    out, relu=cfg.transition_relu, input_features=c))
+                c = out
+        self.features.add_module(f"norm{len(cfg.block_config) + 1}", _batch_norm(c))
+        self.classifier = nn.Dense(cfg.num_outputs, in_units=c)
+
+    @classmethod
+    def from_preset(cls, preset, **options):
+        """Build a named preset; keyword options override its values."""
+        cfg = spec.make_config(preset, **options)
+        return cls(**cfg.options(), name=cfg.name)
+
+    stage_modules = DenseNet.stage_modules
+
+    def forward_stages(self, X):
+        """Run the network and return an OrderedDict stage -> output (the head's is the outputs).
+        X is an NDArray, or a Symbol (shape inference; its shape cannot be checked here)."""
+        F = mx.sym if isinstance(X, mx.sym.Symbol) else mx.nd
+        if F is mx.nd:
+            spec.check_input(self.config, X.shape)
+        outputs = OrderedDict()
+        for name, modules in self.stage_modules().items():
+            if name == "head":
+                outputs[name] = self._head(F, modules[0](X))
+            else:
+                for module in modules:
+                    X = module(X)
+                outputs[name] = X
+        return outputs
+
+    def _head(self, F, X):
+        """ReLU - Dense, on the final BatchNorm's output."""
+        return self.classifier(F.relu(X))
+
+    def forward(self, X):
+        if not isinstance(X, mx.sym.Symbol):
+            spec.check_input(self.config, X.shape)
+        return super().forward(X)
+
+    def hybrid_forward(self, F, X):
+        return self._head(F, self.features(X))
+
+
+@spec.preset_builder("house_mlp")
+def house_mlp(**options):
+    return build("house_mlp", **options)

@@ -59,7 +59,7 @@ def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
     import mxnet as mx
     from mxnet import autograd, gluon
 
-    from densenet_mxnet.adapter import _build
+    from densenet_mxnet.runtime import from_config
     from densenet_mxnet.state import _canonical_params, load_state
     spec.check_devices(len(x), devices)
     gpus = mx.context.num_gpus()
@@ -67,7 +67,7 @@ def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
         raise ValueError(sync_bn_unsupported(devices))
     ctxs = [mx.gpu(i) for i in range(devices)] if gpus >= devices else \
         [mx.cpu(i) for i in range(devices)]
-    model = _build(config)
+    model = from_config(config)
     with ctxs[0]:
         load_state(model, state)
     if dtype != "float32":

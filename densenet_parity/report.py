@@ -58,7 +58,9 @@ def run(preset: str, size: int, batch: int, backends, numeric: bool, seed: int,
         memory_efficient: bool = False) -> dict:
     cfg = spec.make_config(preset)
     expected = compare.expected_stages(cfg, batch, size, size)
-    result = {"preset": cfg.name, "input": [batch, cfg.in_channels, size, size], "layout": "NCHW",
+    shape = spec.input_shape(cfg, batch, size, size)
+    result = {"preset": cfg.name, "input": list(shape),
+              "layout": "(N, features)" if cfg.family == "mlp" else "NCHW",
               "reference": REFERENCE, "tolerance": {"eval_rel": compare.EVAL_RTOL},
               "expected": expected, "backends": {}, "numbers": {}}
     handles = {}
@@ -82,7 +84,7 @@ def run(preset: str, size: int, batch: int, backends, numeric: bool, seed: int,
         log(f"[{REFERENCE}] initialising canonical weights (seed {seed}) ...")
         state = handles[REFERENCE].call("init_state", config=cfg.to_dict(), seed=seed)["arrays"]
         rng = np.random.default_rng(seed)
-        x = rng.standard_normal((batch, cfg.in_channels, size, size)).astype(np.float32)
+        x = rng.standard_normal(shape).astype(np.float32)
         outputs = {}
         for name, b in handles.items():
             if "error" in result["backends"][name]:
@@ -131,7 +133,9 @@ def render(result: dict) -> str:
     names = list(result["backends"])
     live = [n for n in names if "error" not in result["backends"][n]]
     lines = [f"DenseNet parity report: preset '{result['preset']}', input "
-             f"{'x'.join(map(str, result['input']))} (NCHW; Flax runs NHWC)", ""]
+             f"{'x'.join(map(str, result['input']))} "
+             f"({'(N, features) in every framework' if result['layout'] != 'NCHW' else 'NCHW; Flax runs NHWC'})",
+             ""]
     for n in names:
         e = result["backends"][n]
         if "error" in e:
@@ -141,7 +145,8 @@ def render(result: dict) -> str:
         vers = ", ".join(f"{k} {v}" for k, v in i["versions"].items())
         me = "memory-efficient: yes" if i.get("memory_efficient") is None else \
             f"memory-efficient: no ({i['memory_efficient']})"
-        lines.append(f"  {n:<11} on {i['device']:<7} {vers}; {me}")
+        me = "" if result["layout"] != "NCHW" else f"; {me}"  # the MLP family has no such mode
+        lines.append(f"  {n:<11} on {i['device']:<7} {vers}{me}")
     lines.append("")
     headers = ["stage", "spec shape", "spec params", "spec BN"]
     for n in live:

@@ -14,14 +14,12 @@ import numpy as np
 import torch
 
 import densenet_spec as spec
+from densenet_torch import model as model_lib
 from densenet_torch.model import DenseNet, DenseBlock, conv_block, transition_block
+from densenet_torch.runtime import device, from_config as _build, loaded as _loaded
 
 BACKEND = "torch"
 VARIANTS = ("torch",)
-
-
-def device() -> str:
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 def versions() -> dict:
@@ -38,11 +36,6 @@ def info(variant: str = "torch") -> dict:
             "memory_efficient": MEMORY_EFFICIENT}
 
 
-def _build(config: dict, memory_efficient=False, **_) -> DenseNet:
-    cfg = spec.Preset.from_dict(config)
-    return DenseNet(**cfg.options(), memory_efficient=memory_efficient, name=cfg.name)
-
-
 def _counts(modules):
     params = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
     state = sum(b.numel() for m in modules for n, b in m.named_buffers()
@@ -57,7 +50,7 @@ def describe(config: dict, batch: int, height: int, width: int, variant: str = "
     dev = torch.device("meta") if abstract else torch.device("cpu")
     with dev:
         model = _build(config).eval()
-        x = torch.zeros(batch, config["in_channels"], height, width)
+        x = torch.zeros(*spec.input_shape(model.config, batch, height, width))
     with torch.no_grad():
         outputs = model.forward_stages(x)
     stages = []
@@ -90,13 +83,15 @@ def layer_error(kind: str, args: list, variant: str = "torch"):
 
     kind: 'conv_block' (input_channels, num_channels), 'DenseBlock' (num_convs,
     input_channels, num_channels), 'transition_block' (input_channels, num_channels),
-    'preset' (name), 'DenseNet' (options dict).
+    'preset' (name), 'DenseNet' (options dict); the MLP family's mlp_block,
+    MLPDenseBlock, mlp_transition_block (the same arguments with features for channels) and
+    'MLPDenseNet' (options dict).
     """
     if kind == "preset":
-        return _error(lambda: DenseNet.from_preset(args[0]))
-    if kind == "DenseNet":
-        return _error(lambda: DenseNet(**args[0]))
-    fn = {"conv_block": conv_block, "DenseBlock": DenseBlock, "transition_block": transition_block}[kind]
+        return _error(lambda: model_lib.build(args[0]))
+    if kind in ("DenseNet", "MLPDenseNet"):
+        return _error(lambda: getattr(model_lib, kind)(**args[0]))
+    fn = getattr(model_lib, kind)  # conv_block, DenseBlock, transition_block and the MLP's
     return _error(lambda: fn(*args))
 
 
@@ -126,20 +121,23 @@ def _full_precision():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-def _loaded(config, state, memory_efficient=False, dtype="float32"):
-    """A model with the canonical ``state`` loaded, on the GPU when there is one."""
-    from densenet_torch.state import load_state
-    model = _build(config, memory_efficient=memory_efficient)
-    load_state(model, state)
-    return model.to(device=device(), dtype=getattr(torch, dtype))
-
-
 def _tensor(a, dtype="float32"):
     return torch.as_tensor(np.asarray(a)).to(device=device(), dtype=getattr(torch, dtype))
 
 
 def _numpy(t, dtype="float32"):
     return t.detach().to("cpu", getattr(torch, dtype)).numpy().copy()
+
+
+def _loss(outputs, labels, dtype="float32"):
+    """Softmax cross-entropy against integer labels (the conv family's classes); the mean
+    squared error against float targets (the MLP family's regression, (N, outputs))."""
+    labels = np.asarray(labels)
+    if np.issubdtype(labels.dtype, np.integer):
+        y = torch.as_tensor(labels).to(device=outputs.device, dtype=torch.int64)
+        return torch.nn.functional.cross_entropy(outputs, y)
+    y = torch.as_tensor(labels).to(device=outputs.device, dtype=outputs.dtype)
+    return torch.nn.functional.mse_loss(outputs, y)
 
 
 def forward(config: dict, state: dict, x, train: bool = False, variant: str = "torch",
@@ -157,7 +155,7 @@ def gradients(config: dict, state: dict, x, labels, variant: str = "torch",
     ``dtype`` 'float64' computes in double precision (the parity suite's gradient check)."""
     model = _loaded(config, state, memory_efficient, dtype).train()
     with _full_precision():
-        loss = torch.nn.functional.cross_entropy(model(_tensor(x, dtype)), _tensor(labels, "int64"))
+        loss = _loss(model(_tensor(x, dtype)), labels, dtype)
         loss.backward()
     return {"loss": loss.item(),
             "arrays": {k: _numpy(p.grad, dtype) for k, p in model.named_parameters()}}
@@ -171,7 +169,7 @@ def train_step(config: dict, state: dict, x, labels, lr: float = 0.1, variant: s
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     opt.zero_grad()
     with _full_precision():
-        loss = torch.nn.functional.cross_entropy(model(_tensor(x, dtype)), _tensor(labels, "int64"))
+        loss = _loss(model(_tensor(x, dtype)), labels, dtype)
         loss.backward()
     opt.step()
     return {"loss": loss.item(),
@@ -225,7 +223,7 @@ def summary(config: dict, batch: int, height: int, width: int, variant: str = "t
     """The framework-style per-layer summary text and its totals."""
     from densenet_torch.summary import summary as text, summary_rows
     model = _build(config)
-    shape = (batch, config["in_channels"], height, width)
+    shape = spec.input_shape(model.config, batch, height, width)
     rows = summary_rows(model, shape)
     return {"text": text(model, shape), "params": rows[0][4], "state": rows[0][5]}
 
@@ -294,7 +292,7 @@ def model_run(model, x, labels=None, modules=(), train: bool = False, dtype: str
             logits = m(torch.as_tensor(np.asarray(x)).to(getattr(torch, dtype)))
             out = {"logits": _numpy(logits, dtype)}
             if labels is not None:
-                loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels).long())
+                loss = _loss(logits, labels, dtype)
                 loss.backward()
                 out["loss"] = float(loss.detach())
                 out["grads"] = {k: _numpy(p.grad, dtype) for k, p in m.named_parameters()
@@ -347,3 +345,13 @@ def data_parallel_error(config: dict, state: dict, x, labels, devices: int = 2,
     """The error a data-parallel step raises for these arguments, or None."""
     return _error(lambda: data_parallel_step(config, state, x, labels, devices=devices,
                                              sync_bn=sync_bn, variant=variant))
+
+
+def model_bn_settings(model, variant: str = "torch") -> dict:
+    """Every BatchNorm of the model (its module name) -> {"epsilon", "momentum"} as the model
+    has them (PyTorch's momentum: the share of the batch statistic taken per step; None: a
+    cumulative average)."""
+    return {name: {"epsilon": float(m.eps), "momentum": None if m.momentum is None
+                   else float(m.momentum)}
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}

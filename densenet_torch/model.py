@@ -20,7 +20,8 @@ from densenet_spec import DenseNetInputError  # noqa: F401  (re-exported)
 
 __all__ = ["conv_block", "DenseBlock", "transition_block", "DenseNet", "build",
            "book", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
-           "densenet40", "densenet_bc100", "densenet_bc250", "densenet_bc190"]
+           "densenet40", "densenet_bc100", "densenet_bc250", "densenet_bc190",
+           "mlp_block", "MLPDenseBlock", "mlp_transition_block", "MLPDenseNet", "house_mlp"]
 
 
 def _batch_norm(channels):
@@ -210,7 +211,10 @@ class DenseNet(nn.Module):
 
 
 def build(preset="book", **options):
-    """Build any preset by name (or a densenet_spec.Preset); options override it."""
+    """Build any preset by name (or a densenet_spec preset), of either family (DenseNet or
+    MLPDenseNet); options override it."""
+    if spec.get_preset(preset).family == "mlp":
+        return MLPDenseNet.from_preset(preset, **options)
     return DenseNet.from_preset(preset, **options)
 
 
@@ -262,3 +266,124 @@ def densenet_bc250(**options):
 @spec.preset_builder("densenet_bc190")
 def densenet_bc190(**options):
     return build("densenet_bc190", **options)
+
+
+# ---------------------------------------------------------------- the MLP family (exercise 5)
+# The chapter's exercise 5, as a reader answered it in the forum: the DenseNet idea on a
+# multilayer perceptron, for the house-price data. BatchNorm1d-ReLU-Linear layers in place of
+# BN-ReLU-conv, dense blocks that concatenate features, transitions that compress the width
+# (the forum's end with a ReLU), a Linear-ReLU stem, a BN-ReLU-Linear head. Input (N, features).
+
+def _batch_norm1d(features):
+    return nn.BatchNorm1d(features, eps=spec.BN_EPS, momentum=spec.TORCH_BN_MOMENTUM)
+
+
+def mlp_block(input_features, num_features, drop_rate=0.0):
+    """The forum's ``conv_block_mlp``: BatchNorm1d-ReLU-Linear to ``num_features`` (the growth
+    rate); ``drop_rate`` adds dropout after the new features (active in training only)."""
+    spec.check_layer_args(input_channels=input_features, num_channels=num_features)
+    layers = OrderedDict([
+        ("norm1", _batch_norm1d(input_features)),
+        ("relu1", nn.ReLU(inplace=True)),
+        ("linear1", nn.Linear(input_features, num_features)),
+    ])
+    if drop_rate:
+        layers["drop"] = nn.Dropout(drop_rate)
+    return nn.Sequential(layers)
+
+
+class MLPDenseBlock(nn.Module):
+    """``num_layers`` mlp_blocks; each one's input is the concatenation (feature axis 1) of the
+    block input and all earlier outputs. Output: input_features + num_layers * num_features."""
+
+    def __init__(self, num_layers, input_features, num_features, drop_rate=0.0):
+        super().__init__()
+        spec.check_layer_args(num_convs=num_layers, input_channels=input_features,
+                              num_channels=num_features)
+        for i in range(num_layers):
+            self.add_module(f"denselayer{i + 1}", mlp_block(
+                input_features + i * num_features, num_features, drop_rate=drop_rate))
+
+    def forward(self, X):
+        features = [X]
+        for layer in self.children():
+            features.append(layer(torch.cat(features, 1)))
+        return torch.cat(features, 1)
+
+
+def mlp_transition_block(input_features, num_features, relu=True):
+    """BatchNorm1d-ReLU-Linear to ``num_features``, then (the forum's) a ReLU."""
+    spec.check_layer_args(input_channels=input_features, num_channels=num_features)
+    layers = OrderedDict([
+        ("norm", _batch_norm1d(input_features)),
+        ("relu", nn.ReLU(inplace=True)),
+        ("linear", nn.Linear(input_features, num_features)),
+    ])
+    if relu:
+        layers["relu2"] = nn.ReLU(inplace=True)
+    return nn.Sequential(layers)
+
+
+class MLPDenseNet(nn.Module):
+    """The MLP DenseNet family. ``features`` holds the stem (linear0, relu0, ...), the dense
+    blocks, transitions and the final BatchNorm1d; ``classifier`` is the output Linear. The head
+    is BN - ReLU - Linear. Input (N, in_features), output (N, num_outputs)."""
+
+    def __init__(self, in_features=330, stem_widths=(512, 1024), block_config=(2, 2, 2, 2),
+                 growth_rate=128, compression=0.5, transition_relu=True, num_outputs=1,
+                 drop_rate=0.0, name="custom"):
+        super().__init__()
+        self.config = cfg = spec.config_from_options(
+            name, family="mlp", in_features=in_features, stem_widths=stem_widths,
+            block_config=block_config, growth_rate=growth_rate, compression=compression,
+            transition_relu=transition_relu, num_outputs=num_outputs, drop_rate=drop_rate)
+        stem, c = [], cfg.in_features
+        for i, w in enumerate(cfg.stem_widths):
+            stem += [(f"linear{i}", nn.Linear(c, w)), (f"relu{i}", nn.ReLU(inplace=True))]
+            c = w
+        self.features = nn.Sequential(OrderedDict(stem))
+        for i, num_layers in enumerate(cfg.block_config):
+            self.features.add_module(f"denseblock{i + 1}", MLPDenseBlock(
+                num_layers, c, cfg.growth_rate, drop_rate=cfg.drop_rate))
+            c += num_layers * cfg.growth_rate
+            if i != len(cfg.block_config) - 1:
+                out = spec.transition_channels(cfg, c)
+                self.features.add_module(f"transition{i + 1}", mlp_transition_block(
+                    c, out, relu=cfg.transition_relu))
+                c = out
+        self.features.add_module(f"norm{len(cfg.block_config) + 1}", _batch_norm1d(c))
+        self.classifier = nn.Linear(c, cfg.num_outputs)
+
+    @classmethod
+    def from_preset(cls, preset, **options):
+        """Build a named preset; keyword options override its values."""
+        cfg = spec.make_config(preset, **options)
+        return cls(**cfg.options(), name=cfg.name)
+
+    stage_modules = DenseNet.stage_modules
+
+    def forward_stages(self, X):
+        """Run the network and return an OrderedDict stage -> output (the head's is the outputs)."""
+        spec.check_input(self.config, X.shape)
+        outputs = OrderedDict()
+        for name, modules in self.stage_modules().items():
+            if name == "head":
+                outputs[name] = self._head(modules[0](X))
+            else:
+                for module in modules:
+                    X = module(X)
+                outputs[name] = X
+        return outputs
+
+    def _head(self, X):
+        """ReLU - Linear, on the final BatchNorm's output."""
+        return self.classifier(F.relu(X))
+
+    def forward(self, X):
+        spec.check_input(self.config, X.shape)
+        return self._head(self.features(X))
+
+
+@spec.preset_builder("house_mlp")
+def house_mlp(**options):
+    return build("house_mlp", **options)

@@ -81,7 +81,7 @@ def _rank_main(d: str) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from densenet_torch.adapter import _build
+    from densenet_torch.runtime import from_config
     from densenet_torch.state import load_state
     args = files.read_message(d, "in")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -90,7 +90,7 @@ def _rank_main(d: str) -> None:
     try:
         x, labels = args["batch"]["x"], args["batch"]["labels"]
         dtype = getattr(torch, args["dtype"])
-        model = _build(args["config"])
+        model = from_config(args["config"])
         load_state(model, args["state"])
         model = model.to(device=device, dtype=dtype).train()
         if args["sync_bn"]:

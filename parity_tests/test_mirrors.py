@@ -11,8 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRRORS = ("torch", "mxnet", "flax")
-FILES = ("__init__.py", "model.py", "state.py", "adapter.py", "summary.py", "train.py",
-         "parallel.py")
+FILES = ("__init__.py", "model.py", "state.py", "runtime.py", "adapter.py", "summary.py",
+         "train.py", "parallel.py")
 #: Files one mirror has beyond the shared ones.
 EXTRA_FILES = {
     "mxnet": {"worker.py": "serves the adapter in the MXNet environment"},
@@ -29,6 +29,14 @@ EXTRA_NAMES: Dict[str, Dict[str, Dict[str, str]]] = {
     "state.py": {
         "flax": {"to_canonical": "Flax trees (params, batch_stats, gradients) to canonical",
                  "from_canonical": "and back"},
+    },
+    "runtime.py": {
+        "flax": {"abstract": "NNX models built by nnx.eval_shape (no initialiser compiled)",
+                 "numerics": "JAX's precision and float64 (x64) context",
+                 "nhwc": "Flax's NHWC input", "targets": "labels or regression targets as JAX arrays",
+                 "loss": "cross-entropy or MSE, shared with parallel.py",
+                 "linen_loss": "linen's functional train-mode loss",
+                 "sgd": "optax's SGD update, compiled once"},
     },
     "train.py": {
         "flax": {"enable_compilation_cache": "JAX's persistent compilation cache",
