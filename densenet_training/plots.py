@@ -79,7 +79,7 @@ def plot_house(metrics: dict, path) -> Path:
     for key, style, label in (("train_log_rmse", "-", "train"), ("valid_log_rmse", "--", "valid")):
         mean = [sum(f["epochs"][e][key] for f in metrics["folds"]) / len(metrics["folds"])
                 for e in range(n)]
-        right.plot(range(1, n + 1), mean, style, marker="o", markersize=3,
+        right.plot(range(1, n + 1), mean, style, marker="o" if n <= 30 else None, markersize=3,
                    label=f"{label} (average of {len(metrics['folds'])} folds)")
     for ax, what in ((left, "log-rmse per fold"), (right, "log-rmse, average over the folds")):
         ax.set_yscale("log")
