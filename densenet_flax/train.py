@@ -349,10 +349,11 @@ def load_house_state(model, state: Dict[str, np.ndarray]) -> None:
     """Load a canonical state (all of it, or a clear error) into a house-price model."""
     if isinstance(model, _Linear):
         training.house.check_linear_state(state, model.in_features)
-        model.classifier.kernel.value = jnp.asarray(np.asarray(state["classifier.weight"],
-                                                               np.float32).T)
-        model.classifier.bias.value = jnp.asarray(np.asarray(state["classifier.bias"],
-                                                             np.float32))
+        params = nnx.state(model, nnx.Param)
+        nnx.replace_by_pure_dict(params, {"classifier": {
+            "kernel": jnp.asarray(np.asarray(state["classifier.weight"], np.float32).T),
+            "bias": jnp.asarray(np.asarray(state["classifier.bias"], np.float32))}})
+        nnx.update(model, params)
         return
     state_lib.load_state(model, state)
 
@@ -360,8 +361,9 @@ def load_house_state(model, state: Dict[str, np.ndarray]) -> None:
 def house_state(model) -> Dict[str, np.ndarray]:
     """A house-price model's canonical state."""
     if isinstance(model, _Linear):
-        return {"classifier.weight": np.array(model.classifier.kernel.value).T.copy(),
-                "classifier.bias": np.array(model.classifier.bias.value)}
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))["classifier"]
+        return {"classifier.weight": np.array(params["kernel"]).T.copy(),
+                "classifier.bias": np.array(params["bias"])}
     return state_lib.export_state(model)
 
 
