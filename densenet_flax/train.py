@@ -437,9 +437,12 @@ def _house_forward(graphdef, params, rest, x):
     return nnx.merge(graphdef, params, rest, copy=True)(x).reshape(-1)
 
 
-def house_predict(model, features) -> np.ndarray:
-    """Predicted prices (N,) in eval mode (BatchNorm's running statistics)."""
-    model.eval()
+def house_predict(model, features, batch_stats: bool = False) -> np.ndarray:
+    """Predicted prices (N,) in eval mode (BatchNorm's running statistics), the whole set at once.
+    ``batch_stats``: in train mode instead, BatchNorm normalising with the statistics of
+    ``features`` themselves, as the book's log_rmse measures (its train() never calls
+    net.eval()); the running statistics are left as they were."""
+    model.train() if batch_stats else model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     model.train()
     if graphdef not in _house_predict_fns:

@@ -289,11 +289,19 @@ def house_train_epoch(model, optimizer, features, labels, batches, meter) -> Non
         meter.update(float(loss.asscalar()), 0, len(idx))
 
 
-def house_predict(model, features) -> np.ndarray:
-    """Predicted prices (N,) in predict mode (BatchNorm's running statistics)."""
-    with autograd.predict_mode():
-        out = model(mx.nd.array(features, ctx=_contexts(model)[0]))
-    return out.asnumpy().reshape(-1).copy()
+def house_predict(model, features, batch_stats: bool = False) -> np.ndarray:
+    """Predicted prices (N,) in predict mode (BatchNorm's running statistics), the whole set at
+    once.
+    ``batch_stats``: in train mode instead, BatchNorm normalising with the statistics of
+    ``features`` themselves, as the book's log_rmse measures (its train() never calls
+    net.eval()); the running statistics are left as they were."""
+    stats = [p for p in model.collect_params().values() if p.grad_req == "null"]
+    saved = [p.data().copy() for p in stats]
+    with (autograd.train_mode() if batch_stats else autograd.predict_mode()):
+        out = model(mx.nd.array(features, ctx=_contexts(model)[0])).asnumpy()
+    for p, old in zip(stats, saved):
+        p.set_data(old)
+    return out.reshape(-1).copy()
 
 
 def _house_indexed(model, optimizer):

@@ -286,13 +286,20 @@ def house_train_epoch(model, optimizer, features, labels, batches, meter) -> Non
         meter.update(loss.item(), 0, len(idx))
 
 
-def house_predict(model, features) -> np.ndarray:
-    """Predicted prices (N,) in eval mode (BatchNorm's running statistics)."""
-    model.eval()
+def house_predict(model, features, batch_stats: bool = False) -> np.ndarray:
+    """Predicted prices (N,) in eval mode (BatchNorm's running statistics), the whole set at once.
+    ``batch_stats``: in train mode instead, BatchNorm normalising with the statistics of
+    ``features`` themselves, as the book's log_rmse measures (its train() never calls
+    net.eval()); the running statistics are left as they were."""
+    saved = [b.detach().clone() for b in model.buffers()]
+    model.train(batch_stats)
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model(torch.from_numpy(features).to(device)).reshape(-1).to("cpu").numpy()
     model.train()
+    with torch.no_grad():
+        for b, old in zip(model.buffers(), saved):
+            b.copy_(old)
     return out.copy()
 
 

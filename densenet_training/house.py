@@ -30,6 +30,10 @@ from densenet_training.recipe import (RESUME_KEYS, ResumeError, TrainConfig, _ha
 HOUSE_METRICS_FORMAT = "densenet-suite/house-metrics-v1"
 #: Adam as torch.optim.Adam's defaults (the book's house-price section uses them).
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+#: The log-rmse figures of every epoch, fold and run: in eval mode (BatchNorm's running
+#: statistics), and as the book's log_rmse measures them (train mode: its train() never calls
+#: net.eval(), so BatchNorm normalises with the statistics of the set evaluated).
+BOTH = ("train_log_rmse", "valid_log_rmse", "train_log_rmse_book", "valid_log_rmse_book")
 ADAM_CONVENTION = ("torch.optim.Adam: g += wd * w; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; "
                    "w -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)")
 
@@ -100,8 +104,7 @@ def summarize_folds(folds: List[dict]) -> dict:
     validation log-rmse; examples/sec over all epochs of all folds (evaluation excluded)."""
     epochs = [r for f in folds for r in f["epochs"]]
     seconds = sum(r["train_time"] for r in epochs)
-    return {"train_log_rmse": float(np.mean([f["train_log_rmse"] for f in folds])),
-            "valid_log_rmse": float(np.mean([f["valid_log_rmse"] for f in folds])),
+    return {**{key: float(np.mean([f[key] for f in folds])) for key in BOTH},
             "folds": len(folds), "epochs": len(folds[0]["epochs"]) if folds else 0,
             "train_time": seconds,
             "examples_per_sec": sum(r["examples"] for r in epochs) / max(seconds, 1e-12)}
@@ -114,6 +117,9 @@ def house_lines(metrics: dict) -> List[str]:
     s = metrics["final"]
     lines.append(f"{s['folds']}-fold validation: avg train log rmse: {s['train_log_rmse']:f}, "
                  f"avg valid log rmse: {s['valid_log_rmse']:f}")
+    lines.append(f"as the book measures (train mode, BatchNorm over the set itself): avg train "
+                 f"log rmse: {s['train_log_rmse_book']:f}, avg valid log rmse: "
+                 f"{s['valid_log_rmse_book']:f}")
     return lines
 
 
@@ -129,7 +135,8 @@ def run_folds(cfg: TrainConfig, data: "tabular.HouseData", trainer, reporter: Re
     """The book's k_fold around ``trainer`` (a densenet_<backend>.train module) on ``device``:
     for each fold a fresh network from fold_initial_state and a fresh Adam; for each epoch train
     on the fold's shuffled batches, then the log-rmse of the fold's train and validation rows (in
-    eval mode: BatchNorm's running statistics), report, checkpoint. Resumes from the run's last
+    eval mode, BatchNorm's running statistics; and as the book measures it, in train mode),
+    report, checkpoint. Resumes from the run's last
     checkpoint with ``cfg.resume``. Writes metrics.json into ``cfg.out``; returns the metrics."""
     t_start = time.perf_counter()
     out = Path(cfg.out)
@@ -189,13 +196,14 @@ def run_folds(cfg: TrainConfig, data: "tabular.HouseData", trainer, reporter: Re
             e = {k: r[k] for k in ("epoch", "loss", "examples", "train_time", "compile_time",
                                    "examples_per_sec", "first_loss")}
             e["fold"] = fold
-            e["train_log_rmse"] = tabular.log_rmse(trainer.house_predict(model, x[train_rows]),
-                                                   y[train_rows])
-            e["valid_log_rmse"] = tabular.log_rmse(trainer.house_predict(model, x[valid_rows]),
-                                                   y[valid_rows])
+            for rows, key in ((train_rows, "train"), (valid_rows, "valid")):
+                e[f"{key}_log_rmse"] = tabular.log_rmse(trainer.house_predict(model, x[rows]),
+                                                        y[rows])
+                e[f"{key}_log_rmse_book"] = tabular.log_rmse(
+                    trainer.house_predict(model, x[rows], batch_stats=True), y[rows])
             record["epochs"].append(e)
-            record["train_log_rmse"] = e["train_log_rmse"]
-            record["valid_log_rmse"] = e["valid_log_rmse"]
+            for key in BOTH:
+                record[key] = e[key]
             reporter.epoch_end(e)
             write_checkpoint(out, (fold - 1) * cfg.epochs + epoch, trainer.house_state(model),
                              trainer.adam_state(model, optimizer), {
@@ -216,7 +224,9 @@ def run_folds(cfg: TrainConfig, data: "tabular.HouseData", trainer, reporter: Re
         "dataset": data.describe(), "data_fingerprint": fingerprint, "config": cfg.to_dict(),
         "optimizer": dict(adam_info(cfg, 0), step=None),
         "loss": "mean squared error of the prices (torch.nn.MSELoss)",
-        "metric": "log_rmse = sqrt(mean((log(max(pred, 1)) - log(y))^2)), eval mode",
+        "metric": "log_rmse = sqrt(mean((log(max(pred, 1)) - log(y))^2)); *_log_rmse in eval "
+        "mode (BatchNorm's running statistics), *_log_rmse_book in train mode as the book's "
+        "log_rmse (BatchNorm over the set evaluated; running statistics left unchanged)",
         "init": f"xavier-uniform, seed {cfg.seed} + fold - 1",
         "first_step_loss": folds[0]["epochs"][0]["first_loss"], "folds": folds,
         "final": summarize_folds(folds), "resumed_from": resumed,

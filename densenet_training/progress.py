@@ -34,7 +34,8 @@ def house_epoch_line(r: dict, epochs: int) -> str:
     compiling = (f" (+{r['compile_time']:.1f} s compiling)" if r.get("compile_time", 0) >= 0.05
                  else "")
     return (f"fold {r['fold']} epoch {r['epoch']}/{epochs}: loss {r['loss']:.4g}, train log rmse "
-            f"{r['train_log_rmse']:.6f}, valid log rmse {r['valid_log_rmse']:.6f}, "
+            f"{r['train_log_rmse']:.6f}, valid log rmse {r['valid_log_rmse']:.6f} (the book's, "
+            f"train mode: {r['train_log_rmse_book']:.6f}, {r['valid_log_rmse_book']:.6f}), "
             f"{r['examples_per_sec']:.1f} examples/sec{compiling}")
 
 
