@@ -61,7 +61,8 @@ def plot_comparison(runs: List[dict], path) -> Path:
 
 def plot_house(metrics: dict, path) -> Path:
     """The house-price run's figure: per fold, train (solid) and validation (dashed) log-rmse
-    against epochs (log scale, as the book's k_fold plot), and their averages over the folds.
+    against epochs (log scale, as the book's k_fold plot), and their averages over the folds
+    (with the book's measure, in train mode, where it differs: with BatchNorm).
     matplotlib, main process only."""
     import matplotlib
     matplotlib.use("Agg")
@@ -76,12 +77,19 @@ def plot_house(metrics: dict, path) -> Path:
         left.plot(epochs, [r["valid_log_rmse"] for r in f["epochs"]], "--", color=c,
                   label=f"fold {f['fold']} valid")
     n = min(len(f["epochs"]) for f in metrics["folds"])
-    for key, style, label in (("train_log_rmse", "-", "train"), ("valid_log_rmse", "--", "valid")):
+    curves = [("train_log_rmse", "-", "C0", "train, eval mode"),
+              ("valid_log_rmse", "--", "C1", "valid, eval mode")]
+    if any(f["epochs"][0].get("train_log_rmse_book") != f["epochs"][0]["train_log_rmse"]
+           for f in metrics["folds"]):  # differs where there is BatchNorm
+        curves += [("train_log_rmse_book", ":", "C2", "train, as the book (train mode)"),
+                   ("valid_log_rmse_book", "-.", "C3", "valid, as the book (train mode)")]
+    for key, style, color, label in curves:
         mean = [sum(f["epochs"][e][key] for f in metrics["folds"]) / len(metrics["folds"])
                 for e in range(n)]
-        right.plot(range(1, n + 1), mean, style, marker="o" if n <= 30 else None, markersize=3,
-                   label=f"{label} (average of {len(metrics['folds'])} folds)")
-    for ax, what in ((left, "log-rmse per fold"), (right, "log-rmse, average over the folds")):
+        right.plot(range(1, n + 1), mean, style, color=color,
+                   marker="o" if n <= 30 else None, markersize=3, label=label)
+    for ax, what in ((left, "log-rmse per fold (eval mode)"),
+                     (right, f"average of the {len(metrics['folds'])} folds")):
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_title(what, fontsize=9)
