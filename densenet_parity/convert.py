@@ -23,7 +23,6 @@ Reading and writing need only numpy and the format's own library (torch for .pth
 """
 from __future__ import annotations
 
-import json
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -71,13 +70,9 @@ def _read_onnx(path, preset, notes, **options):
     """An ONNX model's weights by its graph (densenet_weights.formats.onnx_layers), BatchNorms
     its exporter folded into the convolution before them put back as identity BatchNorms."""
     layers, info = formats.onnx_layers(path)
-    if preset is None and "densenet_suite.preset" in info["metadata"]:  # our exports say it
-        try:
-            preset = spec.validate(spec.Preset.from_dict(
-                json.loads(info["metadata"]["densenet_suite.preset"])))
-        except (TypeError, ValueError, KeyError):
-            preset = None
-    m, folded = formats.match_onnx(layers, preset, **options)
+    if preset is None:
+        preset = formats.onnx_preset(info)  # our exports record it
+    m, folded, _ = formats.match_onnx(layers, preset, **options)
     state, cfg = _matched(path, "onnx", m)
     if folded and notes is not None:
         notes.append(folded_words(folded))

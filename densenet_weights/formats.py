@@ -583,8 +583,8 @@ def unfold_batchnorm(config, layers: List[OnnxLayer]):
 def match_onnx(layers: List[OnnxLayer], preset=None, **options):
     """Match an ONNX model's layers (``onnx_layers``) onto ``preset`` (None: every preset, with
     the input channels and classes the model shows, and conv biases or none), folded
-    BatchNorms put back (``unfold_batchnorm``). Returns (match.Match, folded BatchNorms): the
-    full match with the fewest folded BatchNorms, else the closest."""
+    BatchNorms put back (``unfold_batchnorm``). Returns (match.Match, folded BatchNorms, the
+    layers matched): the full match with the fewest folded BatchNorms, else the closest."""
     import densenet_spec as spec
     from densenet_weights import match as matching
     convs = [g for g in layers if _layer_kind(g) == "conv"]
@@ -597,7 +597,7 @@ def match_onnx(layers: List[OnnxLayer], preset=None, **options):
     seen.update(options)
     names = [preset] if preset is not None else spec.preset_names()
     biases = [options["conv_bias"]] if "conv_bias" in options else [True, False]
-    best, best_folded = None, []
+    best, best_folded, best_layers = None, [], []
     for name in names:
         for bias in biases:
             try:
@@ -610,7 +610,21 @@ def match_onnx(layers: List[OnnxLayer], preset=None, **options):
             mine, folded = unfold_batchnorm(p, layers)
             m = matching.match_layers(p, mine)
             if m.ok and (best is None or not best.ok or len(folded) < len(best_folded)):
-                best, best_folded = m, folded
+                best, best_folded, best_layers = m, folded, mine
             elif best is None or (not best.ok and m.matched_layers > best.matched_layers):
-                best, best_folded = m, folded
-    return best, best_folded
+                best, best_folded, best_layers = m, folded, mine
+    return best, best_folded, best_layers
+
+
+def onnx_preset(info: Dict[str, object]):
+    """The preset our exports record in their metadata (``densenet_suite.preset``), or None."""
+    import json
+
+    import densenet_spec as spec
+    raw = info.get("metadata", {}).get("densenet_suite.preset")
+    if not raw:
+        return None
+    try:
+        return spec.validate(spec.Preset.from_dict(json.loads(raw)))
+    except (TypeError, ValueError, KeyError):
+        return None

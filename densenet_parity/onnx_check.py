@@ -1,0 +1,229 @@
+"""Check an ONNX DenseNet: ``densenet check model.onnx``.
+
+1. *Structure*, from the graph: every Conv, BatchNormalization and Gemm (or MatMul + Add) node's
+   initializers, in the graph's topological order, each given its role by its input position
+   (densenet_weights.formats.onnx_layers), matched onto the preset as any framework's tensors
+   are. A BatchNorm an exporter folded into the convolution before it (torch.onnx's optimizer,
+   the TorchScript exporter's eval mode, onnxruntime's saved optimized model all fold the stem's
+   norm0, and a bottleneck's norm2) is recognised from the graph (the convolution, now with a
+   bias, feeds no BatchNormalization) and said, not reported as a different network: it is put
+   back as an identity BatchNorm, which computes the same in eval mode.
+2. *BatchNorm settings*, read from each BatchNormalization node's attributes: epsilon, and
+   momentum in ONNX's words (the share of the running statistics kept, like Gluon's, Flax's and
+   Keras': 0.9 is PyTorch's 0.1); every difference from the reference's is named.
+3. *Numbers*, in onnxruntime against our PyTorch model with the file's own weights (mapped onto
+   the canonical names), eval mode, float32, 1e-5. Where they differ, a copy of the graph with
+   every matched node's output made a graph output runs once more, and the first node (in the
+   preset's order) whose output differs from our model's module there (forward hooks) is named,
+   with the convention most likely behind it. With BatchNorm settings that differ, our model is
+   run again with the file's settings: if that agrees, the verdict is "same architecture,
+   different BatchNorm settings".
+
+An ONNX file is an inference graph: there is no train step to compare.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+
+import densenet_spec as spec
+from densenet_weights import formats
+
+#: The reference's BatchNorm settings in ONNX's words (PyTorch's eps 1e-5, momentum 0.1).
+REFERENCE_BN = {"epsilon": 1e-5, "momentum": 0.9}
+
+
+def _say_momentum(keep: float) -> str:
+    return f"{keep:g} (ONNX keeps {keep:g} of the running statistics: PyTorch's {1 - keep:.3g})"
+
+
+def bn_settings(layers, mapping: Dict[str, str]) -> Dict[str, dict]:
+    """canonical BatchNorm module -> {"epsilon", "momentum" (PyTorch's words: 1 - ONNX's),
+    "foreign" (the node), "as_written"} for every BatchNormalization node the match placed."""
+    by_module = {g.module: g for g in layers if g.op == "BatchNormalization"}
+    out = {}
+    for cname, fname in mapping.items():
+        if not cname.endswith(".running_mean"):
+            continue
+        g = by_module.get(fname.rsplit(".", 1)[0])
+        if g is None:
+            continue
+        eps, keep = float(g.attributes["epsilon"]), float(g.attributes["momentum"])
+        out[cname.rsplit(".", 1)[0]] = {
+            "epsilon": eps, "momentum": 1.0 - keep, "foreign": g.node,
+            "as_written": f"BatchNormalization(epsilon={eps:g}, momentum={keep:g})",
+            "training_mode": int(g.attributes.get("training_mode", 0))}
+    return out
+
+
+def settings_differences(settings: Dict[str, dict]) -> List[dict]:
+    """Every BatchNorm setting that differs from the reference's (eps 1e-5, momentum 0.1 in
+    PyTorch's words), in the preset's order."""
+    out = []
+    for cmod, s in settings.items():
+        for key, ref in (("epsilon", 1e-5), ("momentum", 0.1)):
+            if abs(s[key] - ref) > 1e-6 * ref:
+                out.append({"module": cmod, "foreign": s["foreign"], "setting": key,
+                            "model": s[key], "reference": ref, "as_written": s["as_written"],
+                            "words": ""})
+    return out
+
+
+def _settings_lines(diffs: List[dict]) -> List[str]:
+    groups: Dict[tuple, List[dict]] = {}
+    for d in diffs:
+        groups.setdefault((d["setting"], round(d["model"], 12)), []).append(d)
+    lines = []
+    for (setting, _), ds in groups.items():
+        d = ds[0]
+        more = f" and {len(ds) - 1} more" if len(ds) > 1 else ""
+        what = ("momentum (PyTorch's words)" if setting == "momentum" else "epsilon")
+        lines.append(f"{d['module']} (node '{d['foreign']}'){more}: {what} {d['model']:.4g}, "
+                     f"the reference {d['reference']:.4g}; written as {d['as_written']}")
+    return lines
+
+
+def _session(model_proto, outputs: List[str]):
+    """An onnxruntime session of the model with ``outputs`` added as graph outputs."""
+    import onnx
+    import onnxruntime as ort
+    m = onnx.ModelProto()
+    m.CopyFrom(model_proto)
+    have = {o.name for o in m.graph.output}
+    for name in outputs:
+        if name not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=name))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _torch_reference(config, state, eps: Optional[Dict[str, float]] = None):
+    from densenet_torch import build
+    from densenet_torch.state import load_state
+    model = build(config)
+    load_state(model, state)
+    for cmod, e in (eps or {}).items():
+        model.get_submodule(cmod).eps = e
+    return model.eval()
+
+
+def check_onnx(path: str, preset=None, size: Optional[int] = None, seed: int = 0,
+               progress=None):
+    """The check's Report for an ONNX file (see the module's docstring)."""
+    from densenet_parity import checking
+    from densenet_parity.convert import folded_words
+    say = progress or (lambda msg: None)
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as e:
+        raise checking.CheckError(f"checking an ONNX file needs onnx and onnxruntime (the main "
+                                  f"environment's onnx extra: `make env`): {e}") from None
+    layers, info = formats.onnx_layers(path)
+    if not layers:
+        raise checking.CheckError(f"{path}: an ONNX model without Conv, BatchNormalization or "
+                                  "Gemm weights (not a DenseNet)")
+    if preset is None:
+        preset = formats.onnx_preset(info)
+    m, folded, mine = formats.match_onnx(layers, preset)
+    config = m.config
+    arrays = {n: a for g in mine for n, a in g.tensors.values()}
+    stats = [n for g in mine for r, (n, _) in g.tensors.items()
+             if r in ("running_mean", "running_var")]
+    rows, totals = checking._structure_rows(config, m, {
+        "arrays": arrays, "trainable": [n for n in arrays if n not in set(stats)]})
+    shape = info["input_shape"]
+    fixed = len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape)
+    if fixed and shape[2] == shape[3] and (size is None or size == shape[2]):
+        batch, size = shape[0], shape[2]
+    else:
+        batch = checking.BATCH
+        size = size or (96 if config.name == "book" else 16 if config.stem == "cifar" else 64)
+    ops = ", ".join(f"{n} {k}" for k, n in sorted(info["ops"].items(), key=lambda kv: -kv[1]))
+    report = checking.Report("onnx", "", f"{path} ({info['producer'] or 'unknown producer'}, "
+                             f"opset {info['opset'].get('ai.onnx', '?')})", config.name,
+                             config.to_dict(), [batch, config.in_channels, size, size], rows,
+                             totals, weights="the file's own")
+    if info["external_data"]:
+        report.notes.append(f"weights read from the external data file(s) "
+                            f"{', '.join(info['external_data'])} beside the model")
+    report.notes.append(f"graph: {ops}")
+    if folded:
+        report.notes.append(folded_words(folded))
+    if not m.ok:
+        report.structure = str(m.difference)
+        report.cause = checking.likely_structural_cause(config, m.difference)
+        return report
+    settings = bn_settings(layers, m.mapping)
+    diffs = settings_differences(settings)
+    if any(s["training_mode"] for s in settings.values()):
+        report.notes.append("a BatchNormalization node has training_mode=1: it normalises with "
+                            "the batch's statistics, not the running ones")
+    spec.check_input(config, (batch, config.in_channels, size, size))
+    say("[onnx] onnxruntime against our PyTorch model ...")
+    import torch
+    x = np.random.default_rng(seed + 2).standard_normal(
+        (batch, config.in_channels, size, size)).astype(np.float32)
+    # canonical module -> the graph value that is its output (a folded BatchNorm's: its conv's)
+    by_module = {g.module: g for g in layers}
+    outputs_u: Dict[str, str] = {}
+    nodes: Dict[str, str] = {}
+    for cmod, kind, _ in spec.canonical_modules(config):
+        fname = m.mapping.get(f"{cmod}.weight", "")
+        g = by_module.get(fname.rsplit(".", 1)[0])
+        if g is not None:
+            outputs_u[cmod] = g.output
+            nodes[g.output] = f"{g.node} ({g.op})"
+    for bn in folded:  # the conv's output is the folded BatchNorm's; the conv's own is gone
+        i = [c for c, _, _ in spec.canonical_modules(config)].index(bn)
+        conv = spec.canonical_modules(config)[i - 1][0]
+        if conv in outputs_u:
+            outputs_u[bn] = outputs_u.pop(conv)
+    model_proto = onnx.load(path)  # external data from the file's folder
+    session = _session(model_proto, list(outputs_u.values()))
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x})))
+    logits = got[info["outputs"][0]]
+    report.output_shape = list(np.shape(logits))
+    from densenet_torch import adapter
+    order = [c for c, _, _ in spec.canonical_modules(config)]
+    reference_modules = [c for c in order if c in outputs_u]
+
+    def compare(eps=None):
+        ref = _torch_reference(config, m.state, eps)
+        with torch.no_grad():
+            out = adapter.model_run(ref, x, modules=reference_modules, train=False)
+        rel = checking._rel(logits, out["logits"])
+        first = None
+        if rel > checking.EVAL_RTOL:
+            first = checking._first_difference(
+                config, order, outputs_u, {c: c for c in reference_modules}, got,
+                out["outputs"], checking.EVAL_RTOL, "eval") or {
+                "mode": "eval", "module": "classifier", "stage": "head",
+                "foreign": info["outputs"][0], "rel": rel,
+                "max_abs": float(np.max(np.abs(np.asarray(logits, np.float64) - out["logits"]))),
+                "convention": checking.convention(config, "classifier", "dense", logits,
+                                                  out["logits"], "eval")}
+            if first["foreign"] in nodes:
+                first["foreign"] = f"{nodes[first['foreign']]} -> '{first['foreign']}'"
+        return rel, first
+
+    report.numbers["eval_logits"], report.first = compare()
+    report.notes.append(f"numbers: onnxruntime {ort.__version__} (CPU) against our PyTorch "
+                        "model with the file's weights, eval mode, float32 (an ONNX file is an "
+                        "inference graph: no train step)")
+    if diffs:
+        report.notes[:0] = ["BatchNorm settings (read from the BatchNormalization nodes) that "
+                            "differ from the reference's: " + "; ".join(_settings_lines(diffs))]
+        rel, first = compare({c: s["epsilon"] for c, s in settings.items()})
+        report.notes.append(f"with the file's BatchNorm settings our PyTorch model agrees to "
+                            f"{rel:.2e}" + ("" if first is None else
+                                            f"; still differs first at {first['module']}"))
+        if report.first is None:  # momentum alone changes no eval-mode number
+            report.first = {"mode": "eval", "module": diffs[0]["module"],
+                            "stage": spec.stage_of(diffs[0]["module"] + ".weight"),
+                            "foreign": diffs[0]["foreign"], "max_abs": 0.0, "rel": 0.0,
+                            "convention": "BatchNorm settings: " + _settings_lines(diffs)[0]}
+    return report
