@@ -763,3 +763,35 @@ def data_parallel_error(config: dict, state: dict, x, labels, devices: int = 2,
     """The error a data-parallel step raises for these arguments, or None."""
     return _error(lambda: data_parallel_step(config, state, x, labels, devices=devices,
                                              sync_bn=sync_bn, variant=variant))
+
+
+def model_bn_settings(model, variant: str = "nnx", in_channels: int = 3) -> dict:
+    """Every BatchNorm of the model (its path, as model_tensors names its variables less the
+    leaf) -> {"epsilon", "momentum"} as the model has them (Flax's momentum: the share of the
+    running statistics kept per step). NNX: every module with BatchStat variables and an
+    epsilon and a momentum (nnx.BatchNorm, ours); linen: each nn.BatchNorm as it is called
+    (read while tracing the model abstractly on a 224 x 224 input with ``in_channels``: its
+    submodules exist only then)."""
+    from flax import linen as nn
+    if isinstance(model, nnx.Module):
+        out = {}
+        for path, node in nnx.iter_graph(model):
+            if isinstance(node, nnx.Module) and hasattr(node, "epsilon") and hasattr(
+                    node, "momentum") and any(isinstance(v, nnx.BatchStat) for v in vars(node).values()):
+                out["/".join(map(str, path))] = {"epsilon": float(node.epsilon),
+                                                 "momentum": float(node.momentum)}
+        return out
+    module, variables = model
+    found = {}
+
+    def record(next_fun, args, kwargs, context):
+        m = context.module
+        if isinstance(m, nn.BatchNorm) and context.method_name == "__call__":
+            found["/".join(m.path)] = {"epsilon": float(m.epsilon), "momentum": float(m.momentum)}
+        return next_fun(*args, **kwargs)
+
+    m, kw = _linen_mode(module, False)
+    x = jax.ShapeDtypeStruct((1, 224, 224, in_channels), jnp.float32)  # never computed
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v, x: m.apply(v, x, **kw), variables, x)
+    return found

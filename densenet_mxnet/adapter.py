@@ -434,3 +434,19 @@ def data_parallel_error(config: dict, state: dict, x, labels, devices: int = 2,
     """The error a data-parallel step raises for these arguments, or None."""
     return _error(lambda: data_parallel_step(config, state, x, labels, devices=devices,
                                              sync_bn=sync_bn, variant=variant))
+
+
+def model_bn_settings(model, variant: str = "mxnet") -> dict:
+    """Every BatchNorm of the model (its structural name, '0.net.1.0') -> {"epsilon",
+    "momentum"} as the model has them (Gluon's momentum: the share of the running statistics
+    kept per step)."""
+    out = {}
+
+    def walk(block, prefix):
+        if isinstance(block, gluon.nn.BatchNorm):
+            out[prefix] = {"epsilon": float(block._kwargs["eps"]),
+                           "momentum": float(block._kwargs["momentum"])}
+        for name, child in block._children.items():
+            walk(child, f"{prefix}.{name}" if prefix else name)
+    walk(model, "")
+    return out

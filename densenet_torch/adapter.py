@@ -347,3 +347,13 @@ def data_parallel_error(config: dict, state: dict, x, labels, devices: int = 2,
     """The error a data-parallel step raises for these arguments, or None."""
     return _error(lambda: data_parallel_step(config, state, x, labels, devices=devices,
                                              sync_bn=sync_bn, variant=variant))
+
+
+def model_bn_settings(model, variant: str = "torch") -> dict:
+    """Every BatchNorm of the model (its module name) -> {"epsilon", "momentum"} as the model
+    has them (PyTorch's momentum: the share of the batch statistic taken per step; None: a
+    cumulative average)."""
+    return {name: {"epsilon": float(m.eps), "momentum": None if m.momentum is None
+                   else float(m.momentum)}
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}

@@ -119,10 +119,6 @@ BUGS = [
      "padding of the stem"),
     ("torch", "book_torch", "head_max_pool", 64, "eval", "classifier", "head",
      "global *average* pooling"),
-    ("torch", "book_torch", "bn_momentum_as_gluon", 32, "train step", "features.norm0", "stem",
-     "moves 0.9 of the way"),
-    ("flax", "book_nnx", "bn_momentum_default", 32, "train step", "features.norm0", "stem",
-     "moves 0.01 of the way"),
     ("mxnet", "book_gluon", "concat_reversed", 32, "eval", "features.denseblock1.denselayer2.norm1",
      "denseblock1", "concatenation order"),
     ("flax", "book_linen", "head_pools_nchw_axes", 32, "structure", "classifier", "head",
@@ -165,6 +161,48 @@ def test_a_porting_bug_is_named_where_it_is(framework, module, fn, size, where, 
         assert r.first and (r.first["mode"], r.first["module"], r.first["stage"]) == \
             (where, cmod, stage), text
         assert words in r.first["convention"], text
+
+
+#: (framework, module, function, setting, the model's value in PyTorch's words, the reference's,
+#:  words of the report)
+SETTINGS = [
+    ("torch", "book_torch", "bn_momentum_as_gluon", "momentum", 0.9, 0.1, "'keep 0.9' typed into"),
+    ("torch", "book_torch", "bn_eps_as_keras", "epsilon", 1.001e-5, 1e-5, "Keras applications'"),
+    ("flax", "book_nnx", "bn_momentum_default", "momentum", 0.01, 0.1, "PyTorch's 0.01"),
+    ("mxnet", "book_gluon", "bn_momentum_as_torch", "momentum", 0.9, 0.1, "keeps 0.1 of the"),
+]
+
+
+@pytest.mark.parametrize("framework, module, fn, setting, value, reference, words", SETTINGS,
+                         ids=[c[2] for c in SETTINGS])
+def test_batchnorm_settings_are_read_and_named(framework, module, fn, setting, value, reference,
+                                               words):
+    """Each BatchNorm's epsilon and momentum are read from the model's layers and every
+    difference named before any number; with the model's settings in the reference the
+    numbers agree: the same architecture, different BatchNorm settings."""
+    if framework == "mxnet":
+        need_mxnet()
+    r = check(framework=framework, factory=factory(module, fn), path=str(ROOT), size=32)
+    text = r.render()
+    bns = [m for m, kind, _ in spec.canonical_modules(spec.get_preset("book")) if kind == "bn"]
+    assert not r.same and r.same_architecture, text
+    assert text.endswith("Verdict: same architecture, different BatchNorm settings."), text
+    assert [d["module"] for d in r.bn_settings] == bns, text  # every BatchNorm, in order
+    assert all((d["setting"], d["reference"]) == (setting, reference) for d in r.bn_settings)
+    assert all(abs(d["model"] - value) < 1e-9 for d in r.bn_settings), text
+    assert words in text and text.index("BATCHNORM SETTINGS") < text.index("Numbers"), text
+    assert r.adjusted and max(r.adjusted.values()) <= 1e-6 and r.adjusted_first is None, text
+    assert max(r.numbers.values()) > 1e-6, text  # the settings change the numbers
+    assert "dropout" not in text, text
+
+
+def test_batchnorm_settings_do_not_excuse_another_bug():
+    r = check(framework="torch", factory=factory("book_torch", "head_max_pool_and_bn_momentum_as_gluon"),
+              path=str(ROOT), size=64)
+    text = r.render()
+    assert r.bn_settings and not r.same_architecture and text.endswith("Verdict: different."), text
+    assert r.adjusted_first and r.adjusted_first["module"] == "classifier", text
+    assert "global *average* pooling" in r.adjusted_first["convention"], text
 
 
 def test_a_model_that_cannot_run_is_a_clear_report():

@@ -34,7 +34,7 @@ def transition_block(input_channels, num_channels):
         nn.AvgPool2d(kernel_size=2, stride=2))
 
 
-def net(head_pool=nn.AdaptiveAvgPool2d, halve_before_growth=(), bn_momentum=0.1):
+def net(head_pool=nn.AdaptiveAvgPool2d, halve_before_growth=(), bn_momentum=0.1, bn_eps=1e-5):
     b1 = nn.Sequential(
         nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3),
         nn.BatchNorm2d(64, momentum=bn_momentum), nn.ReLU(),
@@ -58,7 +58,7 @@ def net(head_pool=nn.AdaptiveAvgPool2d, halve_before_growth=(), bn_momentum=0.1)
         nn.Linear(num_channels, 10))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.momentum = bn_momentum
+            m.momentum, m.eps = bn_momentum, bn_eps
     return model
 
 
@@ -77,3 +77,15 @@ def bn_momentum_as_gluon():
     """BatchNorm momentum 0.9 (Gluon's and Flax's 'keep 0.9' typed into PyTorch, where it
     means 'move 0.9 of the way')."""
     return net(bn_momentum=0.9)
+
+
+def bn_eps_as_keras():
+    """BatchNorm epsilon 1.001e-5, keras.applications' value, copied from a Keras DenseNet
+    (the reference's is 1e-5): a float64 gradient notices."""
+    return net(bn_eps=1.001e-5)
+
+
+def head_max_pool_and_bn_momentum_as_gluon():
+    """Two bugs: Gluon's BatchNorm momentum and the head's max pool. The settings must not
+    excuse the pool: with them in the reference, the head still differs."""
+    return net(head_pool=nn.AdaptiveMaxPool2d, bn_momentum=0.9)

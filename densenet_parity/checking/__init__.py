@@ -1,0 +1,85 @@
+"""Check your own DenseNet: is this model (PyTorch, Gluon, Flax NNX or linen, Keras 3) the network
+of a preset, and if not, where does it first differ, in the book's words?
+
+1. *Structure.* The model's tensors are matched onto the preset's canonical names by structure
+   (densenet_weights.match: each kind of layer in order, shapes in PyTorch's layout). The first
+   layer that differs is named with the channel arithmetic behind it.
+2. *Numbers.* The same canonical weights (random, with non-trivial BatchNorm statistics, or
+   a given file) go into the model and into our reference in the same framework and the same
+   process. Eval-mode logits must agree to 1e-5 (float32); one train-mode step in float64 must
+   give the same loss, gradients and updated BatchNorm statistics (1e-6). Where they do not,
+   the outputs of every matched layer (forward hooks in PyTorch and Gluon, traced intermediates
+   in Flax) name the first layer whose output differs, its largest difference, and the
+   convention most likely behind it.
+
+Accepted as the same network: each framework's own BatchNorm running-variance convention (Gluon
+and Flax update it with the biased batch variance, PyTorch with the unbiased one; the report
+notes it). Everything else that changes a number is a difference.
+
+    from densenet_parity import assert_same_densenet
+    assert_same_densenet(model, preset="book")            # raises AssertionError with the report
+
+``densenet check`` (densenet_cli) runs it on MODULE:FUNCTION or a weights file; Gluon models
+from the main environment run in the MXNet environment's worker.
+
+The package: the shared parts, each one subject, and one module per framework.
+
+    subjects.py    the registry (FRAMEWORKS), framework_of, CheckError, the Subject interface
+    structure.py   per-stage counts, the structural causes, canonical module -> the model's
+    settings.py    BatchNorm settings: read, compared with the reference's, named
+    numbers.py     canonical random weights, the comparisons, the first layer that differs
+    causes.py      the conventions most likely behind a numerical difference
+    report.py      the Report, its verdict and rendering
+    engine.py      check, check_weights, assert_same_densenet
+    subject_torch.py, subject_mxnet.py, subject_flax.py, subject_keras.py   one per framework
+
+Adding a framework is one new file ``subject_<name>.py`` (and its name in
+subjects.FRAMEWORKS). It imports its framework lazily (inside functions) and provides:
+
+    FRAMEWORK = "<name>";  VARIANTS = ("<default variant>", ...)
+    owns(obj) -> variant or None     is ``obj`` this framework's model? (from its class names,
+                                     importing nothing: subjects.class_is)
+    wrap(model, variant) -> Subject  a model object given to check()/assert_same_densenet
+    user(factory, path, size, in_channels, variant) -> Subject
+                                     the model 'MODULE:FUNCTION' builds (spec.call_factory:
+                                     its import and usage errors become CheckError); a factory
+                                     that returns no model of this framework: TypeError naming
+                                     the factory and what it returned
+    reference(config, size, user) -> Subject
+                                     what the model's numbers are compared with: our model in
+                                     the same framework, or where there is no mirror, our
+                                     PyTorch model (subject_torch.reference); the report says
+                                     which (Report.reference_words)
+
+A Subject (subjects.Subject) has ``variant``, ``notes`` (said in the report) and:
+
+    tensors() -> {"arrays": name -> numpy array, the model's own names and layout, in
+                  definition order where "ordered" (else matched in natural name order),
+                  "trainable": [names], "layout": "torch" (OIHW, dense [out, in]) or "flax"
+                  (HWIO, dense [in, out]), "ordered": bool}
+    load(arrays)     the model's names and layout; every name the model's, or nothing loads
+    run(x, labels=None, modules=(), train=False, dtype="float32") -> {"logits": [N, classes],
+                     "outputs": the model's module -> its output (NCHW), and with labels:
+                     "loss" (mean cross-entropy), "grads" and "state" (the BatchNorm statistics
+                     after the step) by tensor name}; x is canonical NCHW float32; dtype
+                     "float64" may raise (then the step is compared in float32)
+    bn_settings() -> the model's module (as tensors() names it, less the leaf) ->
+                     {"epsilon", "momentum" (PyTorch's words: the share of the batch statistic
+                     taken per step, None for a cumulative average), "as_written" (the
+                     framework's own words)}; read from the layers, never guessed
+    close()
+"""
+from densenet_parity.checking.causes import convention
+from densenet_parity.checking.engine import (assert_same_densenet, check, check_weights,
+                                             default_size)
+from densenet_parity.checking.numbers import (BATCH, EVAL_RTOL, GRAD_FLOOR, STEP_RTOL,
+                                              random_state)
+from densenet_parity.checking.report import Report
+from densenet_parity.checking.structure import likely_structural_cause
+from densenet_parity.checking.subjects import (FRAMEWORKS, CheckError, Subject, framework_of,
+                                               subject_module)
+
+__all__ = ["BATCH", "EVAL_RTOL", "FRAMEWORKS", "GRAD_FLOOR", "STEP_RTOL", "CheckError", "Report",
+           "Subject", "assert_same_densenet", "check", "check_weights", "convention",
+           "default_size", "framework_of", "likely_structural_cause", "random_state",
+           "subject_module"]

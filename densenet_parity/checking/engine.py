@@ -1,0 +1,259 @@
+"""The check itself: structure, BatchNorm settings, numbers; and the weights-file check."""
+from __future__ import annotations
+
+import sys
+from typing import Dict, List, Optional
+
+import numpy as np
+
+import densenet_spec as spec
+from densenet_parity.checking import settings as bn_settings
+from densenet_parity.checking import structure
+from densenet_parity.checking.numbers import (BATCH, EVAL_RTOL, GRAD_FLOOR, STEP_RTOL,
+                                              _bn_statistics, _first_difference, _rel,
+                                              _to_canonical, _to_model, _worst, random_state)
+from densenet_parity.checking.causes import convention
+from densenet_parity.checking.report import Report
+from densenet_parity.checking.subjects import CheckError, framework_of, subject_module
+from densenet_weights import match as matching
+
+
+def default_size(cfg) -> int:
+    return 96 if cfg is None or cfg.name == "book" else (16 if cfg.stem == "cifar" else 64)
+
+
+def check(model=None, *, framework: Optional[str] = None, factory: Optional[str] = None,
+          path: Optional[str] = None, weights: Optional[str] = None, preset=None,
+          size: Optional[int] = None, seed: int = 0, in_channels: Optional[int] = None,
+          variant: Optional[str] = None, progress=None) -> Report:
+    """Check ``model`` (or the model ``factory`` builds: 'MODULE:FUNCTION') against a preset
+    (inferred when None). Returns the Report; ``report.same`` says whether it is the same
+    network, ``report.same_architecture`` whether it is at least its architecture (the
+    BatchNorm settings, named in ``report.bn_settings``, being the only difference)."""
+    say = progress or (lambda msg: None)
+    if model is not None:
+        framework, variant = framework_of(model)
+    sub = subject_module(framework)
+    variant = variant or sub.VARIANTS[0]
+    cfg0 = spec.make_config(preset) if preset is not None else None
+    size = size or default_size(cfg0)
+    user = ref = adjusted = None
+    try:
+        say(f"[{framework}] building the model ...")
+        if model is not None:
+            user = sub.wrap(model, variant)
+        elif factory is None:
+            raise CheckError("give a model, or MODULE:FUNCTION that builds one")
+        else:
+            user = sub.user(factory, path, size, in_channels or (cfg0.in_channels if cfg0 else None),
+                            variant)
+        variant = user.variant
+        tensors = user.tensors()
+        natural = not tensors.get("ordered", True)
+        m = matching.match(tensors["arrays"], preset, layout=tensors["layout"], natural=natural)
+        config = m.config
+        name = factory or type(model[0] if isinstance(model, tuple) else model).__name__
+        rows, totals = structure._structure_rows(config, m, tensors)
+        report = Report(framework, variant, name, config.name, config.to_dict(),
+                        [BATCH, config.in_channels, size, size], rows, totals,
+                        weights=weights or f"random (seed {seed})")
+        report.notes += user.notes
+        if not m.ok:
+            report.structure = str(m.difference)
+            report.cause = structure.likely_structural_cause(config, m.difference)
+            return report
+        spec.check_input(config, (BATCH, config.in_channels, size, size))
+        last = spec.stage_shapes(config, BATCH, size, size)[-2][1]
+        if last[2] == 1 or last[3] == 1:
+            bigger = next(s for s in range(size, 4 * size) if
+                          min(spec.stage_shapes(config, 1, s, s)[-2][1][2:]) > 1)
+            report.notes.append(f"at {size}x{size} the last dense block runs at {last[2]}x{last[3]}: "
+                                f"global max and average pooling are the same function there "
+                                f"(--size {bigger} or more tells them apart)")
+        say(f"[{framework}] building the reference ...")
+        ref = sub.reference(config, size, user)
+        order = [c for c, _, _ in spec.canonical_modules(config)]
+        modules_u = structure._module_names(m.mapping, order)
+        user.in_channels = ref.in_channels = config.in_channels
+        rt = ref.tensors()
+        rm = matching.match(rt["arrays"], config, layout=rt["layout"], natural=natural)
+        modules_r = structure._module_names(rm.mapping, order)
+        # the BatchNorm settings, read from the layers before any number
+        read_u = bn_settings.canonical(user.bn_settings(), modules_u)
+        read_r = bn_settings.canonical(ref.bn_settings(), modules_r)
+        report.bn_settings = bn_settings.differences(config, read_u, read_r, modules_u, framework)
+        state = _weights(weights, config) if weights else random_state(config, seed)
+        user.load(_to_model(state, m.mapping, tensors["layout"]))
+        rng = np.random.default_rng(seed + 2)
+        x = rng.standard_normal((BATCH, config.in_channels, size, size)).astype(np.float32)
+        labels = rng.integers(0, config.num_classes, BATCH).astype(np.int64)
+        numbers, first, notes = _numbers(config, state, x, labels, user, m.mapping, modules_u,
+                                         tensors["layout"], ref, rm.mapping, modules_r,
+                                         rt["layout"], framework, say,
+                                         {k: v["momentum"] for k, v in read_r.items()})
+        report.output_shape = numbers.pop("output_shape")
+        report.numbers, report.first = numbers, first
+        report.notes += notes
+        if report.bn_settings:
+            if first and first.get("fallback"):
+                first["convention"] = ("the BatchNorm settings named above: the forward pass "
+                                       "agrees, the gradients do not")
+            say(f"[{framework}] the reference (PyTorch) with the model's BatchNorm settings ...")
+            torch_sub = subject_module("torch")
+            adjusted = torch_sub.reference(config, size, user, settings=bn_settings.for_reference(
+                read_u))
+            at = adjusted.tensors()
+            am = matching.match(at["arrays"], config, layout=at["layout"])
+            numbers, first, _ = _numbers(config, state, x, labels, user, m.mapping, modules_u,
+                                         tensors["layout"], adjusted, am.mapping,
+                                         structure._module_names(am.mapping, order),
+                                         at["layout"], framework, lambda msg: None,
+                                         {k: v["momentum"] for k, v in read_u.items()})
+            numbers.pop("output_shape")
+            report.adjusted, report.adjusted_first = numbers, first
+        return report
+    except (CheckError, spec.DenseNetConfigError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's model failed: say so, not a traceback
+        from densenet_parity.backends import BackendError
+        if isinstance(e, BackendError) and e.error_type in ("CheckError", "DenseNetConfigError"):
+            raise CheckError(e.message) from None
+        msg = e.message if isinstance(e, BackendError) else str(e)
+        fail = Report(framework, variant or "", factory or "model", str(preset or "?"), {}, [],
+                      [], {"spec_params": None, "spec_state": None, "params": None, "state": None,
+                           "ok": False})
+        fail.error = f"{type(e).__name__ if not isinstance(e, BackendError) else e.error_type}: " \
+                     f"{msg.strip().splitlines()[0] if msg.strip() else ''}"
+        return fail
+    finally:
+        for s in (user, ref, adjusted):
+            if s is not None:
+                s.close()
+
+
+def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref, mapping_r,
+             modules_r, layout_r, framework, say, momenta):
+    """Eval-mode logits (float32), then one train-mode step (float64): (numbers, the first
+    difference or None, notes). ``momenta``: the reference's BatchNorm momenta (canonical
+    module -> PyTorch's words)."""
+    numbers, notes = {}, []
+    ref.load(_to_model(state, mapping_r, layout_r))
+    order = [c for c, _, _ in spec.canonical_modules(config)]
+    say(f"[{framework}] eval mode, float32 ...")
+    eu = user.run(x=x, modules=list(modules_u.values()), train=False)
+    er = ref.run(x=x, modules=list(modules_r.values()), train=False)
+    numbers["eval_logits"] = _rel(eu["logits"], er["logits"])
+    numbers["output_shape"] = list(np.shape(eu["logits"]))
+    if numbers["eval_logits"] > EVAL_RTOL:
+        first = _first_difference(config, order, modules_u, modules_r, eu["outputs"],
+                                  er["outputs"], EVAL_RTOL, "eval") or {
+            "mode": "eval", "module": "classifier", "stage": "head", "foreign": modules_u.get(
+                "classifier", ""), "max_abs": float(np.max(np.abs(
+                    np.asarray(eu["logits"], np.float64) - er["logits"]))) if np.shape(
+                        eu["logits"]) == np.shape(er["logits"]) else float("inf"),
+            "rel": numbers["eval_logits"],
+            "convention": convention(config, "classifier", "dense", eu["logits"],
+                                     er["logits"], "eval")}
+        return numbers, first, notes
+    say(f"[{framework}] one train-mode step, float64 ...")
+    dtype = "float64"
+    try:
+        tu = user.run(x=x, labels=labels, modules=list(modules_u.values()), train=True,
+                      dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - a model that cannot run in float64
+        notes.append(f"the model does not run in float64 ({str(e).splitlines()[0]}); "
+                     "the step is compared in float32 at 1e-3")
+        dtype = "float32"
+        tu = user.run(x=x, labels=labels, modules=list(modules_u.values()), train=True)
+    tr = ref.run(x=x, labels=labels, modules=list(modules_r.values()), train=True, dtype=dtype)
+    tol = STEP_RTOL if dtype == "float64" else 1e-3
+    numbers["train_loss"] = abs(tu["loss"] - tr["loss"]) / max(abs(tr["loss"]), 1e-300)
+    gu = _to_canonical(tu["grads"], mapping_u, layout_u)
+    gr = _to_canonical(tr["grads"], mapping_r, layout_r)
+    numbers["gradients"], worst = _worst(gu, gr, GRAD_FLOOR)
+    su = _to_canonical(tu["state"], mapping_u, layout_u)
+    sr = _to_canonical(tr["state"], mapping_r, layout_r)
+    numbers["bn_statistics"], bn_first, more = _bn_statistics(config, state, su, sr, framework,
+                                                          momenta)
+    notes += more
+    first = None
+    if numbers["train_loss"] > tol or numbers["gradients"] > tol:
+        first = _first_difference(config, order, modules_u, modules_r, tu["outputs"],
+                                  tr["outputs"], tol, "train") or {
+            "mode": "train", "module": worst.rsplit(".", 1)[0], "stage": spec.stage_of(worst),
+            "foreign": mapping_u.get(worst, ""), "max_abs": float(np.max(np.abs(
+                gu[worst] - gr[worst]))) if worst in gu else float("inf"),
+            "rel": numbers["gradients"], "fallback": True,
+            "convention": "the gradient differs while the forward pass agrees: dropout, or "
+                          "a parameter the loss does not reach in the same way"}
+    elif bn_first is not None:
+        bn_first["foreign"] = modules_u.get(bn_first["module"], "")
+        first = bn_first
+    return numbers, first, notes
+
+
+def _weights(path: str, config) -> Dict[str, np.ndarray]:
+    from densenet_weights import formats
+    fmt, arrays = formats.read(path)
+    m = matching.match(arrays, config, layout="flax" if fmt == "flax" else "torch",
+                       natural=fmt in ("flax", "safetensors"))
+    if not m.ok or m.state is None:
+        raise CheckError(f"{path} does not fit preset '{config.name}': {m.difference}")
+    return m.state
+
+
+def check_weights(path: str, preset=None, framework: Optional[str] = None, size=None,
+                  seed: int = 0, progress=None) -> Report:
+    """Check a weights file (any format densenet_weights.formats reads, under any names): its
+    structure against the preset (inferred when None), per stage; then, with ``framework``,
+    that it loads into our model there and computes what PyTorch's does with the same weights
+    (eval mode, 1e-5)."""
+    from densenet_weights import formats
+    say = progress or (lambda msg: None)
+    fmt, arrays = formats.read(path)
+    layout = "flax" if fmt == "flax" else "torch"
+    m = matching.match(arrays, preset, layout=layout, natural=fmt in ("flax", "safetensors"))
+    config = m.config
+    stats = {n for n in arrays if matching.split_name(n)[1] in (
+        "running_mean", "running_var", "moving_mean", "moving_var", "mean", "var")}
+    tensors = {"arrays": arrays, "trainable": [n for n in arrays if n not in stats
+                                                and matching.split_name(n)[1] in matching.ROLES]}
+    rows, totals = structure._structure_rows(config, m, tensors)
+    size = size or default_size(config)
+    report = Report(framework or "-", "", f"{path} ({fmt})", config.name, config.to_dict(),
+                    [BATCH, config.in_channels, size, size], rows, totals, weights=path)
+    if not m.ok:
+        report.structure = str(m.difference)
+        report.cause = structure.likely_structural_cause(config, m.difference)
+        return report
+    if framework is None:
+        report.numbers["eval_logits"] = 0.0
+        report.notes.append("structure only: give --framework to run the weights")
+        return report
+    say(f"[{framework}] the weights in our {framework} model and in PyTorch's ...")
+    from densenet_parity.backends import make_backend
+    x = np.random.default_rng(seed + 2).standard_normal(
+        (BATCH, config.in_channels, size, size)).astype(np.float32)
+    name = {"flax": "flax-nnx"}.get(framework, framework)
+    outs = {}
+    for b in {name, "torch"}:
+        backend = make_backend(b)
+        try:
+            outs[b] = backend.call("forward", config=config.to_dict(), state=m.state, x=x)["arrays"]
+        finally:
+            backend.close()
+    report.output_shape = list(outs[name]["head"].shape)
+    report.numbers["eval_logits"] = _rel(outs[name]["head"], outs["torch"]["head"])
+    return report
+
+
+def assert_same_densenet(model, preset=None, framework: Optional[str] = None, **options) -> Report:
+    """For a user's own tests: raise AssertionError carrying the check's report if ``model``
+    is not the preset's network; return the report when it is. ``framework`` (optional) must
+    agree with the model's own; ``options`` as for :func:`check` (size, seed, weights)."""
+    if framework is not None and framework_of(model)[0] != framework:
+        raise CheckError(f"framework={framework!r}, but the model is a {framework_of(model)[0]} model")
+    report = check(model, preset=preset, **options)
+    if not report.same:
+        raise AssertionError("\n" + report.render())
+    return report

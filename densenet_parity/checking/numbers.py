@@ -1,0 +1,150 @@
+"""The numbers: canonical weights for the comparison, and how outputs, gradients and BatchNorm
+statistics are compared (relative to the reference's largest value), with the first layer whose
+output differs."""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+
+import densenet_spec as spec
+from densenet_parity.checking.causes import convention
+
+EVAL_RTOL = 1e-5     # float32 eval-mode outputs (same weights)
+STEP_RTOL = 1e-6     # float64 loss, gradients, BatchNorm statistics after one step
+GRAD_FLOOR = 1e-8    # a gradient is compared relative to at least this share of the largest
+BATCH = 2
+#: Frameworks whose BatchNorm updates the running variance with the biased batch variance.
+BIASED_VARIANCE = ("mxnet", "flax", "keras")
+
+
+def random_state(config: spec.Preset, seed: int = 0) -> Dict[str, np.ndarray]:
+    """Canonical weights for the comparison: Xavier-uniform kernels (the book's initialiser),
+    and everything a convention could hide behind made non-trivial: BatchNorm scale and shift,
+    running mean and variance, conv and dense biases."""
+    from densenet_training.recipe import xavier_state
+    state = xavier_state(config, seed)
+    rng = np.random.default_rng(seed + 1)
+    for name, shape, _ in spec.canonical_tensors(config):
+        module, leaf = name.rsplit(".", 1)
+        is_bn = f"{module}.running_mean" in state
+        if is_bn and leaf in ("weight", "running_var"):
+            state[name] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        elif leaf in ("bias", "running_mean"):
+            state[name] = rng.normal(0, 0.1, shape).astype(np.float32)
+    return state
+
+
+def _to_model(state: Dict[str, np.ndarray], mapping: Dict[str, str], layout: str):
+    """Canonical arrays -> the model's names and layout."""
+    out = {}
+    for cname, fname in mapping.items():
+        a = np.asarray(state[cname], np.float32)
+        if layout == "flax" and a.ndim == 4:
+            a = a.transpose(2, 3, 1, 0)
+        elif layout == "flax" and a.ndim == 2:
+            a = a.T
+        out[fname] = np.ascontiguousarray(a)
+    return out
+
+
+def _to_canonical(arrays: Dict[str, np.ndarray], mapping: Dict[str, str], layout: str):
+    inverse = {f: c for c, f in mapping.items()}
+    out = {}
+    for fname, a in arrays.items():
+        if fname not in inverse:
+            continue
+        a = np.asarray(a)
+        if layout == "flax" and a.ndim == 4:
+            a = a.transpose(3, 2, 0, 1)
+        elif layout == "flax" and a.ndim == 2:
+            a = a.T
+        out[inverse[fname]] = a
+    return out
+
+
+def _rel(a, b, floor: float = 0.0) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    scale = max(float(np.max(np.abs(b))) if b.size else 0.0, floor, 1e-300)
+    return float(np.max(np.abs(a - b))) / scale if b.size else 0.0
+
+
+def _worst(got: Dict[str, np.ndarray], ref: Dict[str, np.ndarray], floor_share: float = 0.0):
+    if not ref:
+        return 0.0, None
+    top = max(float(np.max(np.abs(v))) for v in ref.values()) * floor_share
+    diffs = {k: _rel(got.get(k, np.zeros(0)), v, top) for k, v in ref.items()}
+    k = max(diffs, key=diffs.get)
+    return diffs[k], k
+
+
+def _first_difference(config, order, mapping_u, mapping_r, out_u, out_r, tol, mode):
+    """The first module, in the preset's order, whose output differs."""
+    kinds = {m: k for m, k, _ in spec.canonical_modules(config)}
+    for cmod in order:
+        fu, fr = mapping_u.get(cmod), mapping_r.get(cmod)
+        if fu not in out_u or fr not in out_r:
+            continue
+        d = _rel(out_u[fu], out_r[fr])
+        if d > tol:
+            a, b = np.asarray(out_u[fu], np.float64), np.asarray(out_r[fr], np.float64)
+            max_abs = float(np.max(np.abs(a - b))) if a.shape == b.shape else float("inf")
+            return {"mode": mode, "module": cmod, "stage": spec.stage_of(cmod + ".weight"),
+                    "foreign": fu, "max_abs": max_abs, "rel": d,
+                    "convention": convention(config, cmod, kinds[cmod], a, b, mode)}
+    return None
+
+
+def _bn_statistics(config, state, new_u, new_r, framework, momenta=None):
+    """Compare the BatchNorm statistics after one step; name momentum or variance if they
+    differ. ``momenta``: the reference's momentum per canonical module, PyTorch's words (None:
+    a cumulative average, all of the first batch; default 0.1). Returns (relative difference,
+    first difference or None, notes)."""
+    notes = []
+    momenta = momenta or {}
+
+    def taken(key):
+        m = momenta.get(key.rsplit(".", 1)[0], 0.1)
+        return 1.0 if m is None else m
+
+    order = [n for n, _, _ in spec.canonical_tensors(config)]
+    means = {k: new_r[k] for k in order if k.endswith("running_mean") and k in new_r}
+    d_mean, _ = _worst({k: new_u.get(k, np.zeros(0)) for k in means}, means)
+    if d_mean > STEP_RTOL:  # name the first BatchNorm (in the network's order) that differs
+        k_mean = next(k for k in means if _rel(new_u.get(k, np.zeros(0)), means[k]) > STEP_RTOL)
+        old = np.asarray(state[k_mean], np.float64)
+        t = taken(k_mean)
+        batch = (np.asarray(new_r[k_mean]) - (1 - t) * old) / t
+        moved = np.asarray(new_u[k_mean]) - old
+        m = float(np.median(moved / np.where(np.abs(batch - old) > 1e-12, batch - old, np.nan)))
+        module = k_mean.rsplit(".", 1)[0]
+        return d_mean, {
+            "mode": "train step", "module": module, "stage": spec.stage_of(k_mean),
+            "foreign": "", "max_abs": float(np.max(np.abs(moved - (np.asarray(new_r[k_mean]) - old)))),
+            "rel": d_mean, "convention": (
+                f"BatchNorm momentum: the model's running mean moves {m:.3g} of the way to the "
+                f"batch mean per step; the reference {t:.3g} (PyTorch momentum=0.1 is Gluon's and "
+                f"Flax's momentum=0.9: 'keep 0.9')")}, notes
+    vars_ = {k: new_r[k] for k in order if k.endswith("running_var") and k in new_r}
+    d_var, _ = _worst({k: new_u.get(k, np.zeros(0)) for k in vars_}, vars_)
+    if d_var > STEP_RTOL:
+        k_var = next(k for k in vars_ if _rel(new_u.get(k, np.zeros(0)), vars_[k]) > STEP_RTOL)
+        old = np.asarray(state[k_var], np.float64)
+        keep = 1 - taken(k_var)
+        ratio = float(np.median((np.asarray(new_u[k_var]) - keep * old)
+                                / (np.asarray(new_r[k_var]) - keep * old)))
+        if framework in BIASED_VARIANCE and ratio < 1.0 and abs(ratio - 1.0) < 0.5:
+            notes.append(f"BatchNorm updates its running variance with the biased batch variance "
+                         f"({ratio:.4f} of PyTorch's unbiased one), as {framework}'s BatchNorm "
+                         "does: accepted as this framework's convention")
+            return 0.0, None, notes
+        return d_var, {
+            "mode": "train step", "module": k_var.rsplit(".", 1)[0], "stage": spec.stage_of(k_var),
+            "foreign": "", "max_abs": float(np.max(np.abs(np.asarray(new_u[k_var]) - new_r[k_var]))),
+            "rel": d_var, "convention": (
+                f"BatchNorm variance: the model's running-variance update is {ratio:.4f} of the "
+                "reference's (PyTorch averages the unbiased batch variance, n/(n-1) times the "
+                "biased one)")}, notes
+    return max(d_mean, d_var), None, notes

@@ -1,0 +1,144 @@
+"""The check's report: what was compared, what differs, the verdict, and its rendering."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional
+
+from densenet_parity.checking.numbers import EVAL_RTOL, STEP_RTOL
+
+
+@dataclasses.dataclass
+class Report:
+    framework: str
+    variant: str
+    model: str
+    preset: str
+    config: dict
+    input_shape: List[int]
+    rows: List[dict]                      # per stage: spec and model counts
+    totals: dict                          # the model's own totals, matched or not
+    output_shape: Optional[List[int]] = None
+    structure: Optional[str] = None       # the first structural difference
+    cause: Optional[str] = None           # the convention most likely behind it
+    numbers: Dict[str, float] = dataclasses.field(default_factory=dict)
+    first: Optional[dict] = None          # the first layer whose output differs
+    notes: List[str] = dataclasses.field(default_factory=list)
+    error: Optional[str] = None           # the model could not run
+    weights: str = "random"
+    #: every BatchNorm setting that differs from the reference's (densenet_parity.checking.settings)
+    bn_settings: List[dict] = dataclasses.field(default_factory=list)
+    #: with such differences: the numbers against our PyTorch model given the model's settings
+    adjusted: Dict[str, float] = dataclasses.field(default_factory=dict)
+    adjusted_first: Optional[dict] = None
+
+    @property
+    def same(self) -> bool:
+        return self.structure is None and self.first is None and self.error is None and bool(
+            self.numbers) and not self.bn_settings
+
+    @property
+    def same_architecture(self) -> bool:
+        """The preset's architecture: the same network, or one whose BatchNorm settings are the
+        only difference (with the model's settings, the reference computes what it computes)."""
+        if self.same:
+            return True
+        return (self.structure is None and self.error is None and bool(self.bn_settings)
+                and bool(self.adjusted) and self.adjusted_first is None
+                and all(v <= _tolerance(k) for k, v in self.adjusted.items()))
+
+    @property
+    def verdict(self) -> str:
+        if self.same:
+            return "same network"
+        if self.same_architecture:
+            return "same architecture, different BatchNorm settings"
+        return "different"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["verdict"], d["same"], d["same_architecture"] = (self.verdict, self.same,
+                                                           self.same_architecture)
+        return d
+
+    def render(self) -> str:
+        from densenet_parity.report import table
+        fw = self.framework + (f" ({self.variant})" if self.framework == "flax" else "")
+        lines = [f"densenet check: {self.model} ({fw}) against preset '{self.preset}', input "
+                 f"{'x'.join(map(str, self.input_shape))} (NCHW), weights: {self.weights}", ""]
+        rows = []
+        for r in self.rows:
+            rows.append([r["stage"], _n(r["spec_params"]), _n(r["spec_state"]),
+                         _n(r["params"]), _n(r["state"]),
+                         "ok" if r["ok"] else "not matched" if r["params"] is None else "DIFFERENT"])
+        t = self.totals
+        rows.append(["total", _n(t["spec_params"]), _n(t["spec_state"]), _n(t["params"]),
+                     _n(t["state"]), "ok" if t["ok"] else "DIFFERENT"])
+        lines.append(table(["stage", "spec params", "spec BN", "model params", "model BN", "verdict"],
+                           rows, "Structure (trainable parameters, BatchNorm running mean+var "
+                                 "values; the model's counted from its own tensors; '-': not "
+                                 "matched, after the first difference)"))
+        if self.output_shape is not None:
+            lines.append(f"output shape {list(self.output_shape)} (expected "
+                         f"[{self.input_shape[0]}, {self.config['num_classes']}])")
+        if self.structure:
+            lines += ["", f"STRUCTURE: {self.structure}"]
+            if self.cause:
+                lines.append(f"  likely cause: {self.cause}")
+        if self.bn_settings:
+            from densenet_parity.checking.settings import summary
+            lines += ["", "BATCHNORM SETTINGS (read from the model's layers) that differ from the "
+                          "reference's:"]
+            lines += [f"  {line}" for line in summary(self.bn_settings)]
+        if self.numbers:
+            lines += ["", f"Numbers (same canonical weights in the model and the reference, "
+                          f"{self.reference_words}): largest relative difference"]
+            lines += _number_lines(self.numbers)
+        if self.first:
+            lines += _first_lines(self.first)
+        if self.adjusted:
+            lines += ["", "Numbers against the reference (PyTorch) given the model's BatchNorm "
+                          "settings:"]
+            lines += _number_lines(self.adjusted)
+            if self.adjusted_first:
+                lines += _first_lines(self.adjusted_first)
+        if self.error:
+            lines += ["", f"ERROR: {self.error}"]
+        for n in self.notes:
+            lines.append(f"note: {n}")
+        lines += ["", f"Verdict: {self.verdict}."]
+        return "\n".join(lines)
+
+
+    @property
+    def reference_words(self) -> str:
+        return {"keras": "our PyTorch model"}.get(self.framework, "same framework")
+
+
+LABELS = {"eval_logits": ("eval-mode logits (float32)", EVAL_RTOL),
+          "train_loss": ("train-mode loss (float64)", STEP_RTOL),
+          "gradients": ("gradients of every parameter (float64)", STEP_RTOL),
+          "bn_statistics": ("BatchNorm statistics after the step (float64)", STEP_RTOL)}
+
+
+def _tolerance(key: str) -> float:
+    return LABELS[key][1]
+
+
+def _number_lines(numbers: Dict[str, float]) -> List[str]:
+    out = []
+    for key, value in numbers.items():
+        what, tol = LABELS[key]
+        out.append(f"  {what:<48} {value:9.2e}  (tolerance {tol:g})  "
+                   f"{'ok' if value <= tol else 'DIFFERENT'}")
+    return out
+
+
+def _first_lines(f: dict) -> List[str]:
+    return ["", f"FIRST DIFFERENCE ({f['mode']}): {f['module']} ({f['stage']}), the "
+                f"model's '{f['foreign']}': largest difference {f['max_abs']:.3g} "
+                f"({f['rel']:.2e} relative)",
+            f"  likely cause: {f['convention']}"]
+
+
+def _n(v):
+    return "-" if v is None else f"{v:,}"
