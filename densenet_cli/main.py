@@ -267,13 +267,8 @@ def check(argv: List[str]) -> int:
         if is_file:
             if not os.path.exists(args.model):
                 ap.error(f"no such file: {args.model}")
-            from densenet_weights import formats
-            if formats.detect(args.model) == "onnx":
-                from densenet_parity.onnx_check import check_onnx
-                report = check_onnx(args.model, args.preset, args.size, args.seed, progress)
-            else:
-                report = engine.check_weights(args.model, args.preset, args.framework,
-                                              args.size, args.seed, progress)
+            report = engine.check_weights(args.model, args.preset, args.framework, args.size,
+                                          args.seed, progress)
         else:
             if args.framework is None:
                 ap.error("--framework torch|mxnet|flax is required with MODULE:FUNCTION")

@@ -1,4 +1,6 @@
-"""Check an ONNX DenseNet: ``densenet check model.onnx``.
+"""ONNX: ``densenet check model.onnx``. A file subject: an ONNX file carries its graph and its
+weights, so it is checked with its own weights (``check_file``, which ``engine.check_weights``
+calls for an ONNX file) against our PyTorch model (subject_torch.reference), in eval mode only.
 
 1. *Structure*, from the graph: every Conv, BatchNormalization and Gemm (or MatMul + Add) node's
    initializers, in the graph's topological order, each given its role by its input position
@@ -28,60 +30,38 @@ from typing import Dict, List, Optional
 import numpy as np
 
 import densenet_spec as spec
+from densenet_parity.checking import settings as bn_words
+from densenet_parity.checking import structure, subject_torch
+from densenet_parity.checking.causes import convention
+from densenet_parity.checking.numbers import BATCH, EVAL_RTOL, _first_difference, _rel
+from densenet_parity.checking.report import Report
+from densenet_parity.checking.subjects import CheckError, keep_share_in_torch_words
 from densenet_weights import formats
 
-#: The reference's BatchNorm settings in ONNX's words (PyTorch's eps 1e-5, momentum 0.1).
-REFERENCE_BN = {"epsilon": 1e-5, "momentum": 0.9}
-
-
-def _say_momentum(keep: float) -> str:
-    return f"{keep:g} (ONNX keeps {keep:g} of the running statistics: PyTorch's {1 - keep:.3g})"
+FRAMEWORK = "onnx"
+#: ONNX's word for its momentum: the share of the running statistics kept (0.9 = PyTorch's 0.1).
+WORDS = "ONNX BatchNormalization"
 
 
 def bn_settings(layers, mapping: Dict[str, str]) -> Dict[str, dict]:
     """canonical BatchNorm module -> {"epsilon", "momentum" (PyTorch's words: 1 - ONNX's),
-    "foreign" (the node), "as_written"} for every BatchNormalization node the match placed."""
+    "as_written", "foreign" (the node), "training_mode"} for every BatchNormalization node the
+    match placed, read from its attributes (ONNX's defaults where absent: 1e-5, 0.9)."""
     by_module = {g.module: g for g in layers if g.op == "BatchNormalization"}
-    out = {}
+    raw, nodes = {}, {}
     for cname, fname in mapping.items():
-        if not cname.endswith(".running_mean"):
-            continue
-        g = by_module.get(fname.rsplit(".", 1)[0])
-        if g is None:
-            continue
-        eps, keep = float(g.attributes["epsilon"]), float(g.attributes["momentum"])
-        out[cname.rsplit(".", 1)[0]] = {
-            "epsilon": eps, "momentum": 1.0 - keep, "foreign": g.node,
-            "as_written": f"BatchNormalization(epsilon={eps:g}, momentum={keep:g})",
-            "training_mode": int(g.attributes.get("training_mode", 0))}
+        if cname.endswith(".running_mean"):
+            g = by_module.get(fname.rsplit(".", 1)[0])
+            if g is not None:
+                cmod = cname.rsplit(".", 1)[0]
+                raw[cmod] = {"epsilon": float(g.attributes["epsilon"]),
+                             "momentum": float(g.attributes["momentum"])}
+                nodes[cmod] = g
+    out = keep_share_in_torch_words(raw, WORDS)
+    for cmod, s in out.items():
+        s["foreign"] = nodes[cmod].node
+        s["training_mode"] = int(nodes[cmod].attributes.get("training_mode", 0))
     return out
-
-
-def settings_differences(settings: Dict[str, dict]) -> List[dict]:
-    """Every BatchNorm setting that differs from the reference's (eps 1e-5, momentum 0.1 in
-    PyTorch's words), in the preset's order."""
-    out = []
-    for cmod, s in settings.items():
-        for key, ref in (("epsilon", 1e-5), ("momentum", 0.1)):
-            if abs(s[key] - ref) > 1e-6 * ref:
-                out.append({"module": cmod, "foreign": s["foreign"], "setting": key,
-                            "model": s[key], "reference": ref, "as_written": s["as_written"],
-                            "words": ""})
-    return out
-
-
-def _settings_lines(diffs: List[dict]) -> List[str]:
-    groups: Dict[tuple, List[dict]] = {}
-    for d in diffs:
-        groups.setdefault((d["setting"], round(d["model"], 12)), []).append(d)
-    lines = []
-    for (setting, _), ds in groups.items():
-        d = ds[0]
-        more = f" and {len(ds) - 1} more" if len(ds) > 1 else ""
-        what = ("momentum (PyTorch's words)" if setting == "momentum" else "epsilon")
-        lines.append(f"{d['module']} (node '{d['foreign']}'){more}: {what} {d['model']:.4g}, "
-                     f"the reference {d['reference']:.4g}; written as {d['as_written']}")
-    return lines
 
 
 def _session(model_proto, outputs: List[str]):
@@ -99,32 +79,21 @@ def _session(model_proto, outputs: List[str]):
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _torch_reference(config, state, eps: Optional[Dict[str, float]] = None):
-    from densenet_torch import build
-    from densenet_torch.state import load_state
-    model = build(config)
-    load_state(model, state)
-    for cmod, e in (eps or {}).items():
-        model.get_submodule(cmod).eps = e
-    return model.eval()
-
-
-def check_onnx(path: str, preset=None, size: Optional[int] = None, seed: int = 0,
-               progress=None):
+def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0,
+               progress=None) -> Report:
     """The check's Report for an ONNX file (see the module's docstring)."""
-    from densenet_parity import checking
     from densenet_parity.convert import folded_words
     say = progress or (lambda msg: None)
     try:
         import onnx
         import onnxruntime as ort
     except ImportError as e:
-        raise checking.CheckError(f"checking an ONNX file needs onnx and onnxruntime (the main "
-                                  f"environment's onnx extra: `make env`): {e}") from None
+        raise CheckError(f"checking an ONNX file needs onnx and onnxruntime (the main "
+                         f"environment's onnx extra: `make env`): {e}") from None
     layers, info = formats.onnx_layers(path)
     if not layers:
-        raise checking.CheckError(f"{path}: an ONNX model without Conv, BatchNormalization or "
-                                  "Gemm weights (not a DenseNet)")
+        raise CheckError(f"{path}: an ONNX model without Conv, BatchNormalization or "
+                         "Gemm weights (not a DenseNet)")
     if preset is None:
         preset = formats.onnx_preset(info)
     m, folded, mine = formats.match_onnx(layers, preset)
@@ -132,20 +101,20 @@ def check_onnx(path: str, preset=None, size: Optional[int] = None, seed: int = 0
     arrays = {n: a for g in mine for n, a in g.tensors.values()}
     stats = [n for g in mine for r, (n, _) in g.tensors.items()
              if r in ("running_mean", "running_var")]
-    rows, totals = checking._structure_rows(config, m, {
+    rows, totals = structure._structure_rows(config, m, {
         "arrays": arrays, "trainable": [n for n in arrays if n not in set(stats)]})
     shape = info["input_shape"]
     fixed = len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape)
     if fixed and shape[2] == shape[3] and (size is None or size == shape[2]):
         batch, size = shape[0], shape[2]
     else:
-        batch = checking.BATCH
+        batch = BATCH
         size = size or (96 if config.name == "book" else 16 if config.stem == "cifar" else 64)
     ops = ", ".join(f"{n} {k}" for k, n in sorted(info["ops"].items(), key=lambda kv: -kv[1]))
-    report = checking.Report("onnx", "", f"{path} ({info['producer'] or 'unknown producer'}, "
-                             f"opset {info['opset'].get('ai.onnx', '?')})", config.name,
-                             config.to_dict(), [batch, config.in_channels, size, size], rows,
-                             totals, weights="the file's own")
+    report = Report(FRAMEWORK, "", f"{path} ({info['producer'] or 'unknown producer'}, "
+                    f"opset {info['opset'].get('ai.onnx', '?')})", config.name, config.to_dict(),
+                    [batch, config.in_channels, size, size], rows, totals,
+                    weights="the file's own")
     if info["external_data"]:
         report.notes.append(f"weights read from the external data file(s) "
                             f"{', '.join(info['external_data'])} beside the model")
@@ -154,16 +123,14 @@ def check_onnx(path: str, preset=None, size: Optional[int] = None, seed: int = 0
         report.notes.append(folded_words(folded))
     if not m.ok:
         report.structure = str(m.difference)
-        report.cause = checking.likely_structural_cause(config, m.difference)
+        report.cause = structure.likely_structural_cause(config, m.difference)
         return report
-    settings = bn_settings(layers, m.mapping)
-    diffs = settings_differences(settings)
-    if any(s["training_mode"] for s in settings.values()):
+    read_u = bn_settings(layers, m.mapping)
+    if any(v["training_mode"] for v in read_u.values()):
         report.notes.append("a BatchNormalization node has training_mode=1: it normalises with "
                             "the batch's statistics, not the running ones")
     spec.check_input(config, (batch, config.in_channels, size, size))
     say("[onnx] onnxruntime against our PyTorch model ...")
-    import torch
     x = np.random.default_rng(seed + 2).standard_normal(
         (batch, config.in_channels, size, size)).astype(np.float32)
     # canonical module -> the graph value that is its output (a folded BatchNorm's: its conv's)
@@ -187,43 +154,38 @@ def check_onnx(path: str, preset=None, size: Optional[int] = None, seed: int = 0
     got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x})))
     logits = got[info["outputs"][0]]
     report.output_shape = list(np.shape(logits))
-    from densenet_torch import adapter
     order = [c for c, _, _ in spec.canonical_modules(config)]
     reference_modules = [c for c in order if c in outputs_u]
 
-    def compare(eps=None):
-        ref = _torch_reference(config, m.state, eps)
-        with torch.no_grad():
-            out = adapter.model_run(ref, x, modules=reference_modules, train=False)
-        rel = checking._rel(logits, out["logits"])
+    def compare(settings=None):
+        """(relative difference of the logits, the first node that differs) against our
+        PyTorch model with the file's weights (and ``settings``: its BatchNorms')."""
+        ref = subject_torch.reference(config, size, None, settings=settings)
+        ref.load(m.state)
+        out = ref.run(x=x, modules=reference_modules, train=False)
+        rel = _rel(logits, out["logits"])
         first = None
-        if rel > checking.EVAL_RTOL:
-            first = checking._first_difference(
+        if rel > EVAL_RTOL:
+            first = _first_difference(
                 config, order, outputs_u, {c: c for c in reference_modules}, got,
-                out["outputs"], checking.EVAL_RTOL, "eval") or {
+                out["outputs"], EVAL_RTOL, "eval") or {
                 "mode": "eval", "module": "classifier", "stage": "head",
                 "foreign": info["outputs"][0], "rel": rel,
                 "max_abs": float(np.max(np.abs(np.asarray(logits, np.float64) - out["logits"]))),
-                "convention": checking.convention(config, "classifier", "dense", logits,
-                                                  out["logits"], "eval")}
+                "convention": convention(config, "classifier", "dense", logits,
+                                         out["logits"], "eval")}
             if first["foreign"] in nodes:
                 first["foreign"] = f"{nodes[first['foreign']]} -> '{first['foreign']}'"
-        return rel, first
+        return ref, rel, first
 
-    report.numbers["eval_logits"], report.first = compare()
-    report.notes.append(f"numbers: onnxruntime {ort.__version__} (CPU) against our PyTorch "
-                        "model with the file's weights, eval mode, float32 (an ONNX file is an "
-                        "inference graph: no train step)")
-    if diffs:
-        report.notes[:0] = ["BatchNorm settings (read from the BatchNormalization nodes) that "
-                            "differ from the reference's: " + "; ".join(_settings_lines(diffs))]
-        rel, first = compare({c: s["epsilon"] for c, s in settings.items()})
-        report.notes.append(f"with the file's BatchNorm settings our PyTorch model agrees to "
-                            f"{rel:.2e}" + ("" if first is None else
-                                            f"; still differs first at {first['module']}"))
-        if report.first is None:  # momentum alone changes no eval-mode number
-            report.first = {"mode": "eval", "module": diffs[0]["module"],
-                            "stage": spec.stage_of(diffs[0]["module"] + ".weight"),
-                            "foreign": diffs[0]["foreign"], "max_abs": 0.0, "rel": 0.0,
-                            "convention": "BatchNorm settings: " + _settings_lines(diffs)[0]}
+    ref, report.numbers["eval_logits"], report.first = compare()
+    read_r = {c: dict(v, foreign=c) for c, v in ref.bn_settings().items()}
+    report.bn_settings = bn_words.differences(config, read_u, read_r,
+                                              {c: v["foreign"] for c, v in read_u.items()}, FRAMEWORK)
+    report.notes.append(f"numbers: onnxruntime {ort.__version__} (CPU), the file's weights in "
+                        "our PyTorch model, eval mode (an ONNX file is an inference graph: no "
+                        "train step)")
+    if report.bn_settings:
+        _, rel, first = compare(bn_words.for_reference(read_u))
+        report.adjusted, report.adjusted_first = {"eval_logits": rel}, first
     return report
