@@ -48,6 +48,7 @@ def read_checkpoint(path: str, preset=None, notes: Optional[list] = None, **opti
     """(canonical float32 state, its configuration) of any weights file: the preset given, the
     one in a canonical file's metadata, or the one its structure matches. ``notes``, a list,
     gets what the caller should tell the user (BatchNorms an ONNX exporter folded)."""
+    fmt = None
     try:
         fmt = formats.detect(path)
         if fmt == "onnx":
