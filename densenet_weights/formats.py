@@ -542,8 +542,11 @@ def _layer_kind(layer: OnnxLayer) -> str:
 
 def unfold_batchnorm(config, layers: List[OnnxLayer]):
     """The ONNX layers as ``match.Layer``s against preset ``config``, with every BatchNorm an
-    exporter folded into the convolution before it put back as an identity BatchNorm in eval
-    mode (scale 1, mean 0, variance 1 - eps, and the folded bias as its shift when the preset's
+    exporter folded into the convolution before it (where the preset has conv -> BatchNorm, the
+    graph's conv feeds no BatchNormalization; its bias, if any, is the folded shift: an optimizer
+    drops a zero one) put back as an identity BatchNorm in eval mode. A Conv or Gemm without a
+    bias where the preset has one gets a zero bias, and a zero bias where it has none is dropped
+    (the same function in ONNX: optimizers drop zero biases) (scale 1, mean 0, variance 1 - eps, and the folded bias as its shift when the preset's
     convolution has none): the same function, so the weights load into our model and compute
     what the file computes. Returns (layers, the canonical names of the folded BatchNorms)."""
     from densenet_weights import match as matching
@@ -555,11 +558,12 @@ def unfold_batchnorm(config, layers: List[OnnxLayer]):
         prev = out[-1] if out else None
         last = layers[j - 1] if j else None  # the ONNX node behind ``prev``
         if (r.kind == "bn" and r.name.endswith(FOLDABLE) and prev is not None
-                and prev.kind == "conv" and "bias" in prev.tensors
+                and prev.kind == "conv"
                 and (g is None or _layer_kind(g) != "bn" or g.inputs[0] != last.output)):
             c = r.shapes()["weight"][0]
             bias = np.zeros(c, np.float32)
-            if "bias" not in ref[i - 1].tensors and prev.shapes()["weight"][0] == c:
+            if ("bias" in prev.tensors and "bias" not in ref[i - 1].tensors
+                    and prev.shapes()["weight"][0] == c):
                 bias = np.asarray(prev.tensors.pop("bias")[1], np.float32)
             name = f"{r.name} (folded into {prev.name})"
             out.append(matching.Layer("bn", name, OrderedDict([
@@ -571,8 +575,14 @@ def unfold_batchnorm(config, layers: List[OnnxLayer]):
             continue
         if g is None:
             break
-        out.append(matching.Layer(_layer_kind(g), g.module, OrderedDict(
-            (role, (f"{g.module}.{role}", a)) for role, (_, a) in g.tensors.items())))
+        tensors = OrderedDict((role, (f"{g.module}.{role}", a)) for role, (_, a) in g.tensors.items())
+        if _layer_kind(g) == r.kind != "bn":  # in ONNX no bias is a zero bias: exact either way
+            w = tensors["weight"][1]
+            if "bias" in r.tensors and "bias" not in tensors:
+                tensors["bias"] = (f"{g.module}.bias", np.zeros(w.shape[0], w.dtype))
+            elif "bias" not in r.tensors and "bias" in tensors and not np.any(tensors["bias"][1]):
+                del tensors["bias"]
+        out.append(matching.Layer(_layer_kind(g), g.module, tensors))
         j += 1
     for g in layers[j:]:
         out.append(matching.Layer(_layer_kind(g), g.module, OrderedDict(
@@ -596,10 +606,11 @@ def match_onnx(layers: List[OnnxLayer], preset=None, **options):
         seen["num_classes"] = int(dense[-1].tensors["weight"][1].shape[0])
     seen.update(options)
     names = [preset] if preset is not None else spec.preset_names()
-    biases = [options["conv_bias"]] if "conv_bias" in options else [True, False]
     best, best_folded, best_layers = None, [], []
     for name in names:
-        for bias in biases:
+        default = spec.get_preset(name).conv_bias
+        biases = [options["conv_bias"]] if "conv_bias" in options else [default, not default]
+        for bias in biases:  # the preset's own first: a zero bias matches either
             try:
                 p = spec.make_config(name, **dict(seen if preset is None else options,
                                                   conv_bias=bias))
