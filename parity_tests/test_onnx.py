@@ -215,3 +215,18 @@ def test_torchvision_densenet121_exported_by_torch_onnx(tmp_path):
     report = check_weights(str(path))
     assert report.same and report.preset == "densenet121", report.render()
     assert "59 BatchNorm(s) (norm0, denseblock1.denselayer1.norm2" in report.render()
+
+
+def test_default_initialised_export_with_shared_initializers(tmp_path):
+    """At PyTorch's default init every BatchNorm has scale 1, shift 0, mean 0, variance 1:
+    torch.onnx's optimizer deduplicates those tensors (one initializer feeds many nodes, as
+    scale of one and variance of another) and folds norm0. The graph still gives every
+    initializer its role."""
+    from densenet_torch import build
+    path = _torch_onnx(build("book"), tmp_path / "default.onnx", SIZE)
+    m = onnx.load(str(path), load_external_data=False)
+    bn_inputs = [i for n in m.graph.node if n.op_type == "BatchNormalization" for i in n.input[1:]]
+    assert len(set(bn_inputs)) < len(bn_inputs)  # shared: the case this test is about
+    report = check_weights(str(path))
+    assert report.same, report.render()
+    assert "(norm0)" in report.render()
