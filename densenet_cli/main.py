@@ -233,13 +233,16 @@ def check(argv: List[str]) -> int:
                  "first layer whose output differs and the convention most likely behind it. "
                  "Gluon models run in the MXNet environment. With a weights file in place of "
                  "MODULE:FUNCTION: its structure, and with --framework, its numbers in our model "
-                 "there against PyTorch's. Exit status 0 same network, 1 different, 2 a usage "
-                 "error.",
+                 "there against PyTorch's. An ONNX file (.onnx, its external data beside it): "
+                 "structure from its graph (BatchNorms folded by the exporter said), its "
+                 "BatchNormalization settings, then its numbers in onnxruntime against our "
+                 "PyTorch model with its own weights and the first node that differs. Exit "
+                 "status 0 same network, 1 different, 2 a usage error.",
                  "densenet check --framework torch mymodels:densenet --preset book --size 96")
     ap.add_argument("model", metavar="MODULE:FUNCTION|WEIGHTS",
                     help="a function that returns your model (importable from the working "
                          "directory), or a weights file (.pt/.pth/.bin, .params, .msgpack, "
-                         ".safetensors)")
+                         ".safetensors, .onnx)")
     ap.add_argument("--framework", choices=engine.FRAMEWORKS,
                     help="the model's framework (required for MODULE:FUNCTION)")
     ap.add_argument("--preset", help=f"one of: {', '.join(spec.preset_names())} "
