@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import re
 
 import mxnet as mx
 import numpy as np
@@ -296,27 +297,58 @@ def user_model(factory: str = None, config: dict = None, size: int = 0, variant:
     """The model to check, initialised: the user's, built by ``factory`` ('MODULE:FUNCTION',
     imported from ``path`` or the working directory), or ours for ``config`` (the reference).
     Gluon infers input channels at the first forward: ``in_channels`` if given, else 1, then 3,
-    on a ``size`` x ``size`` input."""
-    if factory is None:
-        model = _build(config)
-        in_channels = config["in_channels"]
-    else:
-        model = spec.call_factory(factory, path)
-        if not isinstance(model, gluon.Block):
-            raise TypeError(f"{factory} returned {type(model).__name__}, not a mxnet.gluon.Block")
+    on a ``size`` x ``size`` input, each try on a model built afresh (a failed try leaves its
+    inferred shapes behind). If no try runs, whether the model runs on 224 x 224 is said too."""
     ctx = _context()
-    params = model.collect_params()
-    if any(p._data is None for p in params.values()):
-        model.initialize(ctx=ctx)
+
+    def fresh():
+        if factory is None:
+            model = _build(config)
+        else:
+            model = spec.call_factory(factory, path)
+            if not isinstance(model, gluon.Block):
+                raise TypeError(f"{factory} returned {type(model).__name__}, not a mxnet.gluon.Block")
+        if any(p._data is None for p in model.collect_params().values()):
+            model.initialize(ctx=ctx)
+        return model
+
+    def runs(model, c, s):
+        with autograd.predict_mode():
+            model(mx.nd.zeros((1, c, s, s), ctx=ctx)).wait_to_read()
+
     errors = []
-    for c in ([in_channels] if in_channels else [1, 3]):
+    channels = [config["in_channels"]] if factory is None else ([in_channels] if in_channels
+                                                                 else [1, 3])
+    for i, c in enumerate(channels):
+        model = fresh()
         try:
-            with autograd.predict_mode():
-                model(mx.nd.zeros((1, c, size, size), ctx=ctx)).wait_to_read()
+            runs(model, c, size)
             return model
         except Exception as e:  # noqa: BLE001 - try the next channel count, then report all
-            errors.append(f"{c} input channel(s): {str(e).splitlines()[0]}")
-    raise ValueError(f"the model does not run on a {size}x{size} input: " + "; ".join(errors))
+            errors.append(f"{c} input channel(s): {_error_line(e)}")
+    msg = f"the model does not run on a {size}x{size} input: " + "; ".join(errors)
+    if size != 224:
+        try:
+            runs(fresh(), channels[-1], 224)
+            msg += (f"; it runs on 224x224 ({channels[-1]} channel(s)): a layer of fixed size "
+                    "needs ImageNet's 224-px input")
+        except Exception:  # noqa: BLE001 - not a matter of size: the errors above say it all
+            pass
+    pool = re.search(r"kernel size \((\d+)\) exceeds input \((\d+)", msg)
+    if pool:
+        k, d = pool.groups()
+        msg += (f" (a fixed {k}x{k} pooling window over a {d}x{d} feature map: a head that pools "
+                f"a fixed window, as the Gluon model zoo's DenseNets' AvgPool2D(pool_size=7), where "
+                f"the book and torchvision pool globally, needs 224x224 input: give --size 224)")
+    raise ValueError(msg)
+
+
+def _error_line(e) -> str:
+    """The line of an exception's message that says what failed (MXNet's messages begin with
+    a C++ traceback: the 'MXNetError: ...' line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    said = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln)]
+    return (said or lines or [type(e).__name__])[-1]
 
 
 def _block(model, name: str):

@@ -205,6 +205,57 @@ def test_batchnorm_settings_do_not_excuse_another_bug():
     assert "global *average* pooling" in r.adjusted_first["convention"], text
 
 
+#: (framework, module name, its source, words the usage error must say, the line it must name)
+BAD_INPUT = [
+    ("torch", "bad_syntax", "import torch\n\n\ndef net(:\n    pass\n", "does not import", 4,
+     "SyntaxError"),
+    ("flax", "bad_import", "import jax\nimport tensorflow_is_not_here\n\n\ndef net():\n    "
+     "return None\n", "does not import", 2, "No module named 'tensorflow_is_not_here'"),
+    ("torch", "bad_factory", "def net():\n    return unknown_layer(3)\n", "net() raised", 2,
+     "NameError"),
+    ("mxnet", "not_a_model", "\n\ndef net():\n    return [1, 2]\n", "returned list, not a "
+     "mxnet.gluon.Block", 3, ""),
+]
+
+
+@pytest.mark.parametrize("framework, name, source, words, line, error", BAD_INPUT,
+                         ids=[c[1] for c in BAD_INPUT])
+def test_a_module_that_does_not_give_a_model_is_a_usage_error(tmp_path, framework, name, source,
+                                                              words, line, error):
+    """A user's module that does not import, a factory that raises or returns no model: a usage
+    error naming the file and the line (the Gluon one from the MXNet environment's worker)."""
+    from densenet_parity import CheckError
+    if framework == "mxnet":
+        need_mxnet()
+    (tmp_path / f"{name}.py").write_text(source)
+    with pytest.raises(CheckError) as e:
+        check(framework=framework, factory=f"{name}:net", path=str(tmp_path), size=32)
+    assert words in str(e.value) and f"{tmp_path / name}.py:{line}" in str(e.value), str(e.value)
+    assert error in str(e.value), str(e.value)
+
+
+def test_the_check_command_exits_2_on_a_module_that_does_not_import(tmp_path):
+    (tmp_path / "typo.py").write_text("import torch\nfrom torch import nn\n\nnet = nn.Sequential(\n")
+    r = subprocess.run([sys.executable, "-m", "densenet_cli", "check", "--framework", "torch",
+                        "typo:net"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert f"{tmp_path / 'typo.py'}:4" in r.stderr and "SyntaxError" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_failed_probe_leaves_no_trace_for_the_next(tmp_path):
+    """Gluon infers the input channels: the check tries 1, then 3. The model zoo's DenseNet-121
+    at 64 px fails both for its head's fixed 7x7 pool, and each try is on a model built afresh:
+    the report names the pool and 224 px, not a [64,1,7,7] weight the first try left behind."""
+    need_mxnet()
+    (tmp_path / "zoo121.py").write_text("from mxnet.gluon.model_zoo import vision\n\n\n"
+                                        "def net():\n    return vision.densenet121(pretrained=False)\n")
+    r = check(framework="mxnet", factory="zoo121:net", path=str(tmp_path), size=64)
+    assert not r.same and r.error, r.render()
+    assert "[64,1,7,7]" not in r.error and "kernel size (7) exceeds input (2" in r.error, r.error
+    assert "it runs on 224x224" in r.error and "AvgPool2D(pool_size=7)" in r.error, r.error
+
+
 def test_a_model_that_cannot_run_is_a_clear_report():
     r = check(framework="flax", factory=factory("book_linen", "concat_on_axis_1"),
               path=str(ROOT), size=32)

@@ -118,6 +118,9 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
         from densenet_parity.backends import BackendError
         if isinstance(e, BackendError) and e.error_type in ("CheckError", "DenseNetConfigError"):
             raise CheckError(e.message) from None
+        usage = factory_error(e, factory, path) if factory else None
+        if usage:
+            raise CheckError(usage) from None
         msg = e.message if isinstance(e, BackendError) else str(e)
         fail = Report(framework, variant or "", factory or "model", str(preset or "?"), {}, [],
                       [], {"spec_params": None, "spec_state": None, "params": None, "state": None,
@@ -129,6 +132,70 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
         for s in (user, ref, adjusted):
             if s is not None:
                 s.close()
+
+
+def factory_error(e: BaseException, factory: str, path: Optional[str]) -> Optional[str]:
+    """A usage error's message if ``e`` (raised here, or in the MXNet worker: a BackendError
+    with its traceback's text) came from importing the user's module or calling its factory,
+    or is a factory's result that is no model; naming the user's file and line. None if the
+    model itself failed later (then the report says so)."""
+    import re
+    import traceback
+    from densenet_parity.backends import BackendError
+    remote = isinstance(e, BackendError)
+    kind = e.error_type if remote else type(e).__name__
+    message = (e.message if remote else str(e)).strip()
+    if kind == "TypeError" and message.startswith(f"{factory} returned "):
+        where = factory_location(factory, path)
+        return f"{where}: {message.splitlines()[0]}" if where else message.splitlines()[0]
+    if remote:
+        frames = [(f, int(n), fn) for f, n, fn in re.findall(
+            r'File "([^"]+)", line (\d+)(?:, in (\S+))?', e.tb or "")]
+    else:
+        frames = [(f.filename, f.lineno, f.name) for f in traceback.extract_tb(e.__traceback__)]
+    names = [fn for _, _, fn in frames]
+    if "call_factory" not in names:
+        return None
+    after = frames[names.index("call_factory") + 1:]
+    importing = any(fn in ("import_module", "_call_with_frames_removed") for _, _, fn in after) \
+        or kind == "SyntaxError"
+    own = [(f, n) for f, n, _ in after if _is_users(f)]
+    if kind == "SyntaxError" and not remote and getattr(e, "filename", None):
+        own.append((e.filename, e.lineno))
+    where = f"{own[-1][0]}:{own[-1][1]}" if own else factory.split(":")[0]
+    words = "the module does not import" if importing else f"{factory.split(':')[1]}() raised"
+    return (f"{factory}: {words}: {where}: {kind}: "
+            f"{message.splitlines()[0] if message else ''}")
+
+
+def _is_users(filename: str) -> bool:
+    """A traceback frame's file is the user's (not Python's, a library's or this project's)."""
+    import os
+    from densenet_parity.backends import ROOT
+    if filename.startswith("<") or "site-packages" in filename or "/lib/python3" in filename:
+        return False
+    rel = os.path.relpath(os.path.abspath(filename), ROOT)
+    return not rel.split(os.sep)[0].startswith("densenet_")
+
+
+def factory_location(factory: str, path: Optional[str]) -> Optional[str]:
+    """'file:line' of the factory's definition, found by reading the module's source (its
+    module is not imported again: nothing of the user's runs here)."""
+    import ast
+    import os
+    module, func = factory.split(":")
+    for base in [os.path.abspath(path or os.getcwd())] + sys.path:
+        stem = os.path.join(base, *module.split("."))
+        for cand in (stem + ".py", os.path.join(stem, "__init__.py")):
+            if os.path.isfile(cand):
+                try:
+                    tree = ast.parse(open(cand, encoding="utf-8").read())
+                except (SyntaxError, ValueError, OSError):
+                    return cand
+                line = next((n.lineno for n in tree.body if isinstance(
+                    n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == func), None)
+                return f"{cand}:{line}" if line else cand
+    return None
 
 
 def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref, mapping_r,
