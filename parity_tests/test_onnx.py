@@ -20,6 +20,7 @@ from densenet_parity import convert
 from densenet_parity import export as exporting
 from densenet_parity.checking import check_weights, random_state
 from densenet_weights import formats
+from parity_tests.conftest import need_mxnet
 
 torch = pytest.importorskip("torch", reason="the ONNX tests need torch (main environment)")
 onnx = pytest.importorskip("onnx", reason="the ONNX tests need the onnx extra (`make env`)")
@@ -103,16 +104,22 @@ def test_a_broken_export_fails_the_proof(book_export, tmp_path, capsys, monkeypa
     assert "DIFFERENT" in out and "does NOT compute the same network" in out
 
 
-def test_export_from_a_flax_file_is_proven_against_flax_too(tmp_path, capsys):
+@pytest.mark.parametrize("target, suffix", [("flax-nnx", ".msgpack"), ("mxnet", ".params")])
+def test_export_from_a_gluon_or_flax_file_is_proven_against_that_framework(tmp_path, capsys,
+                                                                          target, suffix):
+    if target == "mxnet":
+        need_mxnet()
     cfg = spec.make_config("book")
-    state = random_state(cfg, 3)
-    fmt, arrays = formats.native(state, "flax-nnx")
-    src = tmp_path / "book.msgpack"
+    fmt, arrays = formats.native(random_state(cfg, 3), target)
+    src = tmp_path / f"book{suffix}"
     formats.write(src, arrays, fmt)
     code, out, _ = run(capsys, "export", str(src), str(tmp_path / "book.onnx"), "--preset", "book",
                        "--size", str(SIZE))
     assert code == 0, out
-    assert "flax-nnx" in out and out.count(" ok") >= 2 and "Verdict: the export computes" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ") and "tolerance" in line]
+    assert [r[0] for r in rows] == ["torch", target] and all(r[-1] == "ok" for r in rows), out
+    assert all(float(r[1]) <= exporting.EXPORT_RTOL for r in rows)
+    assert "Verdict: the export computes the same network." in out
 
 
 def test_check_our_export_is_the_same_network(book_export, capsys):
