@@ -191,6 +191,7 @@ def test_bn_epsilon_difference_is_named(tmp_path):
     assert d["model"] == pytest.approx(1e-3) and d["reference"] == pytest.approx(1e-5)
     assert report.numbers["eval_logits"] > 1e-5 >= report.adjusted["eval_logits"]
     assert report.first["module"] == "features.denseblock2.denselayer1.norm1"
+    assert "epsilon, 0.001" in report.first["convention"]
     assert "epsilon=0.001, momentum=0.9" in report.render()
 
 

@@ -79,6 +79,17 @@ def _session(model_proto, outputs: List[str]):
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
+def _input_shape(shape, config, size: Optional[int]):
+    """(batch, height, width) to run the file at: its input's own where fixed (a different
+    ``size`` is a usage error), else the check's defaults."""
+    fixed = [d if isinstance(d, int) and d > 0 else None for d in (list(shape) + [None] * 4)[:4]]
+    default = size or (96 if config.name == "book" else 16 if config.stem == "cifar" else 64)
+    if size is not None and any(d is not None and d != size for d in fixed[2:]):
+        raise CheckError(f"the file's input is fixed at {'x'.join(str(d or '?') for d in fixed)}: "
+                         f"--size {size} cannot run it (leave --size out)")
+    return fixed[0] or BATCH, fixed[2] or default, fixed[3] or default
+
+
 def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0,
                progress=None) -> Report:
     """The check's Report for an ONNX file (see the module's docstring)."""
@@ -103,17 +114,11 @@ def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0
              if r in ("running_mean", "running_var")]
     rows, totals = structure._structure_rows(config, m, {
         "arrays": arrays, "trainable": [n for n in arrays if n not in set(stats)]})
-    shape = info["input_shape"]
-    fixed = len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape)
-    if fixed and shape[2] == shape[3] and (size is None or size == shape[2]):
-        batch, size = shape[0], shape[2]
-    else:
-        batch = BATCH
-        size = size or (96 if config.name == "book" else 16 if config.stem == "cifar" else 64)
+    batch, height, width = _input_shape(info["input_shape"], config, size)
     ops = ", ".join(f"{n} {k}" for k, n in sorted(info["ops"].items(), key=lambda kv: -kv[1]))
     report = Report(FRAMEWORK, "", f"{path} ({info['producer'] or 'unknown producer'}, "
                     f"opset {info['opset'].get('ai.onnx', '?')})", config.name, config.to_dict(),
-                    [batch, config.in_channels, size, size], rows, totals,
+                    [batch, config.in_channels, height, width], rows, totals,
                     weights="the file's own")
     if info["external_data"]:
         report.notes.append(f"weights read from the external data file(s) "
@@ -129,10 +134,10 @@ def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0
     if any(v["training_mode"] for v in read_u.values()):
         report.notes.append("a BatchNormalization node has training_mode=1: it normalises with "
                             "the batch's statistics, not the running ones")
-    spec.check_input(config, (batch, config.in_channels, size, size))
+    spec.check_input(config, (batch, config.in_channels, height, width))
     say("[onnx] onnxruntime against our PyTorch model ...")
     x = np.random.default_rng(seed + 2).standard_normal(
-        (batch, config.in_channels, size, size)).astype(np.float32)
+        (batch, config.in_channels, height, width)).astype(np.float32)
     # canonical module -> the graph value that is its output (a folded BatchNorm's: its conv's)
     by_module = {g.module: g for g in layers}
     outputs_u: Dict[str, str] = {}
@@ -149,9 +154,15 @@ def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0
         if conv in outputs_u:
             outputs_u[bn] = outputs_u.pop(conv)
     model_proto = onnx.load(path)  # external data from the file's folder
-    session = _session(model_proto, list(outputs_u.values()))
-    names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x})))
+    try:
+        session = _session(model_proto, list(outputs_u.values()))
+        names = [o.name for o in session.get_outputs()]
+        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x})))
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: say, not a traceback
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        report.error = (f"onnxruntime {ort.__version__} cannot run the file: "
+                        f"{lines[0] if lines else type(e).__name__}")
+        return report
     logits = got[info["outputs"][0]]
     report.output_shape = list(np.shape(logits))
     order = [c for c, _, _ in spec.canonical_modules(config)]
@@ -160,7 +171,7 @@ def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0
     def compare(settings=None):
         """(relative difference of the logits, the first node that differs) against our
         PyTorch model with the file's weights (and ``settings``: its BatchNorms')."""
-        ref = subject_torch.reference(config, size, None, settings=settings)
+        ref = subject_torch.reference(config, height, None, settings=settings)
         ref.load(m.state)
         out = ref.run(x=x, modules=reference_modules, train=False)
         rel = _rel(logits, out["logits"])
@@ -185,6 +196,11 @@ def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0
     report.notes.append(f"numbers: onnxruntime {ort.__version__} (CPU), the file's weights in "
                         "our PyTorch model, eval mode (an ONNX file is an inference graph: no "
                         "train step)")
+    eps = {d["module"]: d for d in report.bn_settings if d["setting"] == "epsilon"}
+    if report.first and report.first["module"] in eps:  # the difference is the setting's
+        d = eps[report.first["module"]]
+        report.first["convention"] = (f"this BatchNorm's epsilon, {d['model']:g} where the "
+                                      f"reference has {d['reference']:g} (the settings above)")
     if report.bn_settings:
         _, rel, first = compare(bn_words.for_reference(read_u))
         report.adjusted, report.adjusted_first = {"eval_logits": rel}, first
