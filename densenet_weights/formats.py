@@ -410,8 +410,7 @@ def _onnx_attrs(node) -> Dict[str, object]:
     out = {}
     for a in node.attribute:
         v = helper.get_attribute_value(a)
-        out[a.name] = v.decode() if isinstance(v, bytes) else list(v) if isinstance(
-            v, (list, tuple)) or type(v).__name__ == "RepeatedScalarContainer" else v
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
     return out
 
 
