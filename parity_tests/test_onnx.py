@@ -238,3 +238,38 @@ def test_default_initialised_export_with_shared_initializers(tmp_path):
     report = check_weights(str(path))
     assert report.same, report.render()
     assert "(norm0)" in report.render()
+
+
+def test_matmul_add_head_and_anonymous_initializers(book_export, tmp_path):
+    """Other exporters (tf2onnx's Keras graphs) write the dense layer as MatMul + Add with an
+    [in, out] kernel and name initializers anything: the graph still gives each its role."""
+    from onnx import helper, numpy_helper
+    dst, _ = book_export
+    m = onnx.load(str(dst))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    [gemm] = [n for n in g.node if n.op_type == "Gemm"]
+    w = numpy_helper.to_array(inits[gemm.input[1]])
+    w = w if helper.get_attribute_value(next(a for a in gemm.attribute if a.name == "transB")) == 0 \
+        else w.T  # -> [in, out]
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), "kernel_in_out"))
+    i = list(g.node).index(gemm)
+    g.node.remove(gemm)
+    g.node.insert(i, helper.make_node("MatMul", [gemm.input[0], "kernel_in_out"], ["mm"]))
+    g.node.insert(i + 1, helper.make_node("Add", ["mm", gemm.input[2]], [gemm.output[0]]))
+    renamed = {}
+    for k, t in enumerate(g.initializer):  # anonymous names, as folding exporters write them
+        renamed[t.name] = f"val_{k}"
+        t.name = renamed[t.name]
+    for n in g.node:
+        n.input[:] = [renamed.get(x, x) for x in n.input]
+    for k, n in enumerate(g.node):
+        n.name = f"n{k}"
+        del n.metadata_props[:]
+    path = tmp_path / "matmul.onnx"
+    onnx.save(m, str(path))
+    report = check_weights(str(path))
+    assert report.same and report.preset == "book", report.render()
+    state, _ = convert.read_checkpoint(str(path))
+    want = random_state(spec.make_config("book"), 0)
+    assert all(np.array_equal(state[k], want[k]) for k in want)
