@@ -34,6 +34,7 @@ import numpy as np
 import densenet_spec as spec
 
 EXPORT_RTOL = 1e-5
+MIN_OPSET = 18  # the oldest opset torch.onnx's dynamo exporter implements
 #: The source file's format -> the backend that computes with those weights in its framework.
 SOURCE_BACKEND = {"torch": "torch", "safetensors": "torch", "gluon": "mxnet", "flax": "flax-nnx",
                   "onnx": "torch"}
@@ -147,13 +148,21 @@ def write_onnx(model, x, dst: str, cfg: spec.Preset, opset: Optional[int] = None
     import io
     import warnings
 
+    import logging
+
     import torch
     from onnxscript import optimizer
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "torch.onnx", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR + 10)
         program = torch.onnx.export(model, (torch.as_tensor(x),), dynamo=True, optimize=False,
                                     input_names=["x"], output_names=["logits"],
                                     opset_version=opset, verbose=False)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     ir_model = program.model
     optimizer.fold_constants(ir_model)
     if not cfg.conv_bias:  # aten.convolution without a bias becomes Conv with a zero bias
@@ -178,11 +187,15 @@ def export(src: str, dst: str, preset: Optional[str] = None, size: Optional[int]
     try:
         import onnx
         import onnxruntime as ort
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
         import torch
     except ImportError as e:
         raise ExportError(f"exporting to ONNX needs torch, onnx, onnxscript and onnxruntime (the "
                           f"main environment's onnx extra: `make env`): {e}") from None
     from densenet_weights import formats
+    if opset is not None and opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset}: torch.onnx's dynamo exporter writes opset "
+                          f"{MIN_OPSET} or later")
     notes: List[str] = []
     state, cfg, source_backend, words = _source(src, preset, seed, notes)
     size = size or default_size(cfg)
@@ -191,7 +204,12 @@ def export(src: str, dst: str, preset: Optional[str] = None, size: Optional[int]
     model = _torch_model(cfg, state)
     x = np.random.default_rng(seed + 2).standard_normal(shape).astype(np.float32)
     say(f"[onnx] exporting DenseNet '{cfg.name}' at {'x'.join(map(str, shape))} ...")
-    write_onnx(model, x, dst, cfg, opset)
+    try:
+        write_onnx(model, x, dst, cfg, opset)
+    except Exception as e:  # noqa: BLE001 - torch.export / torch.onnx: say, not a traceback
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise ExportError(f"torch.onnx.export(dynamo=True) failed: {type(e).__name__}: "
+                          f"{lines[0] if lines else ''}") from None
     layers, info = formats.onnx_layers(dst)
     files = {dst: os.path.getsize(dst)}
     folder = os.path.dirname(os.path.abspath(dst))
