@@ -152,6 +152,14 @@ def test_missing_external_data_is_a_clear_error(book_export, tmp_path, capsys):
     code, _, err = run(capsys, "check", str(lone))
     assert code == 2
     assert "external data file 'book.onnx.data'" in err and "Traceback" not in err
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(dst.read_bytes()[:5000])  # a truncated model
+    for argv in (("check", cut), ("convert", cut, tmp_path / "x.pth", "--to", "torch"),
+                 ("export", cut, tmp_path / "x.onnx")):
+        code, _, err = run(capsys, *map(str, argv))
+        assert code == 2 and "not a readable ONNX model" in err, (argv, err)
+    code, _, err = run(capsys, "export", "book", str(tmp_path / "x.onnx"), "--opset", "3")
+    assert code == 2 and "opset 18 or later" in err
 
 
 def test_onnxruntime_optimized_model_is_recognised_as_folded(book_export, tmp_path, capsys):
