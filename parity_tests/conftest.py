@@ -124,7 +124,8 @@ GIANTS = ("densenet264", "densenet161", "densenet_bc190", "densenet_bc250", "den
 #: whose tests start heavy subprocesses (torchrun's processes, torch.compile's C++ compiler):
 #: a run at 46a59ae peaked at 7.30 GB where test_benchmarks, then first, met DenseNet-BC-190.
 HEAVY_MODULES = ("parity_tests/test_check.py", "parity_tests/test_cli.py",
-                 "parity_tests/test_convert.py", "parity_tests/test_memory_efficient.py",
+                 "parity_tests/test_convert.py", "parity_tests/test_onnx.py",
+                 "parity_tests/test_memory_efficient.py",
                  "parity_tests/test_train.py", "parity_tests/test_train_parallel.py",
                  "parity_tests/test_benchmarks.py")
 _GROUPS_AFTER = HEAVY_MODULES.index("parity_tests/test_memory_efficient.py")

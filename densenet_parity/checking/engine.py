@@ -299,6 +299,9 @@ def check_weights(path: str, preset=None, framework: Optional[str] = None, size=
     (eval mode, 1e-5)."""
     from densenet_weights import formats
     say = progress or (lambda msg: None)
+    if formats.detect(path) == "onnx":  # a graph with its weights: run in onnxruntime
+        from densenet_parity.checking import subject_onnx
+        return subject_onnx.check_file(path, preset, size, seed, progress)
     fmt, arrays = formats.read(path)
     layout = "flax" if fmt == "flax" else "torch"
     m = matching.match(arrays, preset, layout=layout, natural=fmt in ("flax", "safetensors"))

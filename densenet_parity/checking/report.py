@@ -114,7 +114,8 @@ class Report:
 
     @property
     def reference_words(self) -> str:
-        return {"keras": "our PyTorch model"}.get(self.framework, "same framework")
+        return {"keras": "our PyTorch model",
+                "onnx": "onnxruntime against our PyTorch model"}.get(self.framework, "same framework")
 
 
 LABELS = {"eval_logits": ("eval-mode logits (float32)", EVAL_RTOL),
