@@ -1,31 +1,34 @@
-"""The GPU evidence, in one command and one folder: ``make gpu OUT=DIR`` (``python -m
-benchmarks.gpu_check --out DIR``).
+"""The GPU evidence, in one call of at most 7 minutes and one folder: ``make gpu OUT=DIR``
+(``python -m benchmarks.gpu_check --out DIR``).
 
-On a machine with an NVIDIA GPU and the main environment's frameworks (torch with CUDA, JAX
-with CUDA, Flax, optax, torchvision; no MXNet, no network), within a time budget (default
-9 minutes), it writes into DIR:
+On a machine with an NVIDIA GPU and the frameworks installed (torch with CUDA, JAX with CUDA,
+Flax, optax, torchvision; no MXNet, no network), within a time budget (default 360 s, at most
+420 s: what one device call is planned for), it runs these steps, in order of value, each in its
+own process with its own time limit, and writes into DIR:
 
-  README.md             the GPU, driver, framework versions, the command, each step's status
-                        and time, and what did not fit in the budget
-  test_gpu.txt          pytest parity_tests/test_gpu.py: torch CUDA and both Flax variants
-                        against a float64 CPU reference with TF32 off; torchvision's DenseNet-121
-                        converted into every backend
-  report_book.txt       densenet report, book at 96 px, each backend on the GPU
-  report_densenet121.txt  densenet report, DenseNet-121 at 224 px
-  bench.json/.md/.png   benchmarks.bench: DenseNet-121 at 224 px batch 256, float32 and
-                        bfloat16, train and eval; the book at 96 px batch 256; memory-efficient
-                        vs naive (DenseNet-121, batch 64)
-  bench.log             the benchmark runs' own output
+  README.md    what ran, what failed and why (the tail of its log), what did not fit; each
+               step's limit and wall time; the GPU, driver and framework versions; the command
+  smoke.txt    1. smoke (<= 60 s): versions, each backend's device, one small forward each
+               (the book at 32 px, batch 2) on the GPU, its difference from torch's
+  test_gpu.txt 2. pytest parity_tests/test_gpu.py: torch CUDA and both Flax variants against a
+               float64 CPU reference; torchvision's DenseNet-121 converted into every backend
+  reports.txt  3. densenet report, the book at 96 px; 4. DenseNet-121 at 224 px (each backend
+               on the GPU)
+  bench.log    5.-8. benchmarks.bench, into one bench.json/.md/.png (--merge): DenseNet-121 at
+  bench.json   224 px batch 256, train and eval, with torch's and Flax's fast paths (the
+  bench.md     benchmark's defaults: channels_last + cudnn.benchmark; split/merge + jax.jit +
+  bench.png    donation), 5. float32, 6. bfloat16; 7. the book at 96 px batch 256, every backend,
+               both dtypes; 8. DenseNet-121 training, memory-efficient vs naive (batch 64, torch and flax-nnx)
 
-Eight files at most: what a lent GPU machine hands back from one command.
+Eight files: what a lent GPU machine hands back from one command. A step that fails (or meets
+its limit: its whole process group is stopped) is recorded and the next one runs; a step that
+no longer fits the budget is not started. Exit status 0 when every step ran and passed.
 
-Steps run in that order, each in its own process with what is left of the budget; a step that
-does not fit is not started, and README.md says so. Exit status 0 when every step that ran
-passed.
-
-Without an NVIDIA GPU (or with --dry) the same steps run in a short dry mode on the CPU, which
-the test suite runs so that the command cannot rot: test_gpu.py (every test skips: no GPU), the
-reports at 32 px without MXNet, and the benchmark's quick case.
+Without an NVIDIA GPU (or with --dry) the same eight steps run, in the same order, in a short
+dry mode on the CPU (the book at 32-48 px, torch alone in the benchmark, the GPU tests skip),
+which the test suite runs so that the command cannot rot. For that test,
+DENSENET_GPU_CHECK_FAIL=STEP (a step's key, e.g. report_book) replaces that step's command by
+one that fails.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +47,14 @@ from typing import List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = "torch,flax-nnx,flax-linen"  # MXNet has no CUDA build for Hopper (DESIGN.md 4)
+BUDGET = 360.0      # default seconds for all steps
+HARD_CAP = 420.0    # 7 minutes: the most one device call is planned for
+SMOKE_LIMIT = 60.0
+README_RESERVE = 5.0  # seconds kept back for README.md
+#: every file it writes: no more than a device call hands back (8)
+OUTPUT_FILES = ("README.md", "smoke.txt", "test_gpu.txt", "reports.txt", "bench.log",
+                "bench.json", "bench.md", "bench.png")
+FAIL_ENV = "DENSENET_GPU_CHECK_FAIL"
 
 
 def gpu_info() -> Optional[str]:
@@ -56,128 +68,281 @@ def gpu_info() -> Optional[str]:
     return lines[0].strip() if out.returncode == 0 and lines else None
 
 
-def versions() -> dict:
-    code = ("import json, importlib\nout = {}\n"
-            "for m in ('torch', 'torchvision', 'jax', 'jaxlib', 'flax', 'optax', 'numpy'):\n"
-            "    try:\n        out[m] = importlib.import_module(m).__version__\n"
-            "    except Exception as e:\n        out[m] = f'not importable ({type(e).__name__})'\n"
-            "try:\n    import torch; out['cuda (torch)'] = torch.version.cuda; "
-            "out['torch sees a GPU'] = torch.cuda.is_available()\nexcept Exception: pass\n"
-            "try:\n    import jax; out['jax devices'] = [str(d) for d in jax.devices()]\n"
-            "except Exception as e:\n    out['jax devices'] = str(e)\n"
-            "print(json.dumps(out))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       env=_env(), timeout=300)
-    try:
-        return json.loads(r.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        return {"error": r.stderr[-500:]}
-
-
 def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 PYTHONUNBUFFERED="1")
 
 
+# ----------------------------------------------------------------------------- smoke step
+
+def smoke(expect_gpu: bool) -> int:
+    """Step 1: versions, then each backend's device and one small forward (the book, 32 px,
+    batch 2, eval mode), its head against torch's. Fails when a backend fails or, with a GPU,
+    computes elsewhere. Prints 'VERSIONS {json}' first, for README.md."""
+    import importlib
+    import traceback
+    vers = {"python": platform.python_version()}
+    for m in ("torch", "torchvision", "jax", "jaxlib", "flax", "optax", "numpy", "safetensors"):
+        try:
+            vers[m] = importlib.import_module(m).__version__
+        except Exception as e:  # reported, not fatal: the backends below say what it breaks
+            vers[m] = f"not importable ({type(e).__name__}: {e})"[:200]
+    try:
+        import torch
+        vers["torch cuda"] = torch.version.cuda
+        vers["torch device"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                                else "no CUDA device")
+    except Exception:
+        pass
+    try:
+        import jax
+        vers["jax devices"] = ", ".join(str(d) for d in jax.devices())
+    except Exception as e:
+        vers["jax devices"] = f"{type(e).__name__}: {e}"[:200]
+    print("VERSIONS " + json.dumps(vers), flush=True)
+
+    import numpy as np
+    import densenet_spec as spec
+    from densenet_parity import compare
+    from densenet_parity.backends import make_backend
+    cfg = spec.get_preset("book").to_dict()
+    x = np.random.default_rng(0).standard_normal((2, cfg["in_channels"], 32, 32)).astype(np.float32)
+    failed, state, ref = 0, None, None
+    for name in BACKENDS.split(","):
+        t0 = time.time()
+        try:
+            b = make_backend(name)
+            device = b.call("info")["device"]
+            if state is None:  # torch's initial state, loaded by every backend
+                state = b.call("init_state", config=cfg, seed=0)["arrays"]
+            head = b.call("forward", config=cfg, state=state, x=x)["arrays"]["head"]
+            if ref is None:
+                ref, ref_name = head, name
+            on_gpu = device.startswith(("cuda", "gpu"))
+            bad = expect_gpu and not on_gpu
+            failed += bad
+            print(f"{name:11s} on {device}: forward of the book, 32 px, batch 2, in "
+                  f"{time.time() - t0:.1f} s (first call: compiles); head differs from "
+                  f"{ref_name}'s by {compare.rel_diff(head, ref):.1e} (rel)"
+                  + ("  FAILED: not on the GPU" if bad else ""), flush=True)
+        except Exception as e:
+            failed += 1
+            print(f"{name:11s} FAILED after {time.time() - t0:.1f} s: {type(e).__name__}: {e}",
+                  flush=True)
+            traceback.print_exc(limit=8, file=sys.stdout)
+    print("smoke: " + ("FAILED" if failed else "ok"), flush=True)
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------- the steps
+
+#: What each step measures on a GPU, and the small stand-in its dry mode runs on a CPU: the
+#: same steps, the same options, the book at 32-48 px and torch alone in the benchmark.
+SCALE = {
+    "gpu": dict(book=96, report=("densenet121", 224), big=("densenet121", 224, 256),
+                small=("book", 96, 256), mem=("densenet121", 224, 64),
+                big_backends="torch,flax-nnx", small_backends=BACKENDS,
+                small_dtypes="float32,bfloat16", mem_backends="torch,flax-nnx",
+                timing=["--repeats", "3", "--iters", "5"], mem_timing=["--mem-repeats", "2"],
+                pytest=["-v", "--durations=20"]),
+    "dry": dict(book=32, report=("book", 48), big=("book", 32, 2), small=("book", 32, 2),
+                mem=("book", 32, 2), big_backends="torch", small_backends="torch",
+                small_dtypes="float32", mem_backends="torch",
+                timing=["--warmup", "1", "--repeats", "1", "--iters", "1"],
+                mem_timing=["--mem-repeats", "1", "--mem-iters", "1"], pytest=["-q"]),
+}
+PRESET_NAMES = {"book": "the book", "densenet121": "DenseNet-121"}
+
+
 def steps(out: Path, dry: bool) -> List[dict]:
-    """(name, file, command, minimum seconds worth starting it with), in order of value."""
+    """The steps in order of value: key, name (what it ran), file, cmd, min (seconds worth
+    starting it with) and max (its own limit); 'bench' marks a benchmarks.bench run."""
     py = sys.executable
-    if dry:
-        return [
-            {"name": "GPU parity tests (dry: they skip without a GPU)", "file": "test_gpu.txt",
-             "cmd": [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                     "parity_tests/test_gpu.py"], "min": 5},
-            {"name": "parity report, book (dry: 32 px)", "file": "report_book.txt",
-             "cmd": [py, "-m", "densenet_cli", "report", "--preset", "book", "--size", "32",
-                     "--backends", "torch,flax-nnx"], "min": 5},
-            {"name": "benchmark (dry: the quick case)", "file": "bench.log",
-             "cmd": [py, "-m", "benchmarks.bench", "--quick", "--backends", "torch",
-                     "--out", str(out / "bench")], "min": 5},
-        ]
+    s = SCALE["dry" if dry else "gpu"]
+    tag = " (dry run on the CPU)" if dry else ""
+
+    def what(preset, size, batch=None):
+        return f"{PRESET_NAMES[preset]}, {size} px" + (f", batch {batch}" if batch else "")
+
+    def report(preset, size):
+        return {"file": "reports.txt", "name": f"parity report, {what(preset, size)}, "
+                f"{BACKENDS.replace(',', ', ')}{tag}",
+                "cmd": [py, "-m", "densenet_cli", "report", "--preset", preset, "--size",
+                        str(size), "--backends", BACKENDS]}
+
+    def bench(case, backends, dtypes, group):
+        preset, size, batch = case
+        opts = (["--memory", "--mem-preset", preset, "--mem-size", str(size), "--mem-batch",
+                 str(batch)] + s["mem_timing"]) if group == "memory" else \
+            ["--preset", preset, "--size", str(size), "--batch", str(batch), "--dtype", dtypes]
+        name = (f"benchmark: {what(*case)}, training, memory-efficient vs naive"
+                if group == "memory" else
+                f"benchmark: {what(*case)}, {dtypes.replace(',', ' and ')}, train and eval, "
+                "each backend's default fast paths")
+        return {"file": "bench.log", "bench": True,
+                "name": f"{name}, {backends.replace(',', ', ')}{tag}",
+                "cmd": [py, "-m", "benchmarks.bench", "--backends", backends] + opts
+                + s["timing"] + ["--only-group", group, "--out", str(out / "bench")]}
+
     return [
-        {"name": "GPU parity tests", "file": "test_gpu.txt",
-         "cmd": [py, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider",
-                 "parity_tests/test_gpu.py"], "min": 60},
-        {"name": "parity report, book at 96 px", "file": "report_book.txt",
-         "cmd": [py, "-m", "densenet_cli", "report", "--preset", "book", "--size", "96",
-                 "--backends", BACKENDS], "min": 30},
-        {"name": "parity report, DenseNet-121 at 224 px", "file": "report_densenet121.txt",
-         "cmd": [py, "-m", "densenet_cli", "report", "--preset", "densenet121", "--size", "224",
-                 "--backends", BACKENDS], "min": 45},
-        {"name": "benchmark: DenseNet-121, 224 px, batch 256, float32 and bfloat16",
-         "file": "bench.log",
-         "cmd": [py, "-m", "benchmarks.bench", "--backends", "torch,flax-nnx", "--preset",
-                 "densenet121", "--size", "224", "--batch", "256", "--dtype",
-                 "bfloat16,float32", "--repeats", "3", "--iters", "5", "--only-group", "main",
-                 "--case-timeout", "150", "--out", str(out / "bench")], "min": 120},
-        {"name": "benchmark: the book, 96 px, batch 256; memory-efficient vs naive",
-         "file": "bench.log",
-         "cmd": [py, "-m", "benchmarks.bench", "--backends", BACKENDS, "--preset", "book",
-                 "--size", "96", "--batch", "256", "--dtype", "float32,bfloat16", "--repeats",
-                 "3", "--iters", "10", "--memory", "--mem-batch", "64", "--mem-repeats", "2",
-                 "--case-timeout", "120", "--merge", str(out / "bench.json"),
-                 "--out", str(out / "bench")], "min": 120},
+        {"key": "smoke", "min": 10, "max": SMOKE_LIMIT, "file": "smoke.txt",
+         "name": f"smoke: versions, each backend on the GPU, one small forward{tag}",
+         "cmd": [py, "-m", "benchmarks.gpu_check", "--smoke"] + (["--dry"] if dry else [])},
+        {"key": "test_gpu", "min": 30, "max": 150, "file": "test_gpu.txt",
+         "name": "GPU parity tests" + (" (dry run on the CPU: they skip)" if dry else ""),
+         "cmd": [py, "-m", "pytest"] + s["pytest"] + ["-rs", "-p", "no:cacheprovider",
+                                                     "parity_tests/test_gpu.py"]},
+        dict(report("book", s["book"]), key="report_book", min=15, max=45),
+        dict(report(*s["report"]), key="report_densenet121", min=20, max=60),
+        dict(bench(s["big"], s["big_backends"], "float32", "main"),
+             key="bench_densenet121_float32", min=45, max=120),
+        dict(bench(s["big"], s["big_backends"], "bfloat16", "main"),
+             key="bench_densenet121_bfloat16", min=45, max=120),
+        dict(bench(s["small"], s["small_backends"], s["small_dtypes"], "main"),
+             key="bench_book", min=30, max=90),
+        dict(bench(s["mem"], s["mem_backends"], "float32", "memory"),
+             key="bench_memory", min=45, max=120),
     ]
 
 
-def run(out: Path, budget: float, dry: bool) -> int:
+def _run_step(cmd: List[str], log, limit: float) -> str:
+    """Run ``cmd`` in its own process group with its output into ``log``; at ``limit`` seconds
+    the whole group is stopped (a benchmark's case processes too, so none holds the GPU)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        rc = proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        return f"FAILED (stopped at its limit, {limit:.0f} s)"
+    return "ok" if rc == 0 else f"FAILED (exit status {rc})"
+
+
+def _tail(path: Path, start: int, lines: int = 15) -> str:
+    """The last ``lines`` lines a step wrote into ``path`` from byte ``start`` on."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(no output)"
+
+
+def run(out: Path, budget: float, dry: bool, plan: Optional[List[dict]] = None,
+        argv: Optional[List[str]] = None) -> int:
+    """Run the steps (``plan``: steps(out, dry)) within ``budget`` seconds; README.md says
+    what happened. 0 when every step ran and passed, else 1."""
     out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_FILES:  # an earlier run's files (bench.json would be merged)
+        (out / name).unlink(missing_ok=True)
     t_start = time.time()
     gpu = gpu_info()
     dry = dry or gpu is None
-    vers = versions()
-    rows, failed = [], 0
-    for step in steps(out, dry):
-        left = budget - (time.time() - t_start)
+    fail = os.environ.get(FAIL_ENV, "")
+    plan = steps(out, dry) if plan is None else plan
+    rows, written = [], set()
+    for i, step in enumerate(plan, 1):
+        left = budget - README_RESERVE - (time.time() - t_start)
         if left < step["min"]:
-            rows.append((step, "not run: out of time", 0.0))
+            rows.append(dict(step, status=f"not run: {left:.0f} s left, it needs {step['min']} s",
+                             limit=0, seconds=0.0))
             continue
-        print(f"[gpu-check] {step['name']} ({left:.0f} s left) ...", file=sys.stderr, flush=True)
+        limit = min(step["max"], left)
+        cmd = list(step["cmd"])
+        if step.get("bench"):  # it records a case that meets its limit, and goes on
+            cmd += ["--case-timeout", str(max(10, int(limit - 10)))]
+            if (out / "bench.json").exists():  # one bench.json/.md/.png for every bench step
+                cmd += ["--merge", str(out / "bench.json")]
+        if fail == step["key"]:
+            cmd = [sys.executable, "-c", f"raise SystemExit('injected failure ({FAIL_ENV}="
+                   f"{fail}): this step did not run')"]
+        print(f"[gpu-check] {i}/{len(plan)} {step['name']} (limit {limit:.0f} s, "
+              f"{left:.0f} s left) ...", file=sys.stderr, flush=True)
+        path = out / step["file"]
         t0 = time.time()
-        with open(out / step["file"], "a" if (out / step["file"]).exists() and
-                  any(r[0]["file"] == step["file"] for r in rows) else "w") as log:
-            log.write(f"$ {' '.join(map(shlex.quote, step['cmd']))}\n\n")
+        with open(path, "a" if step["file"] in written else "w") as log:
+            if step["file"] in written:
+                log.write("\n")
+            written.add(step["file"])
+            log.write(f"### step {i}: {step['name']}\n$ {shlex.join(cmd)}\n\n")
             log.flush()
-            try:
-                rc = subprocess.run(step["cmd"], cwd=ROOT, env=_env(), stdout=log,
-                                    stderr=subprocess.STDOUT, timeout=left).returncode
-                status = "ok" if rc == 0 else f"FAILED (exit status {rc})"
-            except subprocess.TimeoutExpired:
-                rc, status = 124, "FAILED (stopped at the budget)"
-        failed += rc != 0
-        rows.append((step, status, time.time() - t0))
-    write_readme(out, gpu, vers, rows, dry, budget, time.time() - t_start)
-    return 0 if failed == 0 else 1
+            start = log.tell()
+            status = _run_step(cmd, log, limit)
+        row = dict(step, status=status, limit=limit, seconds=time.time() - t0)
+        if status != "ok":
+            row["why"] = _tail(path, start)
+        print(f"[gpu-check]     {status} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        rows.append(row)
+    command = "python -m benchmarks.gpu_check " + shlex.join(
+        sys.argv[1:] if argv is None else argv)
+    write_readme(out, command, gpu, rows, dry, budget, time.time() - t_start)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
-def write_readme(out: Path, gpu, vers, rows, dry, budget, seconds) -> None:
-    cmd = "python -m benchmarks.gpu_check " + " ".join(map(shlex.quote, sys.argv[1:]))
+def _versions(out: Path) -> dict:
+    try:
+        for line in (out / "smoke.txt").read_text().splitlines():
+            if line.startswith("VERSIONS "):
+                return json.loads(line[len("VERSIONS "):])
+    except (OSError, json.JSONDecodeError):
+        pass
+    return {}
+
+
+def write_readme(out: Path, cmd: str, gpu, rows, dry, budget, seconds) -> None:
+    vers = _versions(out)
+    ran = [r for r in rows if not r["status"].startswith("not run")]
+    bad = [r for r in ran if r["status"] != "ok"]
     lines = [f"# GPU evidence{' (dry run on the CPU)' if dry else ''}", "",
-             f"Made by `{cmd}` (`make gpu`) on {_dt.datetime.now().isoformat(timespec='seconds')}, "
-             f"{seconds / 60:.1f} min of a {budget / 60:.0f} min budget.", "",
+             f"Made by `{cmd}` (`make gpu`) on {_dt.datetime.now().isoformat(timespec='seconds')}: "
+             f"{seconds:.0f} s of a {budget:.0f} s budget (hard cap {HARD_CAP:.0f} s). "
+             f"{len(ran)} of {len(rows)} steps ran, {len(bad)} failed.", "",
              f"- GPU: {gpu or 'none (nvidia-smi found no NVIDIA GPU): dry mode'}",
              f"- machine: {platform.node()}, {os.cpu_count()} CPU cores, Python "
-             f"{platform.python_version()}",
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()), "",
-             "| step | file | status | seconds |", "| --- | --- | --- | ---: |"]
-    for step, status, secs in rows:
-        lines.append(f"| {step['name']} | [{step['file']}]({step['file']}) | {status} | {secs:.0f} |")
-    lines += ["", "Each file starts with the command that made it."]
+             f"{platform.python_version()} ({sys.executable})",
+             "- versions (the smoke step's): " + (", ".join(f"{k} {v}" for k, v in vers.items())
+                                                  or "unknown: see smoke.txt"), "",
+             "| # | step | file | status | limit s | wall s |",
+             "| ---: | --- | --- | --- | ---: | ---: |"]
+    for i, r in enumerate(rows, 1):
+        limit, secs = (f"{r['limit']:.0f}", f"{r['seconds']:.1f}") if r["limit"] else ("-", "-")
+        lines.append(f"| {i} | {r['name']} | [{r['file']}]({r['file']}) | {r['status']} | "
+                     f"{limit} | {secs} |")
+    lines += ["", "Each step's part of its file starts with `### step N` and the command."]
+    if bad:
+        lines += ["", "## What failed, and why (the last lines of its output)"]
+        for r in bad:
+            lines += ["", f"### {r['name']}: {r['status']}", "", "```", r["why"], "```"]
+    skipped = [r for r in rows if r["status"].startswith("not run")]
+    if skipped:
+        lines += ["", "## Not run (out of time)", ""]
+        lines += [f"- {r['name']}: {r['status']}" for r in skipped]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check",
+                                 description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="the folder to write")
-    ap.add_argument("--budget", type=float, default=540.0,
-                    help="seconds for all steps (default 540: 9 minutes)")
+    ap.add_argument("--out", help="the folder to write")
+    ap.add_argument("--budget", type=float, default=BUDGET,
+                    help=f"seconds for all steps (default {BUDGET:.0f}; at most {HARD_CAP:.0f})")
     ap.add_argument("--dry", action="store_true", help="the dry mode even with a GPU")
+    ap.add_argument("--smoke", action="store_true",
+                    help="only the smoke step, to standard output (what step 1 runs)")
     args = ap.parse_args(argv)
-    if args.budget <= 0:
-        ap.error(f"--budget must be positive, got {args.budget}")
-    return run(Path(args.out), args.budget, args.dry)
+    if args.smoke:
+        return smoke(expect_gpu=not args.dry and gpu_info() is not None)
+    if not args.out:
+        ap.error("--out DIR is required")
+    if not 0 < args.budget <= HARD_CAP:
+        ap.error(f"--budget must be more than 0 and at most {HARD_CAP:.0f} seconds (one device "
+                 f"call of 7 minutes), got {args.budget:g}")
+    return run(Path(args.out), args.budget, args.dry,
+               argv=list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

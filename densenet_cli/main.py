@@ -2,6 +2,7 @@
 
     densenet report    the parity report: do all backends build and compute the same network?
     densenet convert   weights from one framework's file to another's, through the canonical form
+    densenet export    a DenseNet (any framework's weights, or a preset) to ONNX, proven in onnxruntime
     densenet summary   a preset's layer table in one backend, in the style its users know
     densenet check     is your own model or weights file the preset's network, and where not?
     densenet train     train with the book's recipe in PyTorch, MXNet Gluon or Flax
@@ -86,9 +87,12 @@ def convert(argv: List[str]) -> int:
                  "form (torchvision's names, PyTorch's layout). Reads any framework's file, told "
                  "by its content: a PyTorch state_dict (.pt/.pth/.bin, read only with "
                  "torch.load(weights_only=True)), Gluon .params (ours, the model zoo's, the "
-                 "book's net), Flax msgpack (NNX or linen) or safetensors, under any names, "
-                 "matched onto the preset by structure; writes canonical safetensors, or the "
-                 "file our model in a framework reads. A file that does not fit is refused with "
+                 "book's net), Flax msgpack (NNX or linen), safetensors or ONNX (each "
+                 "initializer's role read from the graph; BatchNorms folded by the exporter put "
+                 "back as identity BatchNorms, and said), under any names, "
+                 "matched onto the preset by structure; writes canonical safetensors, the "
+                 "file our model in a framework reads, or ONNX (--to onnx: `densenet export`, "
+                 "proven in onnxruntime). A file that does not fit is refused with "
                  "the first difference; every tensor is checked before anything is written.",
                  "densenet convert book_state_dict.pth book.msgpack --to flax-nnx")
     ap.add_argument("src", help="the weights file to read")
@@ -99,8 +103,12 @@ def convert(argv: List[str]) -> int:
     args = ap.parse_args(argv)
     if not os.path.exists(args.src):
         ap.error(f"no such file: {args.src}")
+    if args.to == "onnx":
+        return _export(args.src, args.dst, args.preset)
+    notes: List[str] = []
     try:
-        cfg = engine.convert(args.src, args.dst, args.to, args.preset)
+        state, cfg = engine.read_checkpoint(args.src, args.preset, notes=notes)
+        engine.write_checkpoint(state, cfg, args.dst, args.to)
     except (engine.ConvertError, spec.DenseNetConfigError) as e:  # not a file this reads
         _error(str(e))
         return USAGE
@@ -110,7 +118,67 @@ def convert(argv: List[str]) -> int:
     n = len(spec.canonical_tensors(cfg))
     print(f"wrote {args.dst} ({args.to}): DenseNet '{cfg.name}', {n} tensors, "
           f"{spec.total_counts(cfg)[0]:,} parameters")
+    for note in notes:
+        print(f"note: {note}")
     return OK
+
+
+# --------------------------------------------------------------------------- export
+
+def _export(src: str, dst: str, preset: Optional[str] = None, size: Optional[int] = None,
+            batch: int = 1, seed: int = 0, opset: Optional[int] = None,
+            json_path: Optional[str] = None) -> int:
+    from densenet_parity import convert as converting
+    from densenet_parity import export as engine
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        result = engine.export(src, dst, preset, size, batch, seed, opset, progress)
+    except (engine.ExportError, converting.ConvertError, spec.DenseNetConfigError) as e:
+        _error(str(e))
+        return USAGE
+    except ValueError as e:  # MismatchError: weights that are not the preset's network
+        _error(str(e))
+        return FAILED
+    if json_path == "-":
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(result.render())
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(result.to_dict(), f, indent=1)
+    return OK if result.ok else FAILED
+
+
+def export(argv: List[str]) -> int:
+    ap = _parser("export", "Export a DenseNet to ONNX with torch.onnx's dynamo exporter and prove "
+                 "the file: SRC is any weights file `densenet convert` reads (PyTorch, Gluon, Flax, "
+                 "safetensors, ONNX; matched onto the preset by structure) or a preset's name "
+                 "(random weights). Every BatchNorm stays a BatchNormalization node; the weights "
+                 "go into DST.data beside DST (keep them together). The proof: onnxruntime's "
+                 "logits against our PyTorch model's and, for a Gluon or Flax file, that "
+                 "framework's own, with the same weights and input, to 1e-5. Exit status 0 "
+                 "proven, 1 the export differs (or the weights are not the preset's), 2 a usage "
+                 "error. `densenet convert SRC DST --to onnx` does the same.",
+                 "densenet export densenet121.pth densenet121.onnx --size 224")
+    ap.add_argument("src", metavar="SRC", help="a weights file, or a preset's name "
+                                               f"({', '.join(spec.preset_names())})")
+    ap.add_argument("dst", metavar="DST", help="the .onnx file to write")
+    ap.add_argument("--preset", help="the preset that built the weights (default: from the file)")
+    ap.add_argument("--size", type=int, help="input height and width, fixed in the file (default: "
+                                             "96 for the book, 32 for CIFAR presets, 224 for "
+                                             "ImageNet ones)")
+    ap.add_argument("--batch", type=int, default=1, help="batch size, fixed in the file (default 1)")
+    ap.add_argument("--seed", type=int, default=0, help="random weights and input (default 0)")
+    ap.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    ap.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-': stdout)")
+    args = ap.parse_args(argv)
+    for name in ("size", "batch"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            ap.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if not os.path.exists(args.src) and args.src not in spec.preset_names():
+        ap.error(f"no such file, and not a preset: {args.src}")
+    return _export(args.src, args.dst, args.preset, args.size, args.batch, args.seed, args.opset,
+                   args.json)
 
 
 # --------------------------------------------------------------------------- summary
@@ -167,13 +235,16 @@ def check(argv: List[str]) -> int:
                  "first layer whose output differs and the convention most likely behind it. "
                  "Gluon models run in the MXNet environment. With a weights file in place of "
                  "MODULE:FUNCTION: its structure, and with --framework, its numbers in our model "
-                 "there against PyTorch's. Exit status 0 same network, 1 different, 2 a usage "
-                 "error.",
+                 "there against PyTorch's. An ONNX file (.onnx, its external data beside it): "
+                 "structure from its graph (BatchNorms folded by the exporter said), its "
+                 "BatchNormalization settings, then its numbers in onnxruntime against our "
+                 "PyTorch model with its own weights and the first node that differs. Exit "
+                 "status 0 same network, 1 different, 2 a usage error.",
                  "densenet check --framework torch mymodels:densenet --preset book --size 96")
     ap.add_argument("model", metavar="MODULE:FUNCTION|WEIGHTS",
                     help="a function that returns your model (importable from the working "
                          "directory), or a weights file (.pt/.pth/.bin, .params, .msgpack, "
-                         ".safetensors)")
+                         ".safetensors, .onnx)")
     ap.add_argument("--framework", choices=engine.FRAMEWORKS,
                     help="the model's framework (required for MODULE:FUNCTION)")
     ap.add_argument("--preset", help=f"one of: {', '.join(spec.preset_names())} "
@@ -255,6 +326,7 @@ def bench(argv: List[str]) -> int:
 COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
     "report": (report, "the parity report: same shapes, counts and numbers in every backend?"),
     "convert": (convert, "weights from one framework's file to another's"),
+    "export": (export, "a DenseNet to ONNX, proven in onnxruntime against the framework's output"),
     "summary": (summary, "a preset's layer table in one backend, in its framework's style"),
     "check": (check, "is your model (or weights file) the preset's network? where does it differ?"),
     "train": (train, "train with the book's recipe in PyTorch, MXNet Gluon or Flax"),

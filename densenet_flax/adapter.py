@@ -428,7 +428,7 @@ def user_model(factory: str = None, config: dict = None, size: int = 0, variant:
     if variables is None:
         errors = []
         for c in ([in_channels] if in_channels else [1, 3]):
-            x = jnp.zeros((1, size, size, c), jnp.float32)
+            x = jnp.zeros((1, size, size, c) if size else (1, c), jnp.float32)  # 0: features
             try:
                 m, kw = _linen_mode(module, False)
                 variables = jax.jit(lambda k, x: m.init(k, x, **kw))(jax.random.key(0), x)
@@ -686,7 +686,7 @@ def data_parallel_error(config: dict, state: dict, x, labels, devices: int = 2,
                                              sync_bn=sync_bn, variant=variant))
 
 
-def model_bn_settings(model, variant: str = "nnx", in_channels: int = 3) -> dict:
+def model_bn_settings(model, variant: str = "nnx", in_channels: int = 3, size: int = 224) -> dict:
     """Every BatchNorm of the model (its path, as model_tensors names its variables less the
     leaf) -> {"epsilon", "momentum"} as the model has them (Flax's momentum: the share of the
     running statistics kept per step). NNX: every module with BatchStat variables and an
@@ -712,7 +712,9 @@ def model_bn_settings(model, variant: str = "nnx", in_channels: int = 3) -> dict
         return next_fun(*args, **kwargs)
 
     m, kw = _linen_mode(module, False)
-    x = jax.ShapeDtypeStruct((1, 224, 224, in_channels), jnp.float32)  # never computed
+    # never computed; size 0: an MLP's (1, features)
+    x = jax.ShapeDtypeStruct((1, size or 224, size or 224, in_channels) if size else
+                             (1, in_channels), jnp.float32)
     with nn.intercept_methods(record):
         jax.eval_shape(lambda v, x: m.apply(v, x, **kw), variables, x)
     return found

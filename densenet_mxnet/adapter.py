@@ -300,10 +300,10 @@ def user_model(factory: str = None, config: dict = None, size: int = 0, variant:
 
     def runs(model, c, s):
         with autograd.predict_mode():
-            model(mx.nd.zeros((1, c, s, s), ctx=ctx)).wait_to_read()
+            model(mx.nd.zeros((1, c, s, s) if s else (1, c), ctx=ctx)).wait_to_read()  # 0: features
 
     errors = []
-    channels = [config["in_channels"]] if factory is None else ([in_channels] if in_channels
+    channels = [config.get("in_channels", config.get("in_features"))] if factory is None else ([in_channels] if in_channels
                                                                  else [1, 3])
     for i, c in enumerate(channels):
         model = fresh()
@@ -313,7 +313,7 @@ def user_model(factory: str = None, config: dict = None, size: int = 0, variant:
         except Exception as e:  # noqa: BLE001 - try the next channel count, then report all
             errors.append(f"{c} input channel(s): {_error_line(e)}")
     msg = f"the model does not run on a {size}x{size} input: " + "; ".join(errors)
-    if size != 224:
+    if size and size != 224:
         try:
             runs(fresh(), channels[-1], 224)
             msg += (f"; it runs on 224x224 ({channels[-1]} channel(s)): a layer of fixed size "

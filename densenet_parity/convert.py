@@ -4,11 +4,14 @@
     densenet convert model.safetensors model.params --to mxnet
     densenet convert model.params model.msgpack --to flax-nnx
     densenet convert book_state_dict.pth book.msgpack --to flax-linen --preset book
+    densenet convert model.onnx model.pth --to torch
+    densenet convert model.params model.onnx --to onnx      (densenet_parity.export, proven)
 
 Reads every framework's file (densenet_weights.formats, told by content): a PyTorch state_dict
 (.pt/.pth/.bin, ``torch.load(weights_only=True)``: no code runs), Gluon parameters (.params,
-ours, the model zoo's or the book's net), Flax msgpack (NNX or linen, ours or anyone's) or
-safetensors, under any names: they are matched onto the preset's canonical names by structure
+ours, the model zoo's or the book's net), Flax msgpack (NNX or linen, ours or anyone's),
+safetensors or ONNX (the graph gives each initializer its role; external data read from the
+file's folder; BatchNorms an exporter folded put back as identity BatchNorms), under any names: they are matched onto the preset's canonical names by structure
 (densenet_weights.match), and a file that does not fit is refused with the first difference in
 the book's words. Writes canonical safetensors (the default), or the file our model in a
 framework reads: a PyTorch state_dict (--to torch; torchvision's DenseNet reads it too), Gluon
@@ -28,7 +31,7 @@ import densenet_spec as spec
 from densenet_weights import files, formats
 from densenet_weights import match as matching
 
-TARGETS = formats.NATIVE
+TARGETS = formats.NATIVE + ("onnx",)
 TORCH_SUFFIXES = formats.SUFFIXES["torch"]
 
 
@@ -40,21 +43,53 @@ class MismatchError(ValueError):
     """Weights that do not fit the preset: the message names the first difference."""
 
 
-def read_checkpoint(path: str, preset=None, **options
+def read_checkpoint(path: str, preset=None, notes: Optional[list] = None, **options
                     ) -> Tuple[Dict[str, np.ndarray], spec.Preset]:
     """(canonical float32 state, its configuration) of any weights file: the preset given, the
-    one in a canonical file's metadata, or the one its structure matches."""
+    one in a canonical file's metadata, or the one its structure matches. ``notes``, a list,
+    gets what the caller should tell the user (BatchNorms an ONNX exporter folded)."""
+    fmt = None
     try:
+        fmt = formats.detect(path)
+        if fmt == "onnx":
+            return _read_onnx(path, preset, notes, **options)
         fmt, arrays = formats.read(path)
     except formats.WeightsFormatError as e:
         msg = str(e)
-        raise ConvertError(msg if "refused" in msg else f"unknown format: {msg}") from None
+        raise ConvertError(msg if "refused" in msg or fmt == "onnx" else
+                           f"unknown format: {msg}") from None
     except FileNotFoundError as e:
         raise ConvertError(str(e)) from None
     if preset is None and fmt == "safetensors":
         _, preset = files.load_state(path)  # our canonical files carry their configuration
     m = matching.match(arrays, preset, layout="flax" if fmt == "flax" else "torch",
                        natural=fmt in ("flax", "safetensors"), **options)
+    return _matched(path, fmt, m)
+
+
+def _read_onnx(path, preset, notes, **options):
+    """An ONNX model's weights by its graph (densenet_weights.formats.onnx_layers), BatchNorms
+    its exporter folded into the convolution before them put back as identity BatchNorms."""
+    layers, info = formats.onnx_layers(path)
+    if preset is None:
+        preset = formats.onnx_preset(info)  # our exports record it
+    m, folded, _ = formats.match_onnx(layers, preset, **options)
+    state, cfg = _matched(path, "onnx", m)
+    if folded and notes is not None:
+        notes.append(folded_words(folded))
+    return state, cfg
+
+
+def folded_words(folded) -> str:
+    short = [f[len("features."):] if f.startswith("features.") else f for f in folded]
+    listed = ", ".join(short[:4]) + (f" and {len(short) - 4} more" if len(short) > 4 else "")
+    return (f"BatchNorm folded into the convolutions by the exporter: {len(folded)} BatchNorm(s) "
+            f"({listed}) are in the convolution before them and are written as identity "
+            "BatchNorms (scale 1, mean 0, variance 1 - eps, the folded bias as the shift): eval "
+            "mode computes the same; their running statistics are not in the file")
+
+
+def _matched(path, fmt, m):
     if not m.ok or m.state is None:
         from densenet_parity.checking import likely_structural_cause
         cause = likely_structural_cause(m.config, m.difference)
@@ -66,8 +101,9 @@ def read_checkpoint(path: str, preset=None, **options
 def write_checkpoint(state: Dict[str, np.ndarray], config: spec.Preset, dst: str,
                      to: str = "canonical") -> None:
     """Write a canonical state as the file our model in ``to`` reads."""
-    if to not in TARGETS:
-        raise ConvertError(f"unknown target {to!r}; targets: {', '.join(TARGETS)}")
+    if to not in formats.NATIVE:
+        raise ConvertError(f"unknown target {to!r}; targets: {', '.join(formats.NATIVE)} "
+                           "(ONNX: densenet_parity.export)")
     spec.check_state(config, {k: v.shape for k, v in state.items()})
     if to == "canonical":
         files.save_state(state, dst, config)
@@ -78,9 +114,17 @@ def write_checkpoint(state: Dict[str, np.ndarray], config: spec.Preset, dst: str
 
 def convert(src: str, dst: str, to: str = "canonical", preset: Optional[str] = None,
             **options) -> spec.Preset:
-    """Read ``src`` (any format, any names), write ``dst`` for ``to``; returns the config."""
+    """Read ``src`` (any format, any names), write ``dst`` for ``to``; returns the config.
+    ``to='onnx'``: densenet_parity.export (which proves the file; ``densenet convert`` prints
+    its result)."""
     if to not in TARGETS:
         raise ConvertError(f"unknown target {to!r}; targets: {', '.join(TARGETS)}")
+    if to == "onnx":
+        from densenet_parity import export
+        result = export.export(src, dst, preset)
+        if not result.ok:
+            raise MismatchError(result.render())
+        return spec.Preset.from_dict(result.config)
     state, cfg = read_checkpoint(src, preset, **options)
     write_checkpoint(state, cfg, dst, to)
     return cfg

@@ -267,10 +267,14 @@ def match_by_name(p: spec.Preset, tensors: Mapping[str, object], layout: str) ->
 
 def infer_options(layers: Sequence[Layer]) -> Dict[str, object]:
     """The options a foreign model shows directly: input channels (its first convolution),
-    classes (its dense layer) and whether its convolutions have biases."""
+    classes (its dense layer) and whether its convolutions have biases; for a model of dense
+    layers only (the MLP family), its input features and outputs."""
     opts: Dict[str, object] = {}
     convs = [g for g in layers if g.kind == "conv"]
     dense = [g for g in layers if g.kind == "dense"]
+    if dense and not convs:  # an MLP DenseNet: input features and outputs
+        return {"in_features": dense[0].shapes()["weight"][1],
+                "num_outputs": dense[-1].shapes()["weight"][0]}
     if convs:
         opts["in_channels"] = convs[0].shapes()["weight"][1]
         opts["conv_bias"] = "bias" in convs[0].tensors

@@ -56,40 +56,106 @@ def test_fast_path_agrees_with_plain(backend, name):
                      + f" (worst gradient {r.get('worst_gradient')})")
 
 
-def test_bench_quick_writes_results(tmp_path):
-    """The benchmark command end to end on the smallest case, run as the dry mode of the GPU
-    evidence command (`make gpu`, benchmarks/gpu_check.py: no NVIDIA GPU here) runs it: every
-    dry step passes and the folder's README.md says which; the benchmark's JSON has the
-    documented keys, the markdown and plot are next to it."""
+def test_gpu_check_dry_runs_every_step_and_records_a_failure(tmp_path):
+    """The GPU evidence command (`make gpu`, benchmarks/gpu_check.py) in its dry mode (no NVIDIA
+    GPU here), with one step made to fail (DENSENET_GPU_CHECK_FAIL): the same steps as on a GPU
+    in the same order, the smoke step first; the failed step is recorded with its reason and
+    the next ones still run and pass; README.md says so with the budget and each step's limit
+    and time; at most the 8 files a device call hands back. The benchmark steps (its smallest
+    cases) merge into one JSON with the documented keys, the markdown and plot beside it."""
+    from benchmarks import gpu_check
     out = tmp_path / "gpu"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DENSENET_GPU_CHECK_FAIL="report_book")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--out", str(out)],
                           cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the injected failure
+    assert sorted(p.name for p in out.iterdir()) == sorted(gpu_check.OUTPUT_FILES)
+    assert len(gpu_check.OUTPUT_FILES) <= 8
     readme = (out / "README.md").read_text()
     assert readme.startswith("# GPU evidence (dry run on the CPU)")
     assert "python -m benchmarks.gpu_check --dry --out" in readme
-    assert readme.count("| ok |") == 3 and "FAILED" not in readme and "not run" not in readme
+    assert " s of a 360 s budget (hard cap 420 s). 8 of 8 steps ran, 1 failed." in readme
+    # the dry mode's steps are the GPU's, in the same order; the README's rows follow them
+    dry, real = gpu_check.steps(out, dry=True), gpu_check.steps(out, dry=False)
+    keys = [s["key"] for s in dry]
+    assert keys == [s["key"] for s in real] == [
+        "smoke", "test_gpu", "report_book", "report_densenet121", "bench_densenet121_float32",
+        "bench_densenet121_bfloat16", "bench_book", "bench_memory"]
+    assert real[0]["max"] <= 60 and "--smoke" in real[0]["cmd"]
+    rows = [line.split(" | ") for line in readme.splitlines() if re.match(r"\| \d+ \| ", line)]
+    assert [r[1] for r in rows] == [s["name"] for s in dry]
+    status = {k: r[3] for k, r in zip(keys, rows)}
+    assert status.pop("report_book") == "FAILED (exit status 1)"
+    assert set(status.values()) == {"ok"}, status
+    assert all(float(r[4]) > 0 and float(r[5].rstrip(" |")) >= 0 for r in rows)  # limit, wall s
+    why = readme.split("## What failed, and why")[1]
+    assert "injected failure (DENSENET_GPU_CHECK_FAIL=report_book)" in why
+    assert "parity report, the book, 32 px" in why
+    smoke = (out / "smoke.txt").read_text()
+    for b in ("torch", "flax-nnx", "flax-linen"):
+        assert re.search(rf"^{b} +on cpu: forward of the book, 32 px, batch 2, in [\d.]+ s", smoke,
+                         re.M), smoke
+    assert smoke.rstrip().endswith("smoke: ok")
+    assert "- versions (the smoke step's): python " in readme and "jax devices cpu" in readme
     tests = (out / "test_gpu.txt").read_text()
     # every GPU test skipped, saying why (12 at the time of writing: a new one must skip too)
     counts = re.search(r"(\d+) skipped in", tests)
     assert counts and int(counts.group(1)) >= 12 and "no NVIDIA GPU" in tests, tests[-2000:]
     assert " passed" not in tests and " failed" not in tests and " error" not in tests
-    assert "All backends agree." in (out / "report_book.txt").read_text()
+    reports = (out / "reports.txt").read_text()
+    assert reports.count("### step ") == 2 and "All backends agree." in reports.split("### step 4")[1]
     data = json.loads((out / "bench.json").read_text())
     assert {"command", "machine", "settings", "results", "started", "finished"} <= set(data)
-    assert data["command"].startswith("python -m benchmarks.bench --quick")
-    (r,) = data["results"]
-    assert r["status"] == "ok", r
-    assert {"case", "device", "versions", "opts", "phases"} <= set(r)
-    for phase in ("eval", "train"):
-        p = r["phases"][phase]
-        assert {"img_s", "runs_img_s", "first_s", "step_s", "memory"} <= set(p)
-        assert p["img_s"] > 0 and len(p["runs_img_s"]) == data["settings"]["repeats"]
-        assert p["memory"]["rss_peak_bytes"] > 0
+    assert len(data["commands"]) == 4 and all(c.startswith("python -m benchmarks.bench --backends")
+                                             for c in data["commands"])
+    got = sorted((r["case"]["group"], r["case"]["dtype"], r["case"]["mode"]) for r in data["results"])
+    assert got == [("main", "bfloat16", "naive"), ("main", "float32", "naive"),
+                   ("memory", "float32", "efficient"), ("memory", "float32", "naive")]
+    for r in data["results"]:
+        assert r["status"] == "ok", r
+        assert {"case", "device", "versions", "opts", "phases"} <= set(r)
+        for phase in ("eval", "train") if r["case"]["group"] == "main" else ("train",):
+            p = r["phases"][phase]
+            assert {"img_s", "runs_img_s", "first_s", "step_s", "memory"} <= set(p)
+            assert p["img_s"] > 0 and len(p["runs_img_s"]) == 1
+            assert p["memory"]["rss_peak_bytes"] > 0
     md = (out / "bench.md").read_text()
     assert data["command"] in md and "(a) Backends" in md
     assert (out / "bench.png").stat().st_size > 10_000
+
+
+def test_gpu_check_stops_a_step_at_its_limit_and_skips_what_does_not_fit(tmp_path):
+    """A step past its limit is stopped with its whole process group (a benchmark's case
+    process too, which would hold the GPU), recorded, and the next one runs; a step that no
+    longer fits the budget is not started; the budget is at most one device call's 420 s."""
+    import psutil
+    from benchmarks import gpu_check
+    pid_file = tmp_path / "grandchild.pid"
+    hang = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(str(p.pid)); "
+            "print('started', flush=True); time.sleep(60)")
+    py = sys.executable
+    plan = [{"key": "hang", "name": "hangs", "file": "smoke.txt", "min": 1, "max": 3,
+             "cmd": [py, "-c", hang, str(pid_file)]},
+            {"key": "next", "name": "runs", "file": "test_gpu.txt", "min": 1, "max": 30,
+             "cmd": [py, "-c", "print('fine')"]},
+            {"key": "big", "name": "does not fit", "file": "reports.txt", "min": 10_000,
+             "max": 10_000, "cmd": [py, "-c", "raise SystemExit(1)"]}]
+    assert gpu_check.run(tmp_path / "out", 60, dry=True, plan=plan, argv=[]) == 1
+    grandchild = int(pid_file.read_text())
+    assert not psutil.pid_exists(grandchild) or \
+        psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "| 1 | hangs | [smoke.txt](smoke.txt) | FAILED (stopped at its limit, 3 s) | 3 |" in readme
+    assert "| 2 | runs | [test_gpu.txt](test_gpu.txt) | ok |" in readme
+    assert "| 3 | does not fit | [reports.txt](reports.txt) | not run: " in readme
+    assert "it needs 10000 s | - | - |" in readme and "## Not run (out of time)" in readme
+    assert "### hangs: FAILED (stopped at its limit, 3 s)" in readme and "started" in readme
+    assert "2 of 3 steps ran, 1 failed." in readme
+    for bad in ("421", "0"):
+        with pytest.raises(SystemExit) as e:
+            gpu_check.main(["--out", str(tmp_path / "x"), "--budget", bad])
+        assert e.value.code == 2
 
 
 def test_suite_profile_formats_what_the_monitor_wrote(tmp_path):

@@ -23,7 +23,7 @@ def densenet(*args, timeout=600):
 def test_the_command_lists_its_subcommands():
     r = densenet("--help")
     assert r.returncode == 0
-    for name in ("report", "convert", "summary", "check", "train", "bench"):
+    for name in ("report", "convert", "export", "summary", "check", "train", "bench"):
         assert f"  {name} " in r.stdout
     assert densenet().returncode == 2
     r = densenet("frobnicate")

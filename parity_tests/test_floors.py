@@ -31,7 +31,8 @@ FLOORS: Dict[str, int] = {
     "parity_tests": 7, "benchmarks": 7,
 }
 TOP = max(FLOORS.values())  # the suite and the benchmarks: they may use each other
-FRAMEWORKS = {"torch", "torchvision", "mxnet", "jax", "jaxlib", "flax", "optax"}
+FRAMEWORKS = {"torch", "torchvision", "mxnet", "jax", "jaxlib", "flax", "optax", "onnx",
+              "onnxruntime", "onnxscript"}
 
 
 def imports(source: str, package: str) -> Iterator[Tuple[int, str, bool]]:

@@ -1,8 +1,16 @@
 """GPU parity: torch (CUDA) and Flax (JAX's GPU backend) against a float64 CPU reference
 (PyTorch on the CPU in float64: the same function, computed exactly enough to judge float32).
-TF32 is off for these checks (torch.backends flags; JAX matmul precision 'highest'); the TF32
-tolerance is measured separately. Skipped, with that reason, where there is no NVIDIA GPU.
-MXNet has no CUDA build for Hopper; its CPU results stand in (test_numeric.py)."""
+Eval-mode outputs: float32 on the GPU, TF32 off (torch.backends flags; JAX matmul precision
+'highest'), at the suite's eval tolerance; the TF32 tolerance is measured separately.
+Gradients and the loss: float64 on the GPU (torch CUDA and XLA's GPU backend both compute in
+double), at the suite's gradient tolerance, as test_numeric.py does and for its reasons: at
+random initialisation train-mode BatchNorm is badly conditioned in some channels, and float32
+gradients differ from float64 ones by far more than 1e-4 on any device (run on the CPU with the
+GPU machine's versions: the book's conv biases, whose exact gradient is 0, by 5e-5 of the
+network's largest gradient in torch; DenseNet-BC-100's in Flax by 8e-2 relative); and a tensor is
+compared relative to at least 1e-8 of the network's largest gradient. Skipped, with that
+reason, where there is no NVIDIA GPU. MXNet has no CUDA build for Hopper; its CPU results stand
+in (test_numeric.py)."""
 import numpy as np
 import pytest
 
@@ -67,7 +75,7 @@ def _torch_run(cfg, state, x, labels, device, dtype):
     loss = torch.nn.functional.cross_entropy(model(xt), torch.as_tensor(labels).to(device))
     loss.backward()
     grads = {k: p.grad.double().cpu().numpy() for k, p in model.named_parameters()}
-    return outs, grads, float(loss)
+    return outs, grads, float(loss.detach())
 
 
 _refs = {}
@@ -82,10 +90,20 @@ def reference(name):
     return _refs[name]
 
 
-def _worst(got, ref):
-    d = {k: compare.rel_diff(got[k], ref[k]) for k in ref}
+def _worst(got, ref, floor=0.0):
+    """The tensor that differs most and by how much: relative to its own largest magnitude, or
+    to ``floor`` times the largest of all tensors where that is more (a conv bias before a
+    BatchNorm has an exact gradient of 0: its float64 reference is rounding noise)."""
+    assert set(got) == set(ref), f"names differ: {set(got) ^ set(ref)}"
+    scale = floor * max(float(np.max(np.abs(v))) for v in ref.values())
+    d = {k: compare.abs_diff(got[k], ref[k]) / max(float(np.max(np.abs(ref[k]))), scale, 1e-300)
+         for k in ref}
     k = max(d, key=d.get)
     return k, d[k]
+
+
+#: the smallest gradient scale a tensor is judged against (test_numeric.py's floor)
+GRAD_FLOOR = 1e-8
 
 
 @requires_cuda
@@ -95,12 +113,13 @@ def test_torch_cuda_matches_float64_cpu(name):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cfg, state, x, labels, (ref_out, ref_grad, ref_loss) = reference(name)
-    outs, grads, loss = _torch_run(cfg, state, x, labels, "cuda", torch.float32)
+    outs, _, _ = _torch_run(cfg, state, x, labels, "cuda", torch.float32)
     k, d = _worst(outs, ref_out)
-    assert d <= compare.EVAL_RTOL, f"eval {k}: {d:.2e}"
-    k, d = _worst(grads, ref_grad)
-    assert d <= compare.TRAIN_RTOL, f"grad {k}: {d:.2e}"
-    assert abs(loss - ref_loss) <= 1e-5 * max(1, abs(ref_loss))
+    assert d <= compare.EVAL_RTOL, f"float32 eval {k}: {d:.2e}"
+    _, grads, loss = _torch_run(cfg, state, x, labels, "cuda", torch.float64)
+    k, d = _worst(grads, ref_grad, GRAD_FLOOR)
+    assert d <= compare.TRAIN_RTOL, f"float64 grad {k}: {d:.2e}"
+    assert abs(loss - ref_loss) <= 1e-10 * max(1, abs(ref_loss))
 
 
 @requires_jax_gpu
@@ -113,12 +132,12 @@ def test_flax_gpu_matches_float64_cpu(name, variant):
     cfg, state, x, labels, (ref_out, ref_grad, ref_loss) = reference(name)
     with jax.default_matmul_precision("highest"):
         outs = adapter.forward(cfg.to_dict(), state, x, train=False, variant=variant)["arrays"]
-        g = adapter.gradients(cfg.to_dict(), state, x, labels, variant=variant)
+        g = adapter.gradients(cfg.to_dict(), state, x, labels, variant=variant, dtype="float64")
     k, d = _worst(outs, ref_out)
-    assert d <= compare.EVAL_RTOL, f"eval {k}: {d:.2e}"
-    k, d = _worst(g["arrays"], ref_grad)
-    assert d <= compare.TRAIN_RTOL, f"grad {k}: {d:.2e}"
-    assert abs(g["loss"] - ref_loss) <= 1e-5 * max(1, abs(ref_loss))
+    assert d <= compare.EVAL_RTOL, f"float32 eval {k}: {d:.2e}"
+    k, d = _worst(g["arrays"], ref_grad, GRAD_FLOOR)
+    assert d <= compare.TRAIN_RTOL, f"float64 grad {k}: {d:.2e}"
+    assert abs(g["loss"] - ref_loss) <= 1e-10 * max(1, abs(ref_loss))
 
 
 @requires_cuda

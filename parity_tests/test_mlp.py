@@ -226,3 +226,61 @@ def test_bad_options_are_a_clear_error(backend, options, match):
     err = backend.call("layer_error", kind="MLPDenseNet", args=[full])
     assert err is not None and err["type"] == "DenseNetConfigError", err
     assert re.search(match, err["message"]), err["message"]
+
+
+# ---------------------------------------------------------------- check and convert
+
+def test_the_forums_listing_is_the_house_mlp_network():
+    """The forum's PyTorch listing as a reader typed it (nn.Sequential of its own blocks, no
+    canonical names) is 'same network', its preset inferred from its structure."""
+    from densenet_parity import assert_same_densenet
+    from parity_tests.own_models import house_torch
+    report = assert_same_densenet(house_torch.net())
+    assert report.preset == "house_mlp" and report.input_shape == [8, 330]
+    assert report.numbers["gradients"] <= 1e-6 and report.numbers["bn_statistics"] <= 1e-6
+
+
+def test_a_wrong_transition_width_is_named_with_its_arithmetic():
+    from densenet_parity import check
+    from parity_tests.own_models import house_torch
+    report = check(house_torch.transition_keeps_width(), preset="house_mlp")
+    assert not report.same and report.numbers == {}  # named before any number
+    assert report.structure.startswith(
+        "first difference at features.transition2.linear (transition2): the reference has a "
+        "dense layer 896 -> 448; the model has a dense layer 896 -> 896")
+    assert "transition2.linear maps 896 -> 448 = (640 + 2 x 128) // 2 features" in report.structure
+    assert "no compression" in report.cause
+    assert [r["stage"] for r in report.rows if not r["ok"]][0] == "transition2"
+
+
+def test_the_forums_weights_convert_into_every_backend(tmp_path):
+    """The forum's state_dict (its own Sequential keys) converted by the command into every
+    backend's file computes there what the forum's model computes (eval, 1e-5)."""
+    import torch
+    from densenet_cli.main import main
+    from densenet_parity.compare import EVAL_RTOL, rel_diff
+    from parity_tests.own_models import house_torch
+    torch.manual_seed(0)
+    net = house_torch.net()
+    rng = np.random.default_rng(3)
+    with torch.no_grad():
+        for name, b in net.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.as_tensor(rng.normal(0, 0.1, b.shape)))
+            elif name.endswith("running_var"):
+                b.copy_(torch.as_tensor(rng.uniform(0.5, 1.5, b.shape)))
+    net.eval()
+    src = tmp_path / "forum.pth"
+    torch.save(net.state_dict(), src)
+    x = rng.standard_normal((4, 330)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.as_tensor(x)).numpy()
+    cfg = spec.get_preset("house_mlp")
+    for to, suffix in {"torch": ".pth", "mxnet": ".params", "flax-nnx": ".msgpack",
+                       "flax-linen": ".msgpack"}.items():
+        native = tmp_path / f"{to}{suffix}"
+        assert main(["convert", str(src), str(native), "--to", to]) == 0
+        b = get_backend(to)
+        state = b.call("load_native", config=cfg.to_dict(), path=str(native))["arrays"]
+        got = b.call("forward", config=cfg.to_dict(), state=state, x=x)["arrays"]["head"]
+        assert rel_diff(got, want) <= EVAL_RTOL, (to, rel_diff(got, want))

@@ -32,6 +32,8 @@ The package: the shared parts, each one subject, and one module per framework.
     report.py      the Report, its verdict and rendering
     engine.py      check, check_weights, assert_same_densenet
     subject_torch.py, subject_mxnet.py, subject_flax.py, subject_keras.py   one per framework
+    subject_onnx.py  an ONNX file: a graph with its own weights, checked by check_weights in
+                   onnxruntime against our PyTorch model (eval mode; see its docstring)
 
 Adding a framework is one new file ``subject_<name>.py`` (and its name in
 subjects.FRAMEWORKS). It imports its framework lazily (inside functions) and provides:

@@ -9,7 +9,7 @@ import numpy as np
 import densenet_spec as spec
 from densenet_parity.checking import settings as bn_settings
 from densenet_parity.checking import structure
-from densenet_parity.checking.numbers import (BATCH, EVAL_RTOL, GRAD_FLOOR, STEP_RTOL,
+from densenet_parity.checking.numbers import (BATCH, EVAL_RTOL, GRAD_FLOOR, MLP_BATCH, STEP_RTOL,
                                               _bn_statistics, _first_difference, _rel,
                                               _to_canonical, _to_model, _worst, random_state)
 from densenet_parity.checking.causes import convention
@@ -19,7 +19,30 @@ from densenet_weights import match as matching
 
 
 def default_size(cfg) -> int:
+    """The input size the check runs at: 0 for the MLP family (feature vectors, no size)."""
+    if cfg is not None and cfg.family == "mlp":
+        return 0
     return 96 if cfg is None or cfg.name == "book" else (16 if cfg.stem == "cifar" else 64)
+
+
+def _inputs(config, size, seed):
+    """The check's input (canonical) and targets: integer labels for the conv family, float
+    targets for the MLP family (its loss is the mean squared error). The MLP's batch is 8, not
+    2: train-mode BatchNorm1d over 2 examples maps every feature to -1 or +1 whatever came
+    before, and the step could not tell many a bug from the reference."""
+    rng = np.random.default_rng(seed + 2)
+    if config.family == "mlp":
+        x = rng.standard_normal(spec.input_shape(config, MLP_BATCH)).astype(np.float32)
+        return x, rng.standard_normal((MLP_BATCH, config.num_outputs))
+    x = rng.standard_normal(spec.input_shape(config, BATCH, size, size)).astype(np.float32)
+    return x, rng.integers(0, config.num_classes, BATCH).astype(np.int64)
+
+
+def _width(cfg) -> Optional[int]:
+    """What a model that infers its input is probed with: channels, or an MLP's features."""
+    if cfg is None:
+        return None
+    return cfg.in_features if cfg.family == "mlp" else cfg.in_channels
 
 
 def check(model=None, *, framework: Optional[str] = None, factory: Optional[str] = None,
@@ -45,8 +68,7 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
         elif factory is None:
             raise CheckError("give a model, or MODULE:FUNCTION that builds one")
         else:
-            user = sub.user(factory, path, size, in_channels or (cfg0.in_channels if cfg0 else None),
-                            variant)
+            user = sub.user(factory, path, size, in_channels or _width(cfg0), variant)
         variant = user.variant
         tensors = user.tensors()
         natural = not tensors.get("ordered", True)
@@ -54,17 +76,19 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
         config = m.config
         name = factory or type(model[0] if isinstance(model, tuple) else model).__name__
         rows, totals = structure._structure_rows(config, m, tensors)
+        mlp = config.family == "mlp"
+        size = 0 if mlp else (size or default_size(config))
+        x, labels = _inputs(config, size, seed)
         report = Report(framework, variant, name, config.name, config.to_dict(),
-                        [BATCH, config.in_channels, size, size], rows, totals,
-                        weights=weights or f"random (seed {seed})")
+                        list(x.shape), rows, totals, weights=weights or f"random (seed {seed})")
         report.notes += user.notes
         if not m.ok:
             report.structure = str(m.difference)
             report.cause = structure.likely_structural_cause(config, m.difference)
             return report
-        spec.check_input(config, (BATCH, config.in_channels, size, size))
+        spec.check_input(config, x.shape)
         last = spec.stage_shapes(config, BATCH, size, size)[-2][1]
-        if last[2] == 1 or last[3] == 1:
+        if not mlp and (last[2] == 1 or last[3] == 1):
             bigger = next(s for s in range(size, 4 * size) if
                           min(spec.stage_shapes(config, 1, s, s)[-2][1][2:]) > 1)
             report.notes.append(f"at {size}x{size} the last dense block runs at {last[2]}x{last[3]}: "
@@ -74,7 +98,8 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
         ref = sub.reference(config, size, user)
         order = [c for c, _, _ in spec.canonical_modules(config)]
         modules_u = structure._module_names(m.mapping, order)
-        user.in_channels = ref.in_channels = config.in_channels
+        user.in_channels = ref.in_channels = _width(config)
+        user.size = ref.size = size
         rt = ref.tensors()
         rm = matching.match(rt["arrays"], config, layout=rt["layout"], natural=natural)
         modules_r = structure._module_names(rm.mapping, order)
@@ -84,9 +109,6 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
         report.bn_settings = bn_settings.differences(config, read_u, read_r, modules_u, framework)
         state = _weights(weights, config) if weights else random_state(config, seed)
         user.load(_to_model(state, m.mapping, tensors["layout"]))
-        rng = np.random.default_rng(seed + 2)
-        x = rng.standard_normal((BATCH, config.in_channels, size, size)).astype(np.float32)
-        labels = rng.integers(0, config.num_classes, BATCH).astype(np.int64)
         numbers, first, notes = _numbers(config, state, x, labels, user, m.mapping, modules_u,
                                          tensors["layout"], ref, rm.mapping, modules_r,
                                          rt["layout"], framework, say,
@@ -277,6 +299,9 @@ def check_weights(path: str, preset=None, framework: Optional[str] = None, size=
     (eval mode, 1e-5)."""
     from densenet_weights import formats
     say = progress or (lambda msg: None)
+    if formats.detect(path) == "onnx":  # a graph with its weights: run in onnxruntime
+        from densenet_parity.checking import subject_onnx
+        return subject_onnx.check_file(path, preset, size, seed, progress)
     fmt, arrays = formats.read(path)
     layout = "flax" if fmt == "flax" else "torch"
     m = matching.match(arrays, preset, layout=layout, natural=fmt in ("flax", "safetensors"))
@@ -287,8 +312,9 @@ def check_weights(path: str, preset=None, framework: Optional[str] = None, size=
                                                 and matching.split_name(n)[1] in matching.ROLES]}
     rows, totals = structure._structure_rows(config, m, tensors)
     size = size or default_size(config)
+    x, _ = _inputs(config, size, seed)
     report = Report(framework or "-", "", f"{path} ({fmt})", config.name, config.to_dict(),
-                    [BATCH, config.in_channels, size, size], rows, totals, weights=path)
+                    list(x.shape), rows, totals, weights=path)
     if not m.ok:
         report.structure = str(m.difference)
         report.cause = structure.likely_structural_cause(config, m.difference)
@@ -299,8 +325,6 @@ def check_weights(path: str, preset=None, framework: Optional[str] = None, size=
         return report
     say(f"[{framework}] the weights in our {framework} model and in PyTorch's ...")
     from densenet_parity.backends import make_backend
-    x = np.random.default_rng(seed + 2).standard_normal(
-        (BATCH, config.in_channels, size, size)).astype(np.float32)
     name = {"flax": "flax-nnx"}.get(framework, framework)
     outs = {}
     for b in {name, "torch"}:

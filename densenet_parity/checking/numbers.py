@@ -14,6 +14,7 @@ EVAL_RTOL = 1e-5     # float32 eval-mode outputs (same weights)
 STEP_RTOL = 1e-6     # float64 loss, gradients, BatchNorm statistics after one step
 GRAD_FLOOR = 1e-8    # a gradient is compared relative to at least this share of the largest
 BATCH = 2
+MLP_BATCH = 8  # the MLP family: train-mode BatchNorm1d needs more than 2 examples (engine._inputs)
 #: Frameworks whose BatchNorm updates the running variance with the biased batch variance.
 BIASED_VARIANCE = ("mxnet", "flax", "keras")
 

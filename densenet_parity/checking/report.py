@@ -64,7 +64,9 @@ class Report:
         from densenet_parity.report import table
         fw = self.framework + (f" ({self.variant})" if self.framework == "flax" else "")
         lines = [f"densenet check: {self.model} ({fw}) against preset '{self.preset}', input "
-                 f"{'x'.join(map(str, self.input_shape))} (NCHW), weights: {self.weights}", ""]
+                 f"{'x'.join(map(str, self.input_shape))} "
+                 f"({'NCHW' if len(self.input_shape) == 4 else '(N, features)'}), "
+                 f"weights: {self.weights}", ""]
         rows = []
         for r in self.rows:
             rows.append([r["stage"], _n(r["spec_params"]), _n(r["spec_state"]),
@@ -79,7 +81,8 @@ class Report:
                                  "matched, after the first difference)"))
         if self.output_shape is not None:
             lines.append(f"output shape {list(self.output_shape)} (expected "
-                         f"[{self.input_shape[0]}, {self.config['num_classes']}])")
+                         f"[{self.input_shape[0]}, "
+                         f"{self.config.get('num_classes', self.config.get('num_outputs'))}])")
         if self.structure:
             lines += ["", f"STRUCTURE: {self.structure}"]
             if self.cause:
@@ -111,7 +114,8 @@ class Report:
 
     @property
     def reference_words(self) -> str:
-        return {"keras": "our PyTorch model"}.get(self.framework, "same framework")
+        return {"keras": "our PyTorch model",
+                "onnx": "onnxruntime against our PyTorch model"}.get(self.framework, "same framework")
 
 
 LABELS = {"eval_logits": ("eval-mode logits (float32)", EVAL_RTOL),

@@ -17,7 +17,8 @@ class FlaxSubject(Subject):
     def bn_settings(self) -> Dict[str, dict]:
         return keep_share_in_torch_words(
             self.adapter.model_bn_settings(self.model, variant=self.variant,
-                                           in_channels=self.in_channels), "Flax")
+                                           in_channels=self.in_channels,
+                                           size=getattr(self, "size", 224)), "Flax")
 
 
 def owns(obj) -> Optional[str]:

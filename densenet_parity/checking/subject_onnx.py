@@ -1,0 +1,207 @@
+"""ONNX: ``densenet check model.onnx``. A file subject: an ONNX file carries its graph and its
+weights, so it is checked with its own weights (``check_file``, which ``engine.check_weights``
+calls for an ONNX file) against our PyTorch model (subject_torch.reference), in eval mode only.
+
+1. *Structure*, from the graph: every Conv, BatchNormalization and Gemm (or MatMul + Add) node's
+   initializers, in the graph's topological order, each given its role by its input position
+   (densenet_weights.formats.onnx_layers), matched onto the preset as any framework's tensors
+   are. A BatchNorm an exporter folded into the convolution before it (torch.onnx's optimizer,
+   the TorchScript exporter's eval mode, onnxruntime's saved optimized model all fold the stem's
+   norm0, and a bottleneck's norm2) is recognised from the graph (the convolution, now with a
+   bias, feeds no BatchNormalization) and said, not reported as a different network: it is put
+   back as an identity BatchNorm, which computes the same in eval mode.
+2. *BatchNorm settings*, read from each BatchNormalization node's attributes: epsilon, and
+   momentum in ONNX's words (the share of the running statistics kept, like Gluon's, Flax's and
+   Keras': 0.9 is PyTorch's 0.1); every difference from the reference's is named.
+3. *Numbers*, in onnxruntime against our PyTorch model with the file's own weights (mapped onto
+   the canonical names), eval mode, float32, 1e-5. Where they differ, a copy of the graph with
+   every matched node's output made a graph output runs once more, and the first node (in the
+   preset's order) whose output differs from our model's module there (forward hooks) is named,
+   with the convention most likely behind it. With BatchNorm settings that differ, our model is
+   run again with the file's settings: if that agrees, the verdict is "same architecture,
+   different BatchNorm settings".
+
+An ONNX file is an inference graph: there is no train step to compare.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+
+import densenet_spec as spec
+from densenet_parity.checking import settings as bn_words
+from densenet_parity.checking import structure, subject_torch
+from densenet_parity.checking.causes import convention
+from densenet_parity.checking.numbers import BATCH, EVAL_RTOL, _first_difference, _rel
+from densenet_parity.checking.report import Report
+from densenet_parity.checking.subjects import CheckError, keep_share_in_torch_words
+from densenet_weights import formats
+
+FRAMEWORK = "onnx"
+#: ONNX's word for its momentum: the share of the running statistics kept (0.9 = PyTorch's 0.1).
+WORDS = "ONNX BatchNormalization"
+
+
+def bn_settings(layers, mapping: Dict[str, str]) -> Dict[str, dict]:
+    """canonical BatchNorm module -> {"epsilon", "momentum" (PyTorch's words: 1 - ONNX's),
+    "as_written", "foreign" (the node), "training_mode"} for every BatchNormalization node the
+    match placed, read from its attributes (ONNX's defaults where absent: 1e-5, 0.9)."""
+    by_module = {g.module: g for g in layers if g.op == "BatchNormalization"}
+    raw, nodes = {}, {}
+    for cname, fname in mapping.items():
+        if cname.endswith(".running_mean"):
+            g = by_module.get(fname.rsplit(".", 1)[0])
+            if g is not None:
+                cmod = cname.rsplit(".", 1)[0]
+                raw[cmod] = {"epsilon": float(g.attributes["epsilon"]),
+                             "momentum": float(g.attributes["momentum"])}
+                nodes[cmod] = g
+    out = keep_share_in_torch_words(raw, WORDS)
+    for cmod, s in out.items():
+        s["foreign"] = nodes[cmod].node
+        s["training_mode"] = int(nodes[cmod].attributes.get("training_mode", 0))
+    return out
+
+
+def _session(model_proto, outputs: List[str]):
+    """An onnxruntime session of the model with ``outputs`` added as graph outputs."""
+    import onnx
+    import onnxruntime as ort
+    m = onnx.ModelProto()
+    m.CopyFrom(model_proto)
+    have = {o.name for o in m.graph.output}
+    for name in outputs:
+        if name not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=name))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _input_shape(shape, config, size: Optional[int]):
+    """(batch, height, width) to run the file at: its input's own where fixed (a different
+    ``size`` is a usage error), else the check's defaults."""
+    fixed = [d if isinstance(d, int) and d > 0 else None for d in (list(shape) + [None] * 4)[:4]]
+    default = size or (96 if config.name == "book" else 16 if config.stem == "cifar" else 64)
+    if size is not None and any(d is not None and d != size for d in fixed[2:]):
+        raise CheckError(f"the file's input is fixed at {'x'.join(str(d or '?') for d in fixed)}: "
+                         f"--size {size} cannot run it (leave --size out)")
+    return fixed[0] or BATCH, fixed[2] or default, fixed[3] or default
+
+
+def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0,
+               progress=None) -> Report:
+    """The check's Report for an ONNX file (see the module's docstring)."""
+    from densenet_parity.convert import folded_words
+    say = progress or (lambda msg: None)
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as e:
+        raise CheckError(f"checking an ONNX file needs onnx and onnxruntime (the main "
+                         f"environment's onnx extra: `make env`): {e}") from None
+    layers, info = formats.onnx_layers(path)
+    if not layers:
+        raise CheckError(f"{path}: an ONNX model without Conv, BatchNormalization or "
+                         "Gemm weights (not a DenseNet)")
+    if preset is None:
+        preset = formats.onnx_preset(info)
+    m, folded, mine = formats.match_onnx(layers, preset)
+    config = m.config
+    arrays = {n: a for g in mine for n, a in g.tensors.values()}
+    stats = [n for g in mine for r, (n, _) in g.tensors.items()
+             if r in ("running_mean", "running_var")]
+    rows, totals = structure._structure_rows(config, m, {
+        "arrays": arrays, "trainable": [n for n in arrays if n not in set(stats)]})
+    batch, height, width = _input_shape(info["input_shape"], config, size)
+    ops = ", ".join(f"{n} {k}" for k, n in sorted(info["ops"].items(), key=lambda kv: -kv[1]))
+    report = Report(FRAMEWORK, "", f"{path} ({info['producer'] or 'unknown producer'}, "
+                    f"opset {info['opset'].get('ai.onnx', '?')})", config.name, config.to_dict(),
+                    [batch, config.in_channels, height, width], rows, totals,
+                    weights="the file's own")
+    if info["external_data"]:
+        report.notes.append(f"weights read from the external data file(s) "
+                            f"{', '.join(info['external_data'])} beside the model")
+    report.notes.append(f"graph: {ops}")
+    if folded:
+        report.notes.append(folded_words(folded))
+    if not m.ok:
+        report.structure = str(m.difference)
+        report.cause = structure.likely_structural_cause(config, m.difference)
+        return report
+    read_u = bn_settings(layers, m.mapping)
+    if any(v["training_mode"] for v in read_u.values()):
+        report.notes.append("a BatchNormalization node has training_mode=1: it normalises with "
+                            "the batch's statistics, not the running ones")
+    spec.check_input(config, (batch, config.in_channels, height, width))
+    say("[onnx] onnxruntime against our PyTorch model ...")
+    x = np.random.default_rng(seed + 2).standard_normal(
+        (batch, config.in_channels, height, width)).astype(np.float32)
+    # canonical module -> the graph value that is its output (a folded BatchNorm's: its conv's)
+    by_module = {g.module: g for g in layers}
+    outputs_u: Dict[str, str] = {}
+    nodes: Dict[str, str] = {}
+    for cmod, kind, _ in spec.canonical_modules(config):
+        fname = m.mapping.get(f"{cmod}.weight", "")
+        g = by_module.get(fname.rsplit(".", 1)[0])
+        if g is not None:
+            outputs_u[cmod] = g.output
+            nodes[g.output] = f"{g.node} ({g.op})"
+    for bn in folded:  # the conv's output is the folded BatchNorm's; the conv's own is gone
+        i = [c for c, _, _ in spec.canonical_modules(config)].index(bn)
+        conv = spec.canonical_modules(config)[i - 1][0]
+        if conv in outputs_u:
+            outputs_u[bn] = outputs_u.pop(conv)
+    model_proto = onnx.load(path)  # external data from the file's folder
+    try:
+        session = _session(model_proto, list(outputs_u.values()))
+        names = [o.name for o in session.get_outputs()]
+        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x})))
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: say, not a traceback
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        report.error = (f"onnxruntime {ort.__version__} cannot run the file: "
+                        f"{lines[0] if lines else type(e).__name__}")
+        return report
+    logits = got[info["outputs"][0]]
+    report.output_shape = list(np.shape(logits))
+    order = [c for c, _, _ in spec.canonical_modules(config)]
+    reference_modules = [c for c in order if c in outputs_u]
+
+    def compare(settings=None):
+        """(relative difference of the logits, the first node that differs) against our
+        PyTorch model with the file's weights (and ``settings``: its BatchNorms')."""
+        ref = subject_torch.reference(config, height, None, settings=settings)
+        ref.load(m.state)
+        out = ref.run(x=x, modules=reference_modules, train=False)
+        rel = _rel(logits, out["logits"])
+        first = None
+        if rel > EVAL_RTOL:
+            first = _first_difference(
+                config, order, outputs_u, {c: c for c in reference_modules}, got,
+                out["outputs"], EVAL_RTOL, "eval") or {
+                "mode": "eval", "module": "classifier", "stage": "head",
+                "foreign": info["outputs"][0], "rel": rel,
+                "max_abs": float(np.max(np.abs(np.asarray(logits, np.float64) - out["logits"]))),
+                "convention": convention(config, "classifier", "dense", logits,
+                                         out["logits"], "eval")}
+            if first["foreign"] in nodes:
+                first["foreign"] = f"{nodes[first['foreign']]} -> '{first['foreign']}'"
+        return ref, rel, first
+
+    ref, report.numbers["eval_logits"], report.first = compare()
+    read_r = {c: dict(v, foreign=c) for c, v in ref.bn_settings().items()}
+    report.bn_settings = bn_words.differences(config, read_u, read_r,
+                                              {c: v["foreign"] for c, v in read_u.items()}, FRAMEWORK)
+    report.notes.append(f"numbers: onnxruntime {ort.__version__} (CPU), the file's weights in "
+                        "our PyTorch model, eval mode (an ONNX file is an inference graph: no "
+                        "train step)")
+    eps = {d["module"]: d for d in report.bn_settings if d["setting"] == "epsilon"}
+    if report.first and report.first["module"] in eps:  # the difference is the setting's
+        d = eps[report.first["module"]]
+        report.first["convention"] = (f"this BatchNorm's epsilon, {d['model']:g} where the "
+                                      f"reference has {d['reference']:g} (the settings above)")
+    if report.bn_settings:
+        _, rel, first = compare(bn_words.for_reference(read_u))
+        report.adjusted, report.adjusted_first = {"eval_logits": rel}, first
+    return report

@@ -1,0 +1,283 @@
+"""ONNX: ``densenet export`` (torch.onnx's dynamo exporter, proven in onnxruntime against the
+frameworks' own outputs), ``densenet check model.onnx`` (structure from the graph, BatchNorm
+settings from its nodes, numbers in onnxruntime, the first diverging node) and ONNX files through
+``densenet convert``.
+
+Small on purpose: the book at 32 px (64 px where the head's pooling kind matters), one export of
+it shared by most tests, and one DenseNet-121 (torchvision's, at 64 px) for the folding an
+exporter's optimizer does on a real network.
+"""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import densenet_spec as spec
+from densenet_cli.main import main
+from densenet_parity import convert
+from densenet_parity import export as exporting
+from densenet_parity.checking import check_weights, random_state
+from densenet_weights import formats
+from parity_tests.conftest import need_mxnet
+
+torch = pytest.importorskip("torch", reason="the ONNX tests need torch (main environment)")
+onnx = pytest.importorskip("onnx", reason="the ONNX tests need the onnx extra (`make env`)")
+ort = pytest.importorskip("onnxruntime", reason="the ONNX tests need the onnx extra (`make env`)")
+
+SIZE = 32
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def book_export(tmp_path_factory):
+    """Our export of the book with random weights (seed 0), and the result of its proof."""
+    dst = tmp_path_factory.mktemp("onnx") / "book.onnx"
+    result = exporting.export("book", str(dst), size=SIZE)
+    return dst, result
+
+
+def _torch_onnx(model, path, size, channels=1):
+    """What a user does: torch.onnx.export(..., dynamo=True) with its defaults (optimizer on)."""
+    import contextlib
+    import io
+    import warnings
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(1, channels, size, size),), str(path),
+                          dynamo=True)
+    return path
+
+
+def _randomised(model, config, seed=0):
+    """random_state's canonical weights (non-trivial BatchNorm statistics) in a model with any
+    names, placed by the structure match."""
+    from densenet_weights import match
+    sd = model.state_dict()
+    m = match.match({k: v.numpy() for k, v in sd.items()}, config)
+    assert m.ok, m.difference
+    state = random_state(config, seed)
+    with torch.no_grad():
+        for canon, mine in m.mapping.items():
+            sd[mine].copy_(torch.from_numpy(state[canon]))
+    return model
+
+
+def test_export_is_proven_and_writes_external_data(book_export, capsys):
+    dst, result = book_export
+    assert result.ok
+    assert set(result.proof) == {"torch"} and 0 <= result.proof["torch"] <= exporting.EXPORT_RTOL
+    text = result.render()
+    assert "Verdict: the export computes the same network." in text
+    assert f"{dst.name}.data" in text and "keep them side by side" in text
+    assert (dst.parent / f"{dst.name}.data").exists()
+    # every BatchNorm kept as a node, with PyTorch's settings in ONNX's words
+    layers, info = formats.onnx_layers(dst)
+    n_bn = sum(1 for _, kind, _ in spec.canonical_modules(spec.make_config("book")) if kind == "bn")
+    assert info["ops"]["BatchNormalization"] == n_bn
+    assert {(round(g.attributes["epsilon"], 9), round(g.attributes["momentum"], 6)) for g in layers
+            if g.op == "BatchNormalization"} == {(1e-5, 0.9)}
+
+
+def test_a_broken_export_fails_the_proof(book_export, tmp_path, capsys, monkeypatch):
+    """The proof can fail: an export whose one initializer was patched exits 1, naming it."""
+    src, _ = book_export
+
+    def patched(model, x, dst, cfg, opset=None):
+        m = onnx.load(str(src))
+        for t in m.graph.initializer:
+            if t.name == "classifier.bias":
+                a = onnx.numpy_helper.to_array(t).copy()
+                a[0] += 0.5
+                t.CopyFrom(onnx.numpy_helper.from_array(a, t.name))
+        onnx.save(m, dst, save_as_external_data=True, location=f"{tmp_path.name}.data")
+
+    monkeypatch.setattr(exporting, "write_onnx", patched)
+    code, out, _ = run(capsys, "export", "book", str(tmp_path / "broken.onnx"), "--size", str(SIZE))
+    assert code == 1, out
+    assert "DIFFERENT" in out and "does NOT compute the same network" in out
+
+
+@pytest.mark.parametrize("target, suffix", [("flax-nnx", ".msgpack"), ("mxnet", ".params")])
+def test_export_from_a_gluon_or_flax_file_is_proven_against_that_framework(tmp_path, capsys,
+                                                                          target, suffix):
+    if target == "mxnet":
+        need_mxnet()
+    cfg = spec.make_config("book")
+    fmt, arrays = formats.native(random_state(cfg, 3), target)
+    src = tmp_path / f"book{suffix}"
+    formats.write(src, arrays, fmt)
+    code, out, _ = run(capsys, "export", str(src), str(tmp_path / "book.onnx"), "--preset", "book",
+                       "--size", str(SIZE))
+    assert code == 0, out
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ") and "tolerance" in line]
+    assert [r[0] for r in rows] == ["torch", target] and all(r[-1] == "ok" for r in rows), out
+    assert all(float(r[1]) <= exporting.EXPORT_RTOL for r in rows)
+    assert "Verdict: the export computes the same network." in out
+
+
+def test_check_our_export_is_the_same_network(book_export, capsys):
+    dst, _ = book_export
+    code, out, _ = run(capsys, "check", str(dst))
+    assert code == 0, out
+    assert "against preset 'book'" in out and "Verdict: same network." in out
+    assert "folded" not in out
+    assert "book.onnx.data" in out  # weights read from the external data file
+
+
+def test_onnx_converts_losslessly_into_every_framework(book_export, tmp_path, capsys):
+    """Our export keeps every BatchNorm: ONNX -> torch, Gluon, Flax files carry the exported
+    weights bit for bit."""
+    dst, _ = book_export
+    want = random_state(spec.make_config("book"), 0)
+    for to, suffix in (("torch", ".pth"), ("mxnet", ".params"), ("flax-linen", ".msgpack")):
+        out_path = tmp_path / f"m{suffix}"
+        code, out, _ = run(capsys, "convert", str(dst), str(out_path), "--to", to)
+        assert code == 0, out
+        state, cfg = convert.read_checkpoint(str(out_path), "book")
+        assert set(state) == set(want)
+        assert all(np.array_equal(state[k], want[k]) for k in want), to
+
+
+def test_missing_external_data_is_a_clear_error(book_export, tmp_path, capsys):
+    dst, _ = book_export
+    lone = tmp_path / "lone.onnx"
+    shutil.copy(dst, lone)  # without book.onnx.data beside it
+    code, _, err = run(capsys, "check", str(lone))
+    assert code == 2
+    assert "external data file 'book.onnx.data'" in err and "Traceback" not in err
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(dst.read_bytes()[:5000])  # a truncated model
+    for argv in (("check", cut), ("convert", cut, tmp_path / "x.pth", "--to", "torch"),
+                 ("export", cut, tmp_path / "x.onnx")):
+        code, _, err = run(capsys, *map(str, argv))
+        assert code == 2 and "not a readable ONNX model" in err, (argv, err)
+    code, _, err = run(capsys, "export", "book", str(tmp_path / "x.onnx"), "--opset", "3")
+    assert code == 2 and "opset 18 or later" in err
+
+
+def test_onnxruntime_optimized_model_is_recognised_as_folded(book_export, tmp_path, capsys):
+    """onnxruntime's saved optimized model folds the stem's BatchNorm into conv0 (and fuses the
+    ReLU): recognised, said, and still the same network."""
+    dst, _ = book_export
+    for f in (dst, dst.parent / f"{dst.name}.data"):  # it refers to the export's data file
+        shutil.copy(f, tmp_path / f.name)
+    opt = tmp_path / "opt.onnx"
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(opt)
+    ort.InferenceSession(str(tmp_path / dst.name), so, providers=["CPUExecutionProvider"])
+    report = check_weights(str(opt))
+    assert report.same, report.render()
+    text = report.render()
+    assert "BatchNorm folded into the convolutions by the exporter" in text and "(norm0)" in text
+    assert "com.microsoft.FusedConv" in text
+    # convert puts the folded BatchNorm back as an identity BatchNorm and says so
+    code, out, _ = run(capsys, "convert", str(opt), str(tmp_path / "opt.pth"), "--to", "torch")
+    assert code == 0 and "identity BatchNorms" in out
+
+
+def test_bn_epsilon_difference_is_named(tmp_path):
+    from densenet_torch import build
+    from densenet_torch.state import load_state
+    cfg = spec.make_config("book")
+    model = build(cfg)
+    load_state(model, random_state(cfg, 0))
+    model.features.denseblock2.denselayer1.norm1.eps = 1e-3
+    path = _torch_onnx(model, tmp_path / "eps.onnx", SIZE)
+    report = check_weights(str(path))
+    assert not report.same
+    assert report.verdict == "same architecture, different BatchNorm settings", report.render()
+    [d] = report.bn_settings
+    assert d["module"] == "features.denseblock2.denselayer1.norm1" and d["setting"] == "epsilon"
+    assert d["model"] == pytest.approx(1e-3) and d["reference"] == pytest.approx(1e-5)
+    assert report.numbers["eval_logits"] > 1e-5 >= report.adjusted["eval_logits"]
+    assert report.first["module"] == "features.denseblock2.denselayer1.norm1"
+    assert "epsilon, 0.001" in report.first["convention"]
+    assert "epsilon=0.001, momentum=0.9" in report.render()
+
+
+def test_porting_bugs_exported_by_torch_onnx_are_named(tmp_path):
+    from parity_tests.own_models import book_torch
+    cfg = spec.make_config("book")
+    head = _torch_onnx(_randomised(book_torch.head_max_pool(), cfg), tmp_path / "max.onnx", 64)
+    report = check_weights(str(head))
+    assert report.verdict == "different", report.render()
+    assert report.first["module"] == "classifier" and "average" in report.first["convention"]
+    trans = _torch_onnx(book_torch.transition_keeps_block_input(), tmp_path / "t.onnx", SIZE)
+    report = check_weights(str(trans), preset="book")
+    assert report.structure and "transition2" in report.structure, report.render()
+    assert "transition" in (report.cause or "")
+
+
+def test_torchvision_densenet121_exported_by_torch_onnx(tmp_path):
+    """torchvision's DenseNet-121 through torch.onnx's defaults: its optimizer folds norm0 and
+    every bottleneck's norm2 (59 BatchNorms) into the convolutions before them; recognised, and
+    the same network in onnxruntime as our DenseNet-121 with the file's weights."""
+    from benchmarks.common import import_torchvision
+    tv = import_torchvision()
+    assert tv is not None, "torchvision is in the test extra (pyproject.toml)"
+    cfg = spec.make_config("densenet121")
+    model = tv.models.densenet121(weights=None)
+    state = random_state(cfg, 0)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    path = _torch_onnx(model, tmp_path / "tv121.onnx", 64, channels=3)
+    report = check_weights(str(path))
+    assert report.same and report.preset == "densenet121", report.render()
+    assert "59 BatchNorm(s) (norm0, denseblock1.denselayer1.norm2" in report.render()
+
+
+def test_default_initialised_export_with_shared_initializers(tmp_path):
+    """At PyTorch's default init every BatchNorm has scale 1, shift 0, mean 0, variance 1:
+    torch.onnx's optimizer deduplicates those tensors (one initializer feeds many nodes, as
+    scale of one and variance of another) and folds norm0. The graph still gives every
+    initializer its role."""
+    from densenet_torch import build
+    path = _torch_onnx(build("book"), tmp_path / "default.onnx", SIZE)
+    m = onnx.load(str(path), load_external_data=False)
+    bn_inputs = [i for n in m.graph.node if n.op_type == "BatchNormalization" for i in n.input[1:]]
+    assert len(set(bn_inputs)) < len(bn_inputs)  # shared: the case this test is about
+    report = check_weights(str(path))
+    assert report.same, report.render()
+    assert "(norm0)" in report.render()
+
+
+def test_matmul_add_head_and_anonymous_initializers(book_export, tmp_path):
+    """Other exporters (tf2onnx's Keras graphs) write the dense layer as MatMul + Add with an
+    [in, out] kernel and name initializers anything: the graph still gives each its role."""
+    from onnx import helper, numpy_helper
+    dst, _ = book_export
+    m = onnx.load(str(dst))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    [gemm] = [n for n in g.node if n.op_type == "Gemm"]
+    w = numpy_helper.to_array(inits[gemm.input[1]])
+    w = w if helper.get_attribute_value(next(a for a in gemm.attribute if a.name == "transB")) == 0 \
+        else w.T  # -> [in, out]
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), "kernel_in_out"))
+    i = list(g.node).index(gemm)
+    g.node.remove(gemm)
+    g.node.insert(i, helper.make_node("MatMul", [gemm.input[0], "kernel_in_out"], ["mm"]))
+    g.node.insert(i + 1, helper.make_node("Add", ["mm", gemm.input[2]], [gemm.output[0]]))
+    renamed = {}
+    for k, t in enumerate(g.initializer):  # anonymous names, as folding exporters write them
+        renamed[t.name] = f"val_{k}"
+        t.name = renamed[t.name]
+    for n in g.node:
+        n.input[:] = [renamed.get(x, x) for x in n.input]
+    for k, n in enumerate(g.node):
+        n.name = f"n{k}"
+        del n.metadata_props[:]
+    path = tmp_path / "matmul.onnx"
+    onnx.save(m, str(path))
+    report = check_weights(str(path))
+    assert report.same and report.preset == "book", report.render()
+    state, _ = convert.read_checkpoint(str(path))
+    want = random_state(spec.make_config("book"), 0)
+    assert all(np.array_equal(state[k], want[k]) for k in want)
