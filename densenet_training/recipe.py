@@ -24,10 +24,10 @@ CHECKPOINT_FORMAT = "densenet-suite/train-checkpoint-v1"
 MOMENTUM_CONVENTION = ("buf = momentum * buf + grad; weight -= lr * buf "
                        "(PyTorch / optax; MXNet's mom = -lr * buf)")
 #: Settings that must agree for --resume to continue the same run.
-RESUME_KEYS = ("backend", "preset", "dataset", "resize", "limit", "batch_size", "lr", "momentum",
+RESUME_KEYS = ("backend", "preset", "transition_pool", "dataset", "resize", "limit", "batch_size", "lr", "momentum",
                "seed", "init", "devices", "sync_bn")
 #: What a checkpoint written before a setting existed had (single-device runs).
-RESUME_DEFAULTS = {"devices": 1, "sync_bn": False}
+RESUME_DEFAULTS = {"devices": 1, "sync_bn": False, "transition_pool": "avg"}
 EVENT_PREFIX = "@@densenet-event "
 
 
@@ -49,6 +49,7 @@ def user_errors() -> tuple:
 class TrainConfig:
     backend: str = "torch"
     preset: str = "book"
+    transition_pool: str = "avg"
     dataset: str = "digits"
     data_dir: Optional[str] = None
     verify: bool = True
@@ -83,7 +84,8 @@ class TrainConfig:
         if self.resize is None:
             self.resize = dataset_lib.DEFAULT_RESIZE.get(self.dataset)
         if self.out is None:
-            self.out = os.path.join("runs", f"{self.dataset}-{self.preset}-{self.backend}")
+            pool = "" if self.transition_pool == "avg" else f"-{self.transition_pool}pool"
+            self.out = os.path.join("runs", f"{self.dataset}-{self.preset}{pool}-{self.backend}")
         return self
 
 
@@ -105,6 +107,9 @@ def make_parser(prog: str = "densenet train") -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--preset", default="book", choices=spec.preset_names(),
                    help="network; other presets than 'book' get 1 input channel and 10 classes")
+    p.add_argument("--transition-pool", choices=spec.TRANSITION_POOLS, default="avg",
+                   help="the transitions' 2x2 pooling (convolutional presets): the paper's "
+                   "average, or max (the chapter's exercise 1; docs/exercises.md)")
     p.add_argument("--dataset", choices=dataset_lib.DATASETS, default="digits",
                    help="digits: scikit-learn's bundled 8x8 digits (offline); fashion-mnist: the "
                    "book's dataset (downloaded into the cache on first use, or --data-dir)")
@@ -154,7 +159,8 @@ def make_parser(prog: str = "densenet train") -> argparse.ArgumentParser:
 
 def config_to_argv(cfg: TrainConfig) -> List[str]:
     """The command-line arguments that give ``cfg`` back (for the MXNet trainer's process)."""
-    argv = ["--backend", cfg.backend, "--preset", cfg.preset, "--dataset", cfg.dataset,
+    argv = ["--backend", cfg.backend, "--preset", cfg.preset,
+            "--transition-pool", cfg.transition_pool, "--dataset", cfg.dataset,
             "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", repr(cfg.lr),
             "--momentum", repr(cfg.momentum), "--device", cfg.device, "--devices", str(cfg.devices), "--seed", str(cfg.seed)]
     for flag, value in (("--data-dir", cfg.data_dir), ("--resize", cfg.resize),
@@ -234,10 +240,14 @@ def check_cpu_devices(devices: int) -> None:
                         "fewer")
 
 
-def model_options(cfg: TrainConfig, dataset: "dataset_lib.Dataset") -> Dict[str, int]:
+def model_options(cfg: TrainConfig, dataset: "dataset_lib.Dataset") -> Dict[str, object]:
     """The options every backend's ``build(preset, **options)`` gets for this dataset: one input
-    channel and the dataset's classes (the book's preset has them already)."""
-    return {"in_channels": 1, "num_classes": int(dataset.num_classes)}
+    channel and the dataset's classes (the book's preset has them already); --transition-pool
+    where it is not the preset's average pool."""
+    options: Dict[str, object] = {"in_channels": 1, "num_classes": int(dataset.num_classes)}
+    if cfg.transition_pool != "avg":
+        options["transition_pool"] = cfg.transition_pool
+    return options
 
 
 def check_size(cfg: TrainConfig, dataset: "dataset_lib.Dataset") -> spec.Preset:
