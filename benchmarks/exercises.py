@@ -140,6 +140,25 @@ def resnet50_breakdown() -> Optional[Dict[str, Dict[str, int]]]:
     return out
 
 
+def book_resnet18() -> Dict[str, int]:
+    """The book's ResNet-18 (the previous section of Dive into Deep Learning: 1 input channel,
+    10 classes; every conv with a bias; ``Residual`` = 3x3 conv-BN-ReLU-3x3 conv-BN, a 1x1
+    conv on the shortcut where the shape changes), counted per stage by arithmetic: what the
+    forum's answer to exercise 2 compares the book's DenseNet with."""
+    def conv(cin, cout, k):
+        return k * k * cin * cout + cout
+
+    def residual(cin, c, shortcut):
+        return conv(cin, c, 3) + conv(c, c, 3) + (conv(cin, c, 1) if shortcut else 0) + 4 * c
+    out = {"b1 (7x7 conv, BN)": conv(1, 64, 7) + 2 * 64}
+    cin = 64
+    for i, c in enumerate((64, 128, 256, 512)):
+        out[f"resnet block {i + 2} ({c} channels)"] = residual(cin, c, c != cin) + residual(c, c, False)
+        cin = c
+    out["dense (512 -> 10)"] = 512 * 10 + 10
+    return out
+
+
 KINDS = ("stem conv", "bottleneck 1x1", "layer 3x3", "transition 1x1", "bn", "classifier")
 
 
@@ -176,6 +195,7 @@ def cmd_params(args) -> dict:
         "resnet50": {"torchvision_published": TORCHVISION["resnet50"],
                      "counted_torchvision_models_resnet50": counted,
                      "stages": resnet},
+        "book_resnet18": book_resnet18(),
         "book": {"total": spec.total_counts(book)[0], "stages": [
             {"stage": s, "params": sum(v.values()), **v} for s, v in breakdown(book).items()]},
         "table1": presets,
@@ -207,6 +227,11 @@ def render_params(r: dict) -> str:
         rows.append(["**total**", f"**{sum(tot.values()):,}**"] + [f"{tot[k]:,}" for k in kinds])
         out.append("\nResNet-50 (torchvision.models.resnet50, counted):\n\n"
                    + table(["stage", "params"] + list(kinds), rows))
+    bk = {s["stage"]: s["params"] for s in r["book"]["stages"]}
+    rs = r["book_resnet18"]
+    out.append(f"\nThe book's models (1 channel, 10 classes): DenseNet {r['book']['total']:,} "
+               f"({', '.join(f'{k} {v:,}' for k, v in bk.items())}); ResNet-18 "
+               f"{sum(rs.values()):,} ({', '.join(f'{k} {v:,}' for k, v in rs.items())})")
     rows = [[p["preset"], "-".join(map(str, p["block_config"])), p["growth_rate"],
              p["num_init_features"], "-".join(map(str, p["paper_block_config"])),
              p["paper_growth_rate"], "yes" if p["matches_paper"] else "NO",
