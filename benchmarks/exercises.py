@@ -285,11 +285,22 @@ def cmd_pooling(args) -> dict:
                         f"test acc {r['final']['test_acc']:.3f}, loss {r['final']['loss']:.3f}"
                         f" ({r['wall_s']:.0f} s)" if r["status"] == "ok" else r["error"][-400:]),
                         flush=True)
-    record = {"command": command_line(), "machine": machine(),
-              "settings": {"dataset": "digits", "size": args.size, "epochs": args.epochs,
-                           "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds},
-              "runs": runs}
+    settings = {"dataset": "digits", "size": args.size, "epochs": args.epochs,
+                "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds,
+                "threads": os.environ.get("OMP_NUM_THREADS")}
     out = Path(args.out)
+    old = out / "pooling.json"
+    if args.merge and old.exists():
+        # Runs of other backends (or seeds) from an earlier command with the same settings stay.
+        prev = json.loads(old.read_text())
+        if {k: v for k, v in prev["settings"].items() if k != "seeds"} == {
+                k: v for k, v in settings.items() if k != "seeds"}:
+            mine = {(r["backend"], r["pool"], r["seed"]) for r in runs}
+            runs = [r for r in prev["runs"] if (r["backend"], r["pool"], r["seed"]) not in mine] + runs
+            settings["seeds"] = sorted({r["seed"] for r in runs})
+    order = {b: i for i, b in enumerate(("torch", "mxnet", "flax"))}
+    runs.sort(key=lambda r: (order.get(r["backend"], 9), r["seed"], r["pool"]))
+    record = {"command": command_line(), "machine": machine(), "settings": settings, "runs": runs}
     write("pooling", record, out)
     plot_pooling(record, out / "pooling.png")
     print(render_pooling(record))
@@ -338,8 +349,21 @@ def render_pooling(record: dict) -> str:
         best = max(e["test_acc"] for e in r["epochs"])
         rows.append([r["backend"], r["pool"], r["seed"], f"{f['loss']:.4f}", f"{f['train_acc']:.3f}",
                      f"{f['test_acc']:.3f}", f"{best:.3f}", f"{r['wall_s']:.0f} s"])
-    return table(["backend", "pool", "seed", "final train loss", "final train acc",
+    runs = table(["backend", "pool", "seed", "final train loss", "final train acc",
                   "final test acc", "best test acc", "wall"], rows)
+    groups: Dict[tuple, List[dict]] = {}
+    for r in record["runs"]:
+        if r["status"] == "ok":
+            groups.setdefault((r["backend"], r["pool"]), []).append(r)
+    rows = []
+    for (backend, pool), rs in groups.items():
+        acc = [r["final"]["test_acc"] for r in rs]
+        loss = [r["final"]["loss"] for r in rs]
+        rows.append([backend, pool, len(rs), f"{sum(acc) / len(acc):.3f}",
+                     f"{min(acc):.3f} - {max(acc):.3f}", f"{sum(loss) / len(loss):.4f}"])
+    summary = table(["backend", "pool", "seeds", "mean final test acc", "range",
+                     "mean final train loss"], rows)
+    return summary + "\n\n" + runs
 
 
 # ----------------------------------------------------------------------------- memory
@@ -347,6 +371,17 @@ def render_pooling(record: dict) -> str:
 def cmd_memory(args) -> dict:
     from benchmarks import bench
     from benchmarks.defaults import default_opts
+    if args.resnet:
+        path = Path(args.out) / "memory.json"
+        record = json.loads(path.read_text()) if path.exists() else {"results": []}
+        record["torchvision"] = [torchvision_memory(m, args) for m in ("resnet50", "densenet121")]
+        record["torchvision_command"] = command_line()
+        for r in record["torchvision"]:
+            print(r if r["status"] != "ok" else
+                  f"torchvision {r['model']}: peak RSS {r['rss_peak_bytes'] / 2**20:.0f} MiB, "
+                  f"training adds {(r['rss_peak_bytes'] - r['rss_before_bytes']) / 2**20:.0f} MiB")
+        write("memory", record, Path(args.out))
+        return record
     results = []
     for preset in args.presets:
         for backend in args.backends:
@@ -409,6 +444,51 @@ def render_memory(record: dict) -> str:
                   "training efficient / naive", "step s naive / efficient", "note"], rows)
 
 
+def cmd_tv_memory(args) -> dict:
+    """One torchvision model's train step (forward, cross-entropy, backward, SGD) in this
+    process, measured as bench_case measures ours: peak RSS, and the RSS before the first
+    step. Run by ``memory --resnet`` in a process of its own."""
+    import torch
+    torch.set_num_threads(args.threads)
+    tv = common.import_torchvision()
+    if tv is None:
+        rec = {"model": args.model, "status": "unavailable"}
+        print("TV_RESULT " + json.dumps(rec))
+        return rec
+    torch.manual_seed(0)
+    model = getattr(tv.models, args.model)().train()
+    opt = torch.optim.SGD(model.parameters(), lr=common.LR)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    y = torch.randint(0, 1000, (args.batch,))
+    before = common.rss_bytes()
+    times = []
+    for _ in range(2):
+        t0 = common.now()
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        times.append(common.now() - t0)
+    rec = {"model": args.model, "status": "ok", "batch": args.batch, "size": args.size,
+           "params": int(sum(p.numel() for p in model.parameters())),
+           "rss_before_bytes": before, "rss_peak_bytes": common.peak_rss_bytes(),
+           "step_s": times[-1], "torchvision": tv.__version__, "torch": torch.__version__}
+    print("TV_RESULT " + json.dumps(rec))
+    return rec
+
+
+def torchvision_memory(model: str, args) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.exercises", "tv-memory", "--model",
+                           model, "--batch", str(args.batch), "--size", str(args.size),
+                           "--threads", str(args.threads)], cwd=str(ROOT), env=env,
+                          capture_output=True, text=True, timeout=args.case_timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("TV_RESULT "):
+            return json.loads(line[len("TV_RESULT "):])
+    return {"model": model, "status": "error", "error": proc.stderr[-2000:]}
+
+
 # ----------------------------------------------------------------------------- main
 
 def _csv(s: str) -> List[str]:
@@ -433,6 +513,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], default=[0])
     p.add_argument("--all-seeds-for", type=_csv, default=["torch"],
                    help="backends run with every seed (the others with the first)")
+    p.add_argument("--no-merge", dest="merge", action="store_false",
+                   help="replace pooling.json (default: keep the runs of other backends and "
+                   "seeds made with the same settings)")
     p.set_defaults(func=cmd_pooling)
     p = sub.add_parser("memory", help="exercise 3: training memory at 224x224, naive vs efficient")
     p.add_argument("--presets", type=_csv, default=["book", "densenet121"])
@@ -441,7 +524,16 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--case-timeout", type=float, default=900.0)
+    p.add_argument("--resnet", action="store_true",
+                   help="only torchvision's resnet50 and densenet121, same batch and size, each in "
+                   "its own process (the same measurement as ours), into memory.json's 'torchvision'")
     p.set_defaults(func=cmd_memory)
+    p = sub.add_parser("tv-memory", help="(internal) one torchvision model's train step memory")
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_tv_memory)
     for p in sub.choices.values():
         p.add_argument("--out", default=str(OUT), help="directory for <name>.json (and .png)")
     return ap.parse_args(argv)
