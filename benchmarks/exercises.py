@@ -433,15 +433,16 @@ def render_memory(record: dict) -> str:
         n, e = _mem(r), _mem(by.get((preset, backend, "efficient"), {}))
         eff = by.get((preset, backend, "efficient"), {})
         cell = lambda m, k: f"{m[k] / 2**20:,.0f}" if m else "—"  # noqa: E731
-        note = "" if e else (eff.get("error", {}).get("message", "")[:90] + "…" if eff else "")
+        note = "" if e else ("not available in Gluon (MXNet 1.9.1 cannot recompute in a "
+                             "hybridized block)" if eff.get("status") == "unsupported" else
+                             eff.get("status", "not run"))
         rows.append([preset, backend, r["case"]["batch"], cell(n, "peak"), cell(n, "training"),
                      cell(e, "peak"), cell(e, "training"),
-                     f"{e['training'] / n['training']:.2f}" if n and e else "—",
-                     f"{n['step_s']:.1f} / {e['step_s']:.1f}" if n and e else
-                     (f"{n['step_s']:.1f} / —" if n else "—"), note])
+                     f"{e['training'] / n['training']:.2f}" if n and e else "—", note])
+    # (step times are in the JSON; on a shared machine they say little)
     return table(["network", "backend", "batch", "naive peak RSS (MiB)", "naive training (MiB)",
                   "efficient peak RSS (MiB)", "efficient training (MiB)",
-                  "training efficient / naive", "step s naive / efficient", "note"], rows)
+                  "training efficient / naive", "note"], rows)
 
 
 def cmd_tv_memory(args) -> dict:
