@@ -273,6 +273,11 @@ def _train(backend: str, pool: str, seed: int, args, where: Path) -> dict:
 
 
 def cmd_pooling(args) -> dict:
+    if args.replot:
+        record = json.loads((Path(args.out) / "pooling.json").read_text())
+        plot_pooling(record, Path(args.out) / "pooling.png")
+        print(render_pooling(record))
+        return record
     runs = []
     with tempfile.TemporaryDirectory(prefix="exercise-pooling-") as tmp:
         for backend in args.backends:
@@ -318,8 +323,9 @@ def plot_pooling(record: dict, path: Path) -> None:
             continue
         ep = [e["epoch"] for e in r["epochs"]]
         style = "-" if r["pool"] == "avg" else "--"
-        label = f"{r['backend']} {r['pool']}" + (f" s{r['seed']}" if r["seed"] else "")
-        alpha = 1.0 if r["seed"] == record["settings"]["seeds"][0] else 0.45
+        first = r["seed"] == record["settings"]["seeds"][0]
+        label = f"{r['backend']} {r['pool']}" if first else None  # one entry per line style
+        alpha = 1.0 if first else 0.35
         kw = dict(color=colors.get(r["backend"], "k"), linestyle=style, marker="o",
                   markersize=2.5, alpha=alpha, label=label)
         left.plot(ep, [e["loss"] for e in r["epochs"]], **kw)
@@ -331,9 +337,10 @@ def plot_pooling(record: dict, path: Path) -> None:
         ax.grid(True, alpha=0.3)
     right.legend(fontsize=6, ncol=2)
     s = record["settings"]
-    fig.suptitle(f"book's DenseNet, transition pooling avg (solid) vs max (dashed): digits "
-                 f"{s['size']}x{s['size']}, batch {s['batch_size']}, lr {s['lr']}, "
-                 f"{s['epochs']} epochs ({CPU_MACHINE})", fontsize=7.5)
+    fig.suptitle(f"the book's DenseNet, transition pooling avg (solid) vs max (dashed); seed "
+                 f"{s['seeds'][0]} bold, seeds {', '.join(map(str, s['seeds'][1:]))} faint\n"
+                 f"digits {s['size']}x{s['size']}, batch {s['batch_size']}, lr {s['lr']}, "
+                 f"{s['epochs']} epochs; {CPU_MACHINE}", fontsize=7.5)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -517,6 +524,8 @@ def parse_args(argv=None):
     p.add_argument("--no-merge", dest="merge", action="store_false",
                    help="replace pooling.json (default: keep the runs of other backends and "
                    "seeds made with the same settings)")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw pooling.png and print the tables from pooling.json")
     p.set_defaults(func=cmd_pooling)
     p = sub.add_parser("memory", help="exercise 3: training memory at 224x224, naive vs efficient")
     p.add_argument("--presets", type=_csv, default=["book", "densenet121"])
