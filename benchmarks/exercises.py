@@ -389,6 +389,10 @@ def cmd_memory(args) -> dict:
                   f"training adds {(r['rss_peak_bytes'] - r['rss_before_bytes']) / 2**20:.0f} MiB")
         write("memory", record, Path(args.out))
         return record
+    path = Path(args.out) / "memory.json"
+    # the torchvision figures of an earlier `memory --resnet` stay
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    kept = {k: earlier[k] for k in ("torchvision", "torchvision_command") if k in earlier}
     results = []
     for preset in args.presets:
         for backend in args.backends:
@@ -401,10 +405,11 @@ def cmd_memory(args) -> dict:
                 results.append(r)
                 print(memory_line(r), flush=True)
                 write("memory", {"command": command_line(), "machine": machine(),
-                                 "partial": True, "results": results}, Path(args.out))
+                                 "partial": True, "results": results, **kept}, Path(args.out))
     record = {"command": command_line(), "machine": machine(),
               "settings": {k: v for k, v in vars(args).items() if k != "func"},
               "forum_gpu_mib_96px": FORUM_MIB, "results": results}
+    record.update(kept)
     write("memory", record, Path(args.out))
     print(render_memory(record))
     return record
