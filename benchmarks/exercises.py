@@ -43,8 +43,10 @@ TORCHVISION = {"densenet121": 7_978_856, "densenet161": 28_681_000, "densenet169
 #: the four ImageNet DenseNet-BC; DenseNet-264 is in Table 1 and Figure 3 but has no
 #: pretrained torchvision model (no published count to compare with).
 PAPER_TABLE1 = {"densenet121": ((6, 12, 24, 16), 32), "densenet169": ((6, 12, 32, 32), 32),
-                "densenet201": ((6, 12, 48, 32), 32), "densenet264": ((6, 12, 64, 48), 32),
-                "densenet161": ((6, 12, 36, 24), 48)}
+                "densenet201": ((6, 12, 48, 32), 32), "densenet264": ((6, 12, 64, 48), 32)}
+#: The ImageNet presets, Table 1's and DenseNet-161 (k = 48: the authors' released model, which
+#: torchvision ships; not in Table 1).
+IMAGENET = ("densenet121", "densenet169", "densenet201", "densenet264", "densenet161")
 #: The forum's figures (the chapter's discussion thread, exercise 3): GPU memory in use while
 #: training at 96x96 on a 4096 MiB card.
 FORUM_MIB = {"densenet (the book's, 96x96)": 3161, "resnet-18 (the book's, 96x96)": 2725}
@@ -176,13 +178,16 @@ def cmd_params(args) -> dict:
     resnet = None if args.no_torchvision else resnet50_breakdown()
     counted = sum(sum(v.values()) for v in resnet.values()) if resnet else None
     presets = []
-    for name, (blocks, k) in PAPER_TABLE1.items():
+    for name in IMAGENET:
         p = spec.get_preset(name)
+        blocks, k = PAPER_TABLE1.get(name, (None, None))
         presets.append({
             "preset": name, "block_config": list(p.block_config), "growth_rate": p.growth_rate,
             "num_init_features": p.num_init_features, "bn_size": p.bn_size,
-            "compression": p.compression, "paper_block_config": list(blocks), "paper_growth_rate": k,
-            "matches_paper": tuple(p.block_config) == blocks and p.growth_rate == k,
+            "compression": p.compression,
+            "paper_block_config": list(blocks) if blocks else None, "paper_growth_rate": k,
+            "matches_paper": (tuple(p.block_config) == blocks and p.growth_rate == k)
+            if blocks else None,
             "depth": 1 + 2 * sum(p.block_config) + len(p.block_config) - 1 + 1,
             "params": spec.total_counts(p)[0], "bn_state": spec.total_counts(p)[1],
             "torchvision_params": TORCHVISION.get(name)})
@@ -233,8 +238,10 @@ def render_params(r: dict) -> str:
                f"({', '.join(f'{k} {v:,}' for k, v in bk.items())}); ResNet-18 "
                f"{sum(rs.values()):,} ({', '.join(f'{k} {v:,}' for k, v in rs.items())})")
     rows = [[p["preset"], "-".join(map(str, p["block_config"])), p["growth_rate"],
-             p["num_init_features"], "-".join(map(str, p["paper_block_config"])),
-             p["paper_growth_rate"], "yes" if p["matches_paper"] else "NO",
+             p["num_init_features"],
+             "-".join(map(str, p["paper_block_config"])) if p["paper_block_config"] else
+             "not in Table 1", p["paper_growth_rate"] or "-",
+             {True: "yes", False: "NO", None: "-"}[p["matches_paper"]],
              f"{p['params']:,}", f"{p['torchvision_params']:,}" if p["torchvision_params"] else "none",
              ("equal" if p["params"] == p["torchvision_params"] else "DIFFERENT")
              if p["torchvision_params"] else "-"] for p in r["table1"]]
