@@ -77,6 +77,11 @@ def _avg_pool_2x2_s2(X):
     return nn.avg_pool(X, window_shape=(2, 2), strides=(2, 2), padding="VALID")
 
 
+def _max_pool_2x2_s2(X):
+    # nn.MaxPool2d(kernel_size=2, stride=2): no padding, an odd last row / column is dropped.
+    return nn.max_pool(X, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+
 class ConvBlock(nn.Module):
     """What conv_block returns: BN-ReLU-conv (norm1, conv1), then for the bottleneck
     BN-ReLU-3x3 conv (norm2, conv2), then dropout (drop) if drop_rate. Unlike the book's
@@ -172,23 +177,27 @@ class DenseBlock(nn.Module):
 
 
 class Transition(nn.Module):
-    """What transition_block returns: norm - ReLU - 1x1 conv - 2x2 average pool, stride 2."""
+    """What transition_block returns: norm - ReLU - 1x1 conv - 2x2 pool ('avg' or 'max'),
+    stride 2."""
 
     num_channels: int
     bias: bool = True
+    pool: str = "avg"
 
     def setup(self):
         self.norm = BatchNorm()
         self.conv = _conv(self.num_channels, 1, self.bias)
 
     def __call__(self, X, train: bool = True):
-        return _avg_pool_2x2_s2(self.conv(nn.relu(self.norm(X, train))))
+        pool = _avg_pool_2x2_s2 if self.pool == "avg" else _max_pool_2x2_s2
+        return pool(self.conv(nn.relu(self.norm(X, train))))
 
 
-def transition_block(num_channels, bias=True):
-    """BN-ReLU-1x1 conv to ``num_channels``, then 2x2 average pooling with stride 2."""
-    spec.check_layer_args(num_channels=num_channels)
-    return Transition(num_channels, bias=bias)
+def transition_block(num_channels, bias=True, pool="avg"):
+    """BN-ReLU-1x1 conv to ``num_channels``, then 2x2 pooling with stride 2: average (``pool``
+    'avg', the book's and the paper's) or max ('max', exercise 1's alternative)."""
+    spec.check_layer_args(num_channels=num_channels, pool=pool)
+    return Transition(num_channels, bias=bias, pool=pool)
 
 
 class Features(nn.Module):
@@ -213,7 +222,8 @@ class Features(nn.Module):
             c += num_convs * cfg.growth_rate
             if i != len(cfg.block_config) - 1:
                 c = spec.transition_channels(cfg, c)
-                setattr(self, f"transition{i + 1}", transition_block(c, bias=cfg.conv_bias))
+                setattr(self, f"transition{i + 1}",
+                        transition_block(c, bias=cfg.conv_bias, pool=cfg.transition_pool))
         setattr(self, f"norm{len(cfg.block_config) + 1}", BatchNorm())
 
 
@@ -235,6 +245,7 @@ class DenseNet(nn.Module):
     stem: str = "imagenet"
     in_channels: int = 1
     conv_bias: bool = True
+    transition_pool: str = "avg"
     memory_efficient: bool = False
 
     def __post_init__(self):
@@ -249,7 +260,7 @@ class DenseNet(nn.Module):
             block_config=self.block_config, num_init_features=self.num_init_features,
             bn_size=self.bn_size, drop_rate=self.drop_rate, num_classes=self.num_classes,
             compression=self.compression, stem=self.stem, in_channels=self.in_channels,
-            conv_bias=self.conv_bias)
+            conv_bias=self.conv_bias, transition_pool=self.transition_pool)
 
     @classmethod
     def from_preset(cls, preset, **options):

@@ -132,6 +132,11 @@ def _avg_pool_2x2_s2(X):
     return nnx.avg_pool(X, window_shape=(2, 2), strides=(2, 2), padding="VALID")
 
 
+def _max_pool_2x2_s2(X):
+    # nn.MaxPool2d(kernel_size=2, stride=2): no padding, an odd last row / column is dropped.
+    return nnx.max_pool(X, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+
 def conv_block(input_channels, num_channels, bn_size=None, drop_rate=0.0, bias=True, *, rngs):
     """The book's BN-ReLU-3x3 conv; with ``bn_size``, the paper's bottleneck layer
     BN-ReLU-1x1 conv (bn_size * num_channels) - BN-ReLU-3x3 conv (num_channels).
@@ -204,14 +209,15 @@ class DenseBlock(nnx.Module):
         return jnp.concatenate(features, axis=-1)
 
 
-def transition_block(input_channels, num_channels, bias=True, *, rngs):
-    """BN-ReLU-1x1 conv to ``num_channels``, then 2x2 average pooling with stride 2."""
-    spec.check_layer_args(input_channels=input_channels, num_channels=num_channels)
+def transition_block(input_channels, num_channels, bias=True, pool="avg", *, rngs):
+    """BN-ReLU-1x1 conv to ``num_channels``, then 2x2 pooling with stride 2: average (``pool``
+    'avg', the book's and the paper's) or max ('max', exercise 1's alternative)."""
+    spec.check_layer_args(input_channels=input_channels, num_channels=num_channels, pool=pool)
     return Sequential(OrderedDict([
         ("norm", _batch_norm(input_channels)),
         ("relu", nnx.relu),
         ("conv", _conv(input_channels, num_channels, 1, bias, rngs)),
-        ("pool", _avg_pool_2x2_s2),
+        ("pool", _avg_pool_2x2_s2 if pool == "avg" else _max_pool_2x2_s2),
     ]))
 
 
@@ -224,13 +230,14 @@ class DenseNet(nnx.Module):
 
     def __init__(self, growth_rate=32, block_config=(4, 4, 4, 4), num_init_features=64,
                  bn_size=None, drop_rate=0.0, num_classes=10, compression=0.5, stem="imagenet",
-                 in_channels=1, conv_bias=True, memory_efficient=False, name="custom", *,
-                 rngs=None):
+                 in_channels=1, conv_bias=True, transition_pool="avg", memory_efficient=False,
+                 name="custom", *, rngs=None):
         self.config = cfg = spec.config_from_options(
             name, growth_rate=growth_rate,
             block_config=block_config, num_init_features=num_init_features, bn_size=bn_size,
             drop_rate=drop_rate, num_classes=num_classes, compression=compression, stem=stem,
-            in_channels=in_channels, conv_bias=conv_bias)
+            in_channels=in_channels, conv_bias=conv_bias,
+            transition_pool=transition_pool)
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.memory_efficient = memory_efficient
         c = cfg.num_init_features
@@ -251,7 +258,8 @@ class DenseNet(nnx.Module):
             if i != len(cfg.block_config) - 1:
                 out = spec.transition_channels(cfg, c)
                 self.features.add_module(f"transition{i + 1}",
-                                         transition_block(c, out, bias=cfg.conv_bias, rngs=rngs))
+                                         transition_block(c, out, bias=cfg.conv_bias,
+                                                          pool=cfg.transition_pool, rngs=rngs))
                 c = out
         self.features.add_module(f"norm{len(cfg.block_config) + 1}", _batch_norm(c))
         self.classifier = nnx.Linear(c, cfg.num_classes, rngs=rngs)

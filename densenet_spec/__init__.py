@@ -26,6 +26,7 @@ from densenet_spec.names import (StateMismatchError, canonical_modules, canonica
                                  check_state, infer_config, remap_legacy_keys, stage_counts,
                                  stage_of, total_counts)
 from densenet_spec.presets import (BN_EPS, FAMILIES, PRESETS, STEMS, TORCH_BN_MOMENTUM,
+                                   TRANSITION_POOLS,
                                    DenseNetConfigError, DenseNetInputError, MLPPreset, Preset,
                                    config_from_dict, get_preset, iter_presets, preset_builder,
                                    preset_names)
@@ -40,5 +41,5 @@ __all__ = [
     "total_counts", "BN_EPS", "TORCH_BN_MOMENTUM", "StateMismatchError", "check_state",
     "remap_legacy_keys", "infer_config", "canonical_modules", "module_arithmetic",
     "call_factory", "check_devices", "validate", "check_layer_args", "transition_channels",
-    "final_features", "preset_builder", "iter_presets", "is_mlp",
+    "final_features", "preset_builder", "iter_presets", "is_mlp", "TRANSITION_POOLS",
 ]

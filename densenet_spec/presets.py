@@ -20,6 +20,9 @@ BN_EPS = 1e-5
 TORCH_BN_MOMENTUM = 0.1
 
 STEMS = ("imagenet", "cifar")
+#: The transition's 2x2/2 pooling: the paper's and the book's average pool, or a max pool (the
+#: chapter's exercise 1 asks why average; docs/exercises.md measures both).
+TRANSITION_POOLS = ("avg", "max")
 FAMILIES = ("conv", "mlp")
 
 
@@ -47,7 +50,9 @@ class Preset:
     bn_size None means the book's plain ``conv_block`` (BN-ReLU-3x3 conv); an int means the
     paper's bottleneck layer (BN-ReLU-1x1 conv to ``bn_size * growth_rate`` channels, then
     BN-ReLU-3x3 conv). ``compression`` is the paper's theta: a transition maps m channels to
-    floor(theta * m).
+    floor(theta * m). ``transition_pool`` is the transition's 2x2 pooling with stride 2:
+    'avg' (the paper's, every preset's) or 'max' (exercise 1's alternative); it has no
+    parameters, so counts and tensor names do not depend on it.
     """
 
     name: str
@@ -61,6 +66,7 @@ class Preset:
     num_classes: int
     conv_bias: bool
     drop_rate: float = 0.0
+    transition_pool: str = "avg"
     source: str = ""
     family: ClassVar[str] = "conv"
 
@@ -77,6 +83,7 @@ class Preset:
             "stem": self.stem,
             "in_channels": self.in_channels,
             "conv_bias": self.conv_bias,
+            "transition_pool": self.transition_pool,
         }
 
     def to_dict(self) -> Dict[str, object]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from densenet_spec.presets import (STEMS, DenseNetConfigError, DenseNetInputError, MLPPreset,
+from densenet_spec.presets import (STEMS, TRANSITION_POOLS, DenseNetConfigError, DenseNetInputError, MLPPreset,
                                    Preset, get_preset)
 
 
@@ -55,6 +55,10 @@ def validate(p):
             _positive_int("bn_size", p.bn_size)
         if p.stem not in STEMS:
             raise DenseNetConfigError(f"stem must be one of {STEMS}, got {p.stem!r}")
+        if p.transition_pool not in TRANSITION_POOLS:
+            raise DenseNetConfigError(
+                f"transition_pool must be one of {TRANSITION_POOLS} (the transition's 2x2 "
+                f"pooling, stride 2), got {p.transition_pool!r}")
         what = "channels"
     _fraction("compression", p.compression, low_open=True)
     _fraction("drop_rate", p.drop_rate, low_open=False)
@@ -103,15 +107,16 @@ def config_from_options(name: str = "custom", family: str = "conv", **options):
     if family not in _BLANK:
         raise DenseNetConfigError(f"unknown DenseNet family {family!r}; families: conv, mlp")
     blank = dataclasses.replace(_BLANK[family], name=name)
-    missing = sorted(_fields(blank) - set(options) - {"drop_rate"})
+    missing = sorted(_fields(blank) - set(options) - {"drop_rate", "transition_pool"})
     if missing:
         raise DenseNetConfigError(f"missing DenseNet option(s): {', '.join(missing)}")
     return make_config(blank, **options)
 
 
-def check_layer_args(num_convs=None, input_channels=None, num_channels=None, bn_size=None):
+def check_layer_args(num_convs=None, input_channels=None, num_channels=None, bn_size=None,
+                     pool=None):
     """Validation shared by the book's building blocks in every backend (the MLP's too: a
-    layer count, input and output widths)."""
+    layer count, input and output widths; a transition's ``pool``)."""
     if num_convs is not None:
         _positive_int("num_convs", num_convs)
     if input_channels is not None:
@@ -120,6 +125,9 @@ def check_layer_args(num_convs=None, input_channels=None, num_channels=None, bn_
         _positive_int("num_channels", num_channels)
     if bn_size is not None:
         _positive_int("bn_size", bn_size)
+    if pool is not None and pool not in TRANSITION_POOLS:
+        raise DenseNetConfigError(f"pool must be one of {TRANSITION_POOLS} (the transition's "
+                                  f"2x2 pooling, stride 2), got {pool!r}")
 
 
 def check_input(p, shape, layout: str = "NCHW") -> None:

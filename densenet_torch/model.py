@@ -118,14 +118,16 @@ class DenseBlock(nn.Module):
         return torch.cat(features, 1)
 
 
-def transition_block(input_channels, num_channels, bias=True):
-    """BN-ReLU-1x1 conv to ``num_channels``, then 2x2 average pooling with stride 2."""
-    spec.check_layer_args(input_channels=input_channels, num_channels=num_channels)
+def transition_block(input_channels, num_channels, bias=True, pool="avg"):
+    """BN-ReLU-1x1 conv to ``num_channels``, then 2x2 pooling with stride 2: average (``pool``
+    'avg', the book's and the paper's) or max ('max', exercise 1's alternative)."""
+    spec.check_layer_args(input_channels=input_channels, num_channels=num_channels, pool=pool)
+    pooling = nn.AvgPool2d if pool == "avg" else nn.MaxPool2d
     return nn.Sequential(OrderedDict([
         ("norm", _batch_norm(input_channels)),
         ("relu", nn.ReLU(inplace=True)),
         ("conv", nn.Conv2d(input_channels, num_channels, kernel_size=1, bias=bias)),
-        ("pool", nn.AvgPool2d(kernel_size=2, stride=2)),
+        ("pool", pooling(kernel_size=2, stride=2)),
     ]))
 
 
@@ -137,13 +139,15 @@ class DenseNet(nn.Module):
 
     def __init__(self, growth_rate=32, block_config=(4, 4, 4, 4), num_init_features=64,
                  bn_size=None, drop_rate=0.0, num_classes=10, compression=0.5, stem="imagenet",
-                 in_channels=1, conv_bias=True, memory_efficient=False, name="custom"):
+                 in_channels=1, conv_bias=True, transition_pool="avg", memory_efficient=False,
+                 name="custom"):
         super().__init__()
         self.config = cfg = spec.config_from_options(
             name, growth_rate=growth_rate,
             block_config=block_config, num_init_features=num_init_features, bn_size=bn_size,
             drop_rate=drop_rate, num_classes=num_classes, compression=compression, stem=stem,
-            in_channels=in_channels, conv_bias=conv_bias)
+            in_channels=in_channels, conv_bias=conv_bias,
+            transition_pool=transition_pool)
         self.memory_efficient = memory_efficient
         c = cfg.num_init_features
         if cfg.stem == "imagenet":
@@ -164,7 +168,8 @@ class DenseNet(nn.Module):
             if i != len(cfg.block_config) - 1:
                 out = spec.transition_channels(cfg, c)
                 self.features.add_module(f"transition{i + 1}",
-                                         transition_block(c, out, bias=cfg.conv_bias))
+                                         transition_block(c, out, bias=cfg.conv_bias,
+                                                          pool=cfg.transition_pool))
                 c = out
         self.features.add_module(f"norm{len(cfg.block_config) + 1}", _batch_norm(c))
         self.classifier = nn.Linear(c, cfg.num_classes)

@@ -29,11 +29,12 @@ CHECKPOINT_FORMAT = "densenet-suite/train-checkpoint-v1"
 MOMENTUM_CONVENTION = ("buf = momentum * buf + grad; weight -= lr * buf "
                        "(PyTorch / optax; MXNet's mom = -lr * buf)")
 #: Settings that must agree for --resume to continue the same run.
-RESUME_KEYS = ("backend", "preset", "dataset", "resize", "limit", "batch_size", "lr", "momentum",
-               "seed", "init", "devices", "sync_bn", "folds", "weight_decay", "model")
+RESUME_KEYS = ("backend", "preset", "transition_pool", "dataset", "resize", "limit", "batch_size",
+               "lr", "momentum", "seed", "init", "devices", "sync_bn", "folds", "weight_decay",
+               "model")
 #: What a checkpoint written before a setting existed had (single-device runs).
-RESUME_DEFAULTS = {"devices": 1, "sync_bn": False, "folds": HOUSE_FOLDS, "weight_decay": 0.0,
-                   "model": "densenet"}
+RESUME_DEFAULTS = {"devices": 1, "sync_bn": False, "transition_pool": "avg", "folds": HOUSE_FOLDS,
+                   "weight_decay": 0.0, "model": "densenet"}
 EVENT_PREFIX = "@@densenet-event "
 
 
@@ -55,6 +56,7 @@ def user_errors() -> tuple:
 class TrainConfig:
     backend: str = "torch"
     preset: Optional[str] = None  # finalize(): 'book', or 'house_mlp' for a house-price dataset
+    transition_pool: str = "avg"
     dataset: str = "digits"
     data_dir: Optional[str] = None
     verify: bool = True
@@ -105,7 +107,8 @@ class TrainConfig:
             self.resize = dataset_lib.DEFAULT_RESIZE.get(self.dataset)
         if self.out is None:
             network = "linear" if self.model == "linear" else self.preset
-            self.out = os.path.join("runs", f"{self.dataset}-{network}-{self.backend}")
+            pool = "" if self.transition_pool == "avg" else f"-{self.transition_pool}pool"
+            self.out = os.path.join("runs", f"{self.dataset}-{network}{pool}-{self.backend}")
         return self
 
 
@@ -132,6 +135,9 @@ def make_parser(prog: str = "densenet train") -> argparse.ArgumentParser:
                    help="network (default: 'book' for images, 'house_mlp' for house prices); "
                    "image presets other than 'book' get 1 input channel and 10 classes, MLP "
                    "presets the data's number of features")
+    p.add_argument("--transition-pool", choices=spec.TRANSITION_POOLS, default="avg",
+                   help="the transitions' 2x2 pooling (convolutional presets): the paper's "
+                   "average, or max (the chapter's exercise 1; docs/exercises.md)")
     p.add_argument("--dataset", choices=dataset_lib.DATASETS + tabular.HOUSE_DATASETS,
                    default="digits",
                    help="digits: scikit-learn's bundled 8x8 digits (offline); fashion-mnist: the "
@@ -198,7 +204,7 @@ def make_parser(prog: str = "densenet train") -> argparse.ArgumentParser:
 def config_to_argv(cfg: TrainConfig) -> List[str]:
     """The command-line arguments that give ``cfg`` back (for the MXNet trainer's process)."""
     argv = ["--backend", cfg.backend, *(["--preset", cfg.preset] if cfg.preset else []),
-            "--dataset", cfg.dataset,
+            "--transition-pool", cfg.transition_pool, "--dataset", cfg.dataset,
             "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", repr(cfg.lr),
             "--momentum", repr(cfg.momentum), "--device", cfg.device, "--devices", str(cfg.devices), "--seed", str(cfg.seed),
             "--weight-decay", repr(cfg.weight_decay), "--folds", str(cfg.folds), "--model", cfg.model]
@@ -234,7 +240,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 #: Options of one recipe only: (option, TrainConfig field); given another value than the
 #: default, the other recipe refuses them (check_recipe).
 IMAGE_ONLY = (("--momentum", "momentum"), ("--resize", "resize"), ("--devices", "devices"),
-              ("--sync-bn", "sync_bn"), ("--init", "init"), ("--no-verify", "verify"))
+              ("--sync-bn", "sync_bn"), ("--init", "init"), ("--no-verify", "verify"),
+              ("--transition-pool", "transition_pool"))
 HOUSE_ONLY = (("--weight-decay", "weight_decay"), ("--folds", "folds"), ("--model", "model"))
 
 
@@ -324,10 +331,14 @@ def check_cpu_devices(devices: int) -> None:
                         "fewer")
 
 
-def model_options(cfg: TrainConfig, dataset: "dataset_lib.Dataset") -> Dict[str, int]:
+def model_options(cfg: TrainConfig, dataset: "dataset_lib.Dataset") -> Dict[str, object]:
     """The options every backend's ``build(preset, **options)`` gets for this dataset: one input
-    channel and the dataset's classes (the book's preset has them already)."""
-    return {"in_channels": 1, "num_classes": int(dataset.num_classes)}
+    channel and the dataset's classes (the book's preset has them already); --transition-pool
+    where it is not the preset's average pool."""
+    options: Dict[str, object] = {"in_channels": 1, "num_classes": int(dataset.num_classes)}
+    if cfg.transition_pool != "avg":
+        options["transition_pool"] = cfg.transition_pool
+    return options
 
 
 def check_size(cfg: TrainConfig, dataset: "dataset_lib.Dataset") -> spec.Preset:

@@ -210,3 +210,22 @@ def test_data_parallel_scaling_benchmark_runs(tmp_path):
     assert row["ratio"] == pytest.approx(row["many"]["examples_per_s"] / row["one"]["examples_per_s"])
     md = out.with_suffix(".md").read_text()
     assert "python -m benchmarks.data_parallel --backends torch" in md and "| torch |" in md
+
+
+def test_exercises_params_tables_add_up(tmp_path):
+    """benchmarks.exercises params (docs/exercises.md, exercises 2 and 4), its cheapest path:
+    DenseNet-121's parameters per stage and per kind add up to the spec's total and to
+    torchvision's published count; the Table 1 presets have the paper's blocks and growth
+    rates and torchvision's counts."""
+    from benchmarks import exercises
+    import densenet_spec as spec
+    rec = exercises.cmd_params(exercises.parse_args(
+        ["params", "--no-torchvision", "--out", str(tmp_path)]))
+    d = rec["densenet121"]
+    assert d["total"] == spec.total_counts(spec.get_preset("densenet121"))[0] == 7_978_856
+    assert sum(s["params"] for s in d["stages"]) == sum(d["by_kind"].values()) == d["total"]
+    assert d["by_kind"]["classifier"] == 1024 * 1000 + 1000
+    assert [p["matches_paper"] for p in rec["table1"]] == [True] * 4 + [None]  # 161: not in it
+    assert [p["params"] == p["torchvision_params"] for p in rec["table1"]
+            if p["torchvision_params"]] == [True] * 4
+    assert json.loads((tmp_path / "params.json").read_text())["densenet121"] == d

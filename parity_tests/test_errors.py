@@ -35,6 +35,7 @@ def test_unknown_preset(backend):
     ({"growth_rate": 0}, "growth_rate must be a positive integer, got 0"),
     ({"block_config": (4, 0, 4)}, r"block_config\[1\]"),
     ({"num_classes": -1}, "num_classes must be a positive integer"),
+    ({"transition_pool": "sum"}, r"transition_pool must be one of \('avg', 'max'\)"),
 ])
 def test_bad_network_options(backend, options, match):
     import re
@@ -68,3 +69,11 @@ def test_bad_layer_arguments(backend, kind, num_convs, num_channels, match):
     assert err is not None, f"{backend.name} {kind} accepted a bad argument"
     assert err["type"] == "DenseNetConfigError", err
     assert re.search(match, err["message"]), err["message"]
+
+
+def test_bad_transition_pool_is_refused_by_transition_block(backend):
+    # transition_block(..., bias, pool) in every framework: the book's arguments, then these two.
+    err = backend.call("layer_error", kind="transition_block",
+                       args=_book_args(backend, "transition_block", None, 3, 10) + [True, "sum"])
+    assert err is not None and err["type"] == "DenseNetConfigError", err
+    assert "pool must be one of ('avg', 'max')" in err["message"] and "'sum'" in err["message"]

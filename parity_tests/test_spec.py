@@ -103,6 +103,7 @@ def test_stage_counts_sum_to_totals():
     ({"compression": 0.0}, r"compression must be in \(0, 1\]"),
     ({"drop_rate": 1.0}, r"drop_rate must be in \[0, 1\)"),
     ({"stem": "resnet"}, "stem must be one of"),
+    ({"transition_pool": "min"}, r"transition_pool must be one of \('avg', 'max'\).*got 'min'"),
     ({"in_channels": 0}, "in_channels must be a positive integer"),
     ({"grwoth_rate": 12}, "unknown DenseNet option"),
 ])
@@ -159,3 +160,18 @@ def test_preset_round_trips_through_dict():
     for p in spec.iter_presets():
         assert spec.Preset.from_dict(p.to_dict()) == p
     assert dataclasses.replace(spec.get_preset("book")).options()["block_config"] == (4, 4, 4, 4)
+
+
+def test_transition_pool_defaults_to_average_and_changes_no_count():
+    # Every preset keeps the paper's average pool; a dict written before the option existed
+    # (no 'transition_pool') reads as before; max pooling has no parameters to add.
+    assert {p.transition_pool for p in spec.iter_presets("conv")} == {"avg"}
+    old = spec.get_preset("densenet121").to_dict()
+    del old["transition_pool"]
+    assert spec.config_from_dict(old) == spec.get_preset("densenet121")
+    for name in ("book", "densenet121"):
+        avg, mx = spec.get_preset(name), spec.make_config(name, transition_pool="max")
+        assert mx.options()["transition_pool"] == "max"
+        assert spec.total_counts(mx) == spec.total_counts(avg)
+        assert spec.stage_shapes(mx, 2, 64, 64) == spec.stage_shapes(avg, 2, 64, 64)
+        assert spec.Preset.from_dict(mx.to_dict()) == mx

@@ -83,6 +83,7 @@ configs = st.fixed_dictionaries({
     "in_channels": st.integers(1, 4),
     "num_classes": st.integers(1, 12),
     "conv_bias": st.booleans(),
+    "transition_pool": st.sampled_from(["avg", "max"]),
 })
 
 

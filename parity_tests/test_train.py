@@ -390,6 +390,25 @@ def test_same_canonical_weights_give_the_same_first_step(tmp_path, one_torch_thr
     need_mxnet()
 
 
+def test_transition_pool_reaches_the_network_and_the_mxnet_child():
+    """--transition-pool: parsed, passed on to the MXNet trainer's process (config_to_argv), in
+    the network every trainer builds (model_options), in the default run directory's name; a
+    checkpoint written before the option existed resumes as an average-pool run."""
+    args = training.make_parser().parse_args(["--transition-pool", "max", "--epochs", "3"])
+    cfg = training.config_from_args(args)
+    assert cfg.transition_pool == "max" and cfg.out.endswith("digits-book-maxpool-torch")
+    again = training.config_from_args(training.make_parser().parse_args(
+        training.config_to_argv(cfg)))
+    assert again == cfg
+    ds = data.load_dataset("digits", 32, limit=8)
+    assert training.check_size(cfg, ds).transition_pool == "max"
+    assert "transition_pool" not in training.model_options(training.TrainConfig(), ds)
+    assert training.RESUME_DEFAULTS["transition_pool"] == "avg"
+    assert "transition_pool" in training.RESUME_KEYS
+    with pytest.raises(SystemExit):
+        training.make_parser().parse_args(["--transition-pool", "sum"])
+
+
 # ------------------------------------------------------------------ checkpoints and resume
 
 def test_resume_refuses_a_different_run_and_a_silent_restart(tmp_path, one_torch_thread):
@@ -401,6 +420,7 @@ def test_resume_refuses_a_different_run_and_a_silent_restart(tmp_path, one_torch
     assert main(base) == 0
     assert main(base) == 2  # would overwrite the run: needs --resume or --overwrite
     assert main([*base, "--resume", "--lr", "0.05"]) == 2  # a different run
+    assert main([*base, "--resume", "--transition-pool", "max"]) == 2  # a different network
     assert main([*base, "--overwrite"]) == 0
     assert main([*base, "--resume", "--epochs", "2"]) == 0  # more epochs: fine
     assert json.loads((out / "metrics.json").read_text())["resumed_from"] == 1

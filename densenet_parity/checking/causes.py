@@ -40,7 +40,8 @@ def convention(config, module: str, kind: str, u, r, mode: str) -> str:
         return ("the stem's pooling: a 3x3 max pool, stride 2, padding 1 (kind or padding; "
                 "Flax's padding='SAME' at stride 2 pads asymmetrically)")
     if where == "transition pool":
-        return "the transition's pooling: a 2x2 average pool, stride 2, no padding"
+        kind = "max" if getattr(config, "transition_pool", "avg") == "max" else "average"
+        return f"the transition's pooling: a 2x2 {kind} pool, stride 2, no padding"
     if where == "concat" or where == "block output":
         return ("concatenation order: the book concatenates the input first, then the new "
                 "features (torch.cat((X, Y), dim=1)); or the ReLU before this BatchNorm's layer")
