@@ -53,7 +53,7 @@ def read_checkpoint(path: str, preset=None, **options
         raise ConvertError(str(e)) from None
     if preset is None and fmt == "safetensors":
         _, preset = files.load_state(path)  # our canonical files carry their configuration
-    m = matching.match(arrays, preset, layout="flax" if fmt == "flax" else "torch",
+    m = matching.match(arrays, preset, layout=formats.LAYOUTS[fmt],
                        natural=fmt in ("flax", "safetensors"), **options)
     if not m.ok or m.state is None:
         from densenet_parity.checking import likely_structural_cause

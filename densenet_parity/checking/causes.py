@@ -29,8 +29,9 @@ def convention(config, module: str, kind: str, u, r, mode: str) -> str:
         return (f"the output's shape is {list(u.shape)}, the reference's {list(r.shape)}: "
                 "a stride, padding or pooling size differs (layout: NCHW in PyTorch and Gluon, "
                 "NHWC in Flax)")
-    if u.ndim == 4 and u.shape[2] == u.shape[3] and np.allclose(u, r.transpose(0, 1, 3, 2),
-                                                                 rtol=1e-4, atol=1e-5):
+    if u.ndim == 4 and u.shape[2] == u.shape[3] > 1 and np.allclose(
+            u, r.transpose(0, 1, 3, 2), rtol=1e-4, atol=1e-5) and not np.allclose(
+            u, r, rtol=1e-4, atol=1e-5):
         return "height and width are swapped (a layout transpose: NCHW vs NHWC, or HWIO vs OIHW)"
     where = _previous(config, module)
     if where == "stem":

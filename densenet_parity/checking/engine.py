@@ -262,7 +262,7 @@ def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref
 def _weights(path: str, config) -> Dict[str, np.ndarray]:
     from densenet_weights import formats
     fmt, arrays = formats.read(path)
-    m = matching.match(arrays, config, layout="flax" if fmt == "flax" else "torch",
+    m = matching.match(arrays, config, layout=formats.LAYOUTS[fmt],
                        natural=fmt in ("flax", "safetensors"))
     if not m.ok or m.state is None:
         raise CheckError(f"{path} does not fit preset '{config.name}': {m.difference}")
@@ -278,11 +278,11 @@ def check_weights(path: str, preset=None, framework: Optional[str] = None, size=
     from densenet_weights import formats
     say = progress or (lambda msg: None)
     fmt, arrays = formats.read(path)
-    layout = "flax" if fmt == "flax" else "torch"
+    layout = formats.LAYOUTS[fmt]
     m = matching.match(arrays, preset, layout=layout, natural=fmt in ("flax", "safetensors"))
     config = m.config
-    stats = {n for n in arrays if matching.split_name(n)[1] in (
-        "running_mean", "running_var", "moving_mean", "moving_var", "mean", "var")}
+    stats = {n for n in arrays if matching.ROLES.get(matching.split_name(n)[1]) in (
+            "running_mean", "running_var")}
     tensors = {"arrays": arrays, "trainable": [n for n in arrays if n not in stats
                                                 and matching.split_name(n)[1] in matching.ROLES]}
     rows, totals = structure._structure_rows(config, m, tensors)
