@@ -69,7 +69,8 @@ def write_checkpoint(state: Dict[str, np.ndarray], config: spec.Preset, dst: str
     if to not in TARGETS:
         raise ConvertError(f"unknown target {to!r}; targets: {', '.join(TARGETS)}")
     spec.check_state(config, {k: v.shape for k, v in state.items()})
-    if to == "canonical":
+    state = {name: state[name] for name, _, _ in spec.canonical_tensors(config)}  # its order:
+    if to == "canonical":                                       # Keras' files number layers in it
         files.save_state(state, dst, config)
         return
     fmt, arrays = formats.native(state, to)

@@ -119,7 +119,8 @@ def native(state: Mapping[str, np.ndarray], target: str) -> Tuple[str, "OrderedD
     model's state as a pure dict, paths with '/', kernels HWIO and [in, out], BatchNorm's
     scale, bias, mean, var; flax-linen: linen's variables, {'params', 'batch_stats'}; keras:
     keras.applications' layer names (``keras_layer_name``), kernels HWIO and [in, out],
-    BatchNorm's gamma, beta, moving_mean, moving_variance."""
+    BatchNorm's gamma, beta, moving_mean, moving_variance (``state`` in the canonical order:
+    Keras' file numbers each class's layers in the order they come)."""
     if target not in NATIVE:
         raise WeightsFormatError(f"unknown target {target!r}; targets: {', '.join(NATIVE)}")
     bn = {k.rsplit(".", 1)[0] for k in state if k.endswith(".running_mean")}

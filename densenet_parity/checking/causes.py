@@ -36,10 +36,14 @@ def convention(config, module: str, kind: str, u, r, mode: str) -> str:
     where = _previous(config, module)
     if where == "stem":
         return ("padding of the stem's 7x7/2 conv: PyTorch pads 3 on every side; Flax's "
-                "padding='SAME' at stride 2 pads 2 before and 3 after (use ((3, 3), (3, 3)))")
+                "padding='SAME' at stride 2 pads 2 before and 3 after (use ((3, 3), (3, 3))), "
+                "as Keras' padding='same' does (use ZeroPadding2D(3) and padding='valid', as "
+                "keras.applications' DenseNets do)")
     if where == "stem pool":
         return ("the stem's pooling: a 3x3 max pool, stride 2, padding 1 (kind or padding; "
-                "Flax's padding='SAME' at stride 2 pads asymmetrically)")
+                "Flax's padding='SAME' and Keras' padding='same' at stride 2 pad asymmetrically; "
+                "Keras: ZeroPadding2D(1) then a 'valid' max pool, zeros after a ReLU being -inf "
+                "padding)")
     if where == "transition pool":
         return "the transition's pooling: a 2x2 average pool, stride 2, no padding"
     if where == "concat" or where == "block output":

@@ -87,17 +87,22 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
         rng = np.random.default_rng(seed + 2)
         x = rng.standard_normal((BATCH, config.in_channels, size, size)).astype(np.float32)
         labels = rng.integers(0, config.num_classes, BATCH).astype(np.int64)
+        runs = {}
         numbers, first, notes = _numbers(config, state, x, labels, user, m.mapping, modules_u,
                                          tensors["layout"], ref, rm.mapping, modules_r,
                                          rt["layout"], framework, say,
-                                         {k: v["momentum"] for k, v in read_r.items()})
+                                         {k: v["momentum"] for k, v in read_r.items()}, runs)
         report.output_shape = numbers.pop("output_shape")
         report.numbers, report.first = numbers, first
         report.notes += notes
         if report.bn_settings:
-            if first and first.get("fallback"):
-                first["convention"] = ("the BatchNorm settings named above: the forward pass "
-                                       "agrees, the gradients do not")
+            if first:  # read, not guessed: the settings differ, and they change these numbers
+                first["convention"] = (
+                    "the BatchNorm settings named above (" + ", ".join(sorted({
+                        d["setting"] for d in report.bn_settings})) + "), first seen here; "
+                    "whether anything else differs: the numbers with the model's settings, "
+                    "below" + ("" if first.get("fallback") else
+                               f" (otherwise most likely: {first['convention']})"))
             say(f"[{framework}] the reference (PyTorch) with the model's BatchNorm settings ...")
             torch_sub = subject_module("torch")
             adjusted = torch_sub.reference(config, size, user, settings=bn_settings.for_reference(
@@ -108,7 +113,7 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
                                          tensors["layout"], adjusted, am.mapping,
                                          structure._module_names(am.mapping, order),
                                          at["layout"], framework, lambda msg: None,
-                                         {k: v["momentum"] for k, v in read_u.items()})
+                                         {k: v["momentum"] for k, v in read_u.items()}, runs)
             numbers.pop("output_shape")
             report.adjusted, report.adjusted_first = numbers, first
         return report
@@ -199,15 +204,19 @@ def factory_location(factory: str, path: Optional[str]) -> Optional[str]:
 
 
 def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref, mapping_r,
-             modules_r, layout_r, framework, say, momenta):
+             modules_r, layout_r, framework, say, momenta, runs=None):
     """Eval-mode logits (float32), then one train-mode step (float64): (numbers, the first
     difference or None, notes). ``momenta``: the reference's BatchNorm momenta (canonical
-    module -> PyTorch's words)."""
+    module -> PyTorch's words). ``runs``: a dict keeping the model's own runs, reused when the
+    same model is compared again (with another reference)."""
+    runs = {} if runs is None else runs
     numbers, notes = {}, []
     ref.load(_to_model(state, mapping_r, layout_r))
     order = [c for c, _, _ in spec.canonical_modules(config)]
     say(f"[{framework}] eval mode, float32 ...")
-    eu = user.run(x=x, modules=list(modules_u.values()), train=False)
+    if "eval" not in runs:
+        runs["eval"] = user.run(x=x, modules=list(modules_u.values()), train=False)
+    eu = runs["eval"]
     er = ref.run(x=x, modules=list(modules_r.values()), train=False)
     numbers["eval_logits"] = _rel(eu["logits"], er["logits"])
     numbers["output_shape"] = list(np.shape(eu["logits"]))
@@ -223,15 +232,19 @@ def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref
                                      er["logits"], "eval")}
         return numbers, first, notes
     say(f"[{framework}] one train-mode step, float64 ...")
-    dtype = "float64"
-    try:
-        tu = user.run(x=x, labels=labels, modules=list(modules_u.values()), train=True,
-                      dtype=dtype)
-    except Exception as e:  # noqa: BLE001 - a model that cannot run in float64
-        notes.append(f"the model does not run in float64 ({str(e).splitlines()[0]}); "
-                     "the step is compared in float32 at 1e-3")
-        dtype = "float32"
-        tu = user.run(x=x, labels=labels, modules=list(modules_u.values()), train=True)
+    if "train" not in runs:
+        try:
+            runs["train"] = "float64", user.run(x=x, labels=labels,
+                                                modules=list(modules_u.values()), train=True,
+                                                dtype="float64")
+        except Exception as e:  # noqa: BLE001 - a model that cannot run in float64
+            runs["note"] = (f"the model does not run in float64 ({str(e).splitlines()[0]}); "
+                            "the step is compared in float32 at 1e-3")
+            runs["train"] = "float32", user.run(x=x, labels=labels,
+                                                modules=list(modules_u.values()), train=True)
+    dtype, tu = runs["train"]
+    if "note" in runs:
+        notes.append(runs["note"])
     tr = ref.run(x=x, labels=labels, modules=list(modules_r.values()), train=True, dtype=dtype)
     tol = STEP_RTOL if dtype == "float64" else 1e-3
     numbers["train_loss"] = abs(tu["loss"] - tr["loss"]) / max(abs(tr["loss"]), 1e-300)
