@@ -31,7 +31,7 @@ FLOORS: Dict[str, int] = {
     "parity_tests": 7, "benchmarks": 7,
 }
 TOP = max(FLOORS.values())  # the suite and the benchmarks: they may use each other
-FRAMEWORKS = {"torch", "torchvision", "mxnet", "jax", "jaxlib", "flax", "optax"}
+FRAMEWORKS = {"torch", "torchvision", "mxnet", "jax", "jaxlib", "flax", "optax", "keras", "h5py"}
 
 
 def imports(source: str, package: str) -> Iterator[Tuple[int, str, bool]]:

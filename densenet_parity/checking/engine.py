@@ -286,8 +286,8 @@ def check_weights(path: str, preset=None, framework: Optional[str] = None, size=
                   seed: int = 0, progress=None) -> Report:
     """Check a weights file (any format densenet_weights.formats reads, under any names): its
     structure against the preset (inferred when None), per stage; then, with ``framework``,
-    that it loads into our model there and computes what PyTorch's does with the same weights
-    (eval mode, 1e-5)."""
+    that it loads into our model there (Keras: keras.applications' DenseNet of the preset) and
+    computes what PyTorch's does with the same weights (eval mode, 1e-5)."""
     from densenet_weights import formats
     say = progress or (lambda msg: None)
     fmt, arrays = formats.read(path)
@@ -310,13 +310,21 @@ def check_weights(path: str, preset=None, framework: Optional[str] = None, size=
         report.numbers["eval_logits"] = 0.0
         report.notes.append("structure only: give --framework to run the weights")
         return report
+    subject_module(framework)  # a framework this check knows
     say(f"[{framework}] the weights in our {framework} model and in PyTorch's ...")
     from densenet_parity.backends import make_backend
     x = np.random.default_rng(seed + 2).standard_normal(
         (BATCH, config.in_channels, size, size)).astype(np.float32)
     name = {"flax": "flax-nnx"}.get(framework, framework)
     outs = {}
-    for b in {name, "torch"}:
+    if framework == "keras":  # no Keras mirror: keras.applications' DenseNet of the preset
+        from densenet_parity.checking import subject_keras
+        from densenet_weights import formats as fmts
+        keras_model = subject_keras.applications_model(config, size)
+        keras_model.load(fmts.native(m.state, "keras")[1])
+        outs["keras"] = {"head": keras_model.run(x=x)["logits"]}
+        report.notes += keras_model.notes + ["the weights in keras.applications' DenseNet"]
+    for b in {name, "torch"} - set(outs):
         backend = make_backend(b)
         try:
             outs[b] = backend.call("forward", config=config.to_dict(), state=m.state, x=x)["arrays"]

@@ -269,6 +269,22 @@ def user(factory: str, path: Optional[str], size: int, in_channels: Optional[int
     return KerasSubject(model)
 
 
+APPLICATIONS = {"densenet121": "DenseNet121", "densenet169": "DenseNet169",
+                "densenet201": "DenseNet201"}
+
+
+def applications_model(config, size: int) -> KerasSubject:
+    """keras.applications' DenseNet of a preset (weights=None: nothing is downloaded), for a
+    weights file's numbers in Keras."""
+    keras = import_keras()
+    name = APPLICATIONS.get(config.name)
+    if name is None:
+        raise CheckError(f"keras.applications has no DenseNet of preset '{config.name}' (it has "
+                         f"{', '.join(APPLICATIONS)}); check the file with another --framework")
+    return KerasSubject(getattr(keras.applications, name)(
+        weights=None, input_shape=(size, size, config.in_channels), classes=config.num_classes))
+
+
 def reference(config, size: int, user: Subject) -> Subject:
     """Our PyTorch DenseNet (no Keras mirror)."""
     from densenet_parity.checking import subject_torch
