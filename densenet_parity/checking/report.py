@@ -43,7 +43,7 @@ class Report:
         if self.same:
             return True
         return (self.structure is None and self.error is None and bool(self.bn_settings)
-                and bool(self.adjusted) and self.adjusted_first is None
+                and all(d["setting"] != "unread" for d in self.bn_settings) and bool(self.adjusted) and self.adjusted_first is None
                 and all(v <= _tolerance(k) for k, v in self.adjusted.items()))
 
     @property
