@@ -58,6 +58,7 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
                         [BATCH, config.in_channels, size, size], rows, totals,
                         weights=weights or f"random (seed {seed})")
         report.notes += user.notes
+        report.reference = getattr(sub, "REFERENCE", report.reference)
         if not m.ok:
             report.structure = str(m.difference)
             report.cause = structure.likely_structural_cause(config, m.difference)
@@ -253,8 +254,9 @@ def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref
     numbers["gradients"], worst = _worst(gu, gr, GRAD_FLOOR)
     su = _to_canonical(tu["state"], mapping_u, layout_u)
     sr = _to_canonical(tr["state"], mapping_r, layout_r)
-    numbers["bn_statistics"], bn_first, more = _bn_statistics(config, state, su, sr, framework,
-                                                          momenta)
+    numbers["bn_statistics"], bn_first, more = _bn_statistics(
+        config, state, su, sr, framework, momenta,
+        biased=getattr(subject_module(framework), "BIASED_VARIANCE", False))
     notes += more
     first = None
     if numbers["train_loss"] > tol or numbers["gradients"] > tol:
@@ -310,20 +312,17 @@ def check_weights(path: str, preset=None, framework: Optional[str] = None, size=
         report.numbers["eval_logits"] = 0.0
         report.notes.append("structure only: give --framework to run the weights")
         return report
-    subject_module(framework)  # a framework this check knows
+    sub = subject_module(framework)  # a framework this check knows
     say(f"[{framework}] the weights in our {framework} model and in PyTorch's ...")
     from densenet_parity.backends import make_backend
     x = np.random.default_rng(seed + 2).standard_normal(
         (BATCH, config.in_channels, size, size)).astype(np.float32)
     name = {"flax": "flax-nnx"}.get(framework, framework)
     outs = {}
-    if framework == "keras":  # no Keras mirror: keras.applications' DenseNet of the preset
-        from densenet_parity.checking import subject_keras
-        from densenet_weights import formats as fmts
-        keras_model = subject_keras.applications_model(config, size)
-        keras_model.load(fmts.native(m.state, "keras")[1])
-        outs["keras"] = {"head": keras_model.run(x=x)["logits"]}
-        report.notes += keras_model.notes + ["the weights in keras.applications' DenseNet"]
+    if hasattr(sub, "run_weights"):  # a framework without a mirror runs the weights itself
+        logits, notes = sub.run_weights(config, m.state, x, size)
+        outs[name] = {"head": logits}
+        report.notes += notes
     for b in {name, "torch"} - set(outs):
         backend = make_backend(b)
         try:

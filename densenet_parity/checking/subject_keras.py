@@ -26,6 +26,10 @@ from densenet_parity.checking.subjects import CheckError, Subject, class_is, kee
 
 FRAMEWORK = "keras"
 VARIANTS = ("keras",)
+#: its BatchNorm updates the running variance with the biased batch variance (accepted, noted)
+BIASED_VARIANCE = True
+#: what its numbers are compared with
+REFERENCE = "our PyTorch model"
 
 
 def import_keras():
@@ -283,6 +287,15 @@ def applications_model(config, size: int) -> KerasSubject:
                          f"{', '.join(APPLICATIONS)}); check the file with another --framework")
     return KerasSubject(getattr(keras.applications, name)(
         weights=None, input_shape=(size, size, config.in_channels), classes=config.num_classes))
+
+
+def run_weights(config, state, x, size: int):
+    """A weights file's canonical ``state`` in keras.applications' DenseNet of its preset: its
+    eval logits on ``x`` (NCHW), and what the report must say."""
+    from densenet_weights import formats
+    model = applications_model(config, size)
+    model.load(formats.native(state, "keras")[1])
+    return model.run(x=x)["logits"], model.notes + ["the weights in keras.applications' DenseNet"]
 
 
 def reference(config, size: int, user: Subject) -> Subject:
