@@ -31,7 +31,7 @@ mxnet-env: $(MXVENV)/.stamp
 $(VENV)/.stamp: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[torch,flax,onnx,train,test]'
+	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[torch,flax,keras,onnx,train,test]'
 	touch $@
 
 $(MXVENV)/.stamp: pyproject.toml

@@ -87,12 +87,14 @@ def convert(argv: List[str]) -> int:
                  "form (torchvision's names, PyTorch's layout). Reads any framework's file, told "
                  "by its content: a PyTorch state_dict (.pt/.pth/.bin, read only with "
                  "torch.load(weights_only=True)), Gluon .params (ours, the model zoo's, the "
-                 "book's net), Flax msgpack (NNX or linen), safetensors or ONNX (each "
+                 "book's net), Flax msgpack (NNX or linen), safetensors, Keras weights "
+                 "(.weights.h5, .keras: read with h5py, never Keras' loader) or ONNX (each "
                  "initializer's role read from the graph; BatchNorms folded by the exporter put "
                  "back as identity BatchNorms, and said), under any names, "
                  "matched onto the preset by structure; writes canonical safetensors, the "
-                 "file our model in a framework reads, or ONNX (--to onnx: `densenet export`, "
-                 "proven in onnxruntime). A file that does not fit is refused with "
+                 "file our model in a framework reads (--to keras: the .weights.h5 a "
+                 "keras.applications DenseNet loads with load_weights), or ONNX (--to onnx: "
+                 "`densenet export`, proven in onnxruntime). A file that does not fit is refused with "
                  "the first difference; every tensor is checked before anything is written.",
                  "densenet convert book_state_dict.pth book.msgpack --to flax-nnx")
     ap.add_argument("src", help="the weights file to read")
@@ -233,7 +235,10 @@ def check(argv: List[str]) -> int:
                  "model and our reference in the same framework and compares eval-mode outputs "
                  "and one float64 train step (loss, gradients, BatchNorm statistics), naming the "
                  "first layer whose output differs and the convention most likely behind it. "
-                 "Gluon models run in the MXNet environment. With a weights file in place of "
+                 "Each BatchNorm's epsilon and momentum are read from the model's layers and "
+                 "every difference named; when they are the only difference the verdict is 'same "
+                 "architecture, different BatchNorm settings'. Gluon models run in the MXNet "
+                 "environment; Keras models on Keras' JAX backend, against our PyTorch model. With a weights file in place of "
                  "MODULE:FUNCTION: its structure, and with --framework, its numbers in our model "
                  "there against PyTorch's. An ONNX file (.onnx, its external data beside it): "
                  "structure from its graph (BatchNorms folded by the exporter said), its "
@@ -244,7 +249,7 @@ def check(argv: List[str]) -> int:
     ap.add_argument("model", metavar="MODULE:FUNCTION|WEIGHTS",
                     help="a function that returns your model (importable from the working "
                          "directory), or a weights file (.pt/.pth/.bin, .params, .msgpack, "
-                         ".safetensors, .onnx)")
+                         ".safetensors, Keras' .weights.h5 or .keras, .onnx)")
     ap.add_argument("--framework", choices=engine.FRAMEWORKS,
                     help="the model's framework (required for MODULE:FUNCTION)")
     ap.add_argument("--preset", help=f"one of: {', '.join(spec.preset_names())} "
@@ -276,7 +281,8 @@ def check(argv: List[str]) -> int:
                                           args.seed, progress)
         else:
             if args.framework is None:
-                ap.error("--framework torch|mxnet|flax is required with MODULE:FUNCTION")
+                ap.error(f"--framework {'|'.join(engine.FRAMEWORKS)} is required with "
+                         "MODULE:FUNCTION")
             report = engine.check(framework=args.framework, factory=args.model, path=os.getcwd(),
                                   weights=args.weights, preset=args.preset, size=args.size,
                                   seed=args.seed, in_channels=args.in_channels, progress=progress)

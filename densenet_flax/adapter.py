@@ -690,7 +690,8 @@ def model_bn_settings(model, variant: str = "nnx", in_channels: int = 3, size: i
     """Every BatchNorm of the model (its path, as model_tensors names its variables less the
     leaf) -> {"epsilon", "momentum"} as the model has them (Flax's momentum: the share of the
     running statistics kept per step). NNX: every module with BatchStat variables and an
-    epsilon and a momentum (nnx.BatchNorm, ours); linen: each nn.BatchNorm as it is called
+    epsilon and a momentum (nnx.BatchNorm, ours); linen: each nn.BatchNorm (or module with an
+    epsilon and a momentum: ours) as it is called
     (read while tracing the model abstractly on a 224 x 224 input with ``in_channels``: its
     submodules exist only then)."""
     from flax import linen as nn
@@ -707,7 +708,8 @@ def model_bn_settings(model, variant: str = "nnx", in_channels: int = 3, size: i
 
     def record(next_fun, args, kwargs, context):
         m = context.module
-        if isinstance(m, nn.BatchNorm) and context.method_name == "__call__":
+        if context.method_name == "__call__" and (isinstance(m, nn.BatchNorm) or (
+                hasattr(m, "epsilon") and hasattr(m, "momentum"))):  # nn.BatchNorm, ours
             found["/".join(m.path)] = {"epsilon": float(m.epsilon), "momentum": float(m.momentum)}
         return next_fun(*args, **kwargs)
 

@@ -62,7 +62,7 @@ def read_checkpoint(path: str, preset=None, notes: Optional[list] = None, **opti
         raise ConvertError(str(e)) from None
     if preset is None and fmt == "safetensors":
         _, preset = files.load_state(path)  # our canonical files carry their configuration
-    m = matching.match(arrays, preset, layout="flax" if fmt == "flax" else "torch",
+    m = matching.match(arrays, preset, layout=formats.LAYOUTS[fmt],
                        natural=fmt in ("flax", "safetensors"), **options)
     return _matched(path, fmt, m)
 
@@ -105,7 +105,8 @@ def write_checkpoint(state: Dict[str, np.ndarray], config: spec.Preset, dst: str
         raise ConvertError(f"unknown target {to!r}; targets: {', '.join(formats.NATIVE)} "
                            "(ONNX: densenet_parity.export)")
     spec.check_state(config, {k: v.shape for k, v in state.items()})
-    if to == "canonical":
+    state = {name: state[name] for name, _, _ in spec.canonical_tensors(config)}  # its order:
+    if to == "canonical":                                       # Keras' files number layers in it
         files.save_state(state, dst, config)
         return
     fmt, arrays = formats.native(state, to)

@@ -4,7 +4,7 @@ names, by structure.
 The tensors are first grouped into *layers* (the tensors of one module: everything but the
 last part of the name) and each layer gets a kind from its tensors' roles: a BatchNorm holds a
 running mean and variance (PyTorch ``running_mean``, Gluon ``running_mean`` / ``moving_mean``,
-Flax ``mean``), a convolution a 4-D kernel (``weight``, ``kernel``: HWIO in Flax), a dense layer a
+Flax ``mean``, Keras ``moving_mean`` / ``moving_variance``), a convolution a 4-D kernel (``weight``, ``kernel``: HWIO in Flax), a dense layer a
 2-D one (``[in, out]`` in Flax). Layouts are converted to PyTorch's.
 
 Then each kind's layers are matched in order: the model's convolutions in the order it defines
@@ -34,7 +34,8 @@ import densenet_spec as spec
 ROLES = {"weight": "weight", "kernel": "weight", "gamma": "weight", "scale": "weight",
          "bias": "bias", "beta": "bias",
          "running_mean": "running_mean", "moving_mean": "running_mean", "mean": "running_mean",
-         "running_var": "running_var", "moving_var": "running_var", "var": "running_var"}
+         "running_var": "running_var", "moving_var": "running_var", "moving_variance": "running_var",
+         "var": "running_var"}
 IGNORED = ("num_batches_tracked",)
 #: Flax collections: a BatchNorm's params and batch_stats belong to one layer.
 COLLECTIONS = ("params", "batch_stats")

@@ -123,7 +123,8 @@ GIANTS = ("densenet264", "densenet161", "densenet_bc190", "densenet_bc250", "den
 #: the other worker), the float64 groups of (3) after test_memory_efficient, and last the modules
 #: whose tests start heavy subprocesses (torchrun's processes, torch.compile's C++ compiler):
 #: a run at 46a59ae peaked at 7.30 GB where test_benchmarks, then first, met DenseNet-BC-190.
-HEAVY_MODULES = ("parity_tests/test_check.py", "parity_tests/test_cli.py",
+HEAVY_MODULES = ("parity_tests/test_check.py", "parity_tests/test_keras.py",
+                 "parity_tests/test_cli.py",
                  "parity_tests/test_convert.py", "parity_tests/test_onnx.py",
                  "parity_tests/test_memory_efficient.py",
                  "parity_tests/test_train.py", "parity_tests/test_house.py",

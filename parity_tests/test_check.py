@@ -215,6 +215,8 @@ BAD_INPUT = [
      "NameError"),
     ("mxnet", "not_a_model", "\n\ndef net():\n    return [1, 2]\n", "returned list, not a "
      "mxnet.gluon.Block", 3, ""),
+    ("keras", "not_a_keras_model", "def net():\n    return 3\n", "returned int, not a "
+     "keras.Model", 1, ""),
 ]
 
 

@@ -32,7 +32,7 @@ FLOORS: Dict[str, int] = {
 }
 TOP = max(FLOORS.values())  # the suite and the benchmarks: they may use each other
 FRAMEWORKS = {"torch", "torchvision", "mxnet", "jax", "jaxlib", "flax", "optax", "onnx",
-              "onnxruntime", "onnxscript"}
+              "onnxruntime", "onnxscript", "keras", "h5py"}
 
 
 def imports(source: str, package: str) -> Iterator[Tuple[int, str, bool]]:

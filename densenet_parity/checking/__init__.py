@@ -39,6 +39,10 @@ Adding a framework is one new file ``subject_<name>.py`` (and its name in
 subjects.FRAMEWORKS). It imports its framework lazily (inside functions) and provides:
 
     FRAMEWORK = "<name>";  VARIANTS = ("<default variant>", ...)
+    BIASED_VARIANCE = True           (optional) its BatchNorm updates the running variance
+                                     with the biased batch variance: accepted, noted
+    REFERENCE = "our PyTorch model"  (optional, default "same framework") what the numbers
+                                     are compared with, for the report
     owns(obj) -> variant or None     is ``obj`` this framework's model? (from its class names,
                                      importing nothing: subjects.class_is)
     wrap(model, variant) -> Subject  a model object given to check()/assert_same_densenet
@@ -50,8 +54,12 @@ subjects.FRAMEWORKS). It imports its framework lazily (inside functions) and pro
     reference(config, size, user) -> Subject
                                      what the model's numbers are compared with: our model in
                                      the same framework, or where there is no mirror, our
-                                     PyTorch model (subject_torch.reference); the report says
-                                     which (Report.reference_words)
+                                     PyTorch model (subject_torch.reference; say so in
+                                     REFERENCE)
+    run_weights(config, state, x, size) -> (logits, notes)
+                                     (optional; frameworks without a mirror) a canonical state
+                                     in this framework's model of the preset, for check_weights
+                                     --framework (others: the mirror's backend "forward")
 
 A Subject (subjects.Subject) has ``variant``, ``notes`` (said in the report) and:
 

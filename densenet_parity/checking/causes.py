@@ -29,16 +29,21 @@ def convention(config, module: str, kind: str, u, r, mode: str) -> str:
         return (f"the output's shape is {list(u.shape)}, the reference's {list(r.shape)}: "
                 "a stride, padding or pooling size differs (layout: NCHW in PyTorch and Gluon, "
                 "NHWC in Flax)")
-    if u.ndim == 4 and u.shape[2] == u.shape[3] and np.allclose(u, r.transpose(0, 1, 3, 2),
-                                                                 rtol=1e-4, atol=1e-5):
+    if u.ndim == 4 and u.shape[2] == u.shape[3] > 1 and np.allclose(
+            u, r.transpose(0, 1, 3, 2), rtol=1e-4, atol=1e-5) and not np.allclose(
+            u, r, rtol=1e-4, atol=1e-5):
         return "height and width are swapped (a layout transpose: NCHW vs NHWC, or HWIO vs OIHW)"
     where = _previous(config, module)
     if where == "stem":
         return ("padding of the stem's 7x7/2 conv: PyTorch pads 3 on every side; Flax's "
-                "padding='SAME' at stride 2 pads 2 before and 3 after (use ((3, 3), (3, 3)))")
+                "padding='SAME' at stride 2 pads 2 before and 3 after (use ((3, 3), (3, 3))), "
+                "as Keras' padding='same' does (use ZeroPadding2D(3) and padding='valid', as "
+                "keras.applications' DenseNets do)")
     if where == "stem pool":
         return ("the stem's pooling: a 3x3 max pool, stride 2, padding 1 (kind or padding; "
-                "Flax's padding='SAME' at stride 2 pads asymmetrically)")
+                "Flax's padding='SAME' and Keras' padding='same' at stride 2 pad asymmetrically; "
+                "Keras: ZeroPadding2D(1) then a 'valid' max pool, zeros after a ReLU being -inf "
+                "padding)")
     if where == "transition pool":
         kind = "max" if getattr(config, "transition_pool", "avg") == "max" else "average"
         return f"the transition's pooling: a 2x2 {kind} pool, stride 2, no padding"

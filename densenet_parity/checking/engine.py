@@ -82,6 +82,7 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
         report = Report(framework, variant, name, config.name, config.to_dict(),
                         list(x.shape), rows, totals, weights=weights or f"random (seed {seed})")
         report.notes += user.notes
+        report.reference = getattr(sub, "REFERENCE", report.reference)
         if not m.ok:
             report.structure = str(m.difference)
             report.cause = structure.likely_structural_cause(config, m.difference)
@@ -109,17 +110,22 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
         report.bn_settings = bn_settings.differences(config, read_u, read_r, modules_u, framework)
         state = _weights(weights, config) if weights else random_state(config, seed)
         user.load(_to_model(state, m.mapping, tensors["layout"]))
+        runs = {}
         numbers, first, notes = _numbers(config, state, x, labels, user, m.mapping, modules_u,
                                          tensors["layout"], ref, rm.mapping, modules_r,
                                          rt["layout"], framework, say,
-                                         {k: v["momentum"] for k, v in read_r.items()})
+                                         {k: v["momentum"] for k, v in read_r.items()}, runs)
         report.output_shape = numbers.pop("output_shape")
         report.numbers, report.first = numbers, first
         report.notes += notes
         if report.bn_settings:
-            if first and first.get("fallback"):
-                first["convention"] = ("the BatchNorm settings named above: the forward pass "
-                                       "agrees, the gradients do not")
+            if first:  # read, not guessed: the settings differ, and they change these numbers
+                first["convention"] = (
+                    "the BatchNorm settings named above (" + ", ".join(sorted({
+                        d["setting"] for d in report.bn_settings})) + "), first seen here; "
+                    "whether anything else differs: the numbers with the model's settings, "
+                    "below" + ("" if first.get("fallback") else
+                               f" (otherwise most likely: {first['convention']})"))
             say(f"[{framework}] the reference (PyTorch) with the model's BatchNorm settings ...")
             torch_sub = subject_module("torch")
             adjusted = torch_sub.reference(config, size, user, settings=bn_settings.for_reference(
@@ -130,7 +136,7 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
                                          tensors["layout"], adjusted, am.mapping,
                                          structure._module_names(am.mapping, order),
                                          at["layout"], framework, lambda msg: None,
-                                         {k: v["momentum"] for k, v in read_u.items()})
+                                         {k: v["momentum"] for k, v in read_u.items()}, runs)
             numbers.pop("output_shape")
             report.adjusted, report.adjusted_first = numbers, first
         return report
@@ -221,15 +227,19 @@ def factory_location(factory: str, path: Optional[str]) -> Optional[str]:
 
 
 def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref, mapping_r,
-             modules_r, layout_r, framework, say, momenta):
+             modules_r, layout_r, framework, say, momenta, runs=None):
     """Eval-mode logits (float32), then one train-mode step (float64): (numbers, the first
     difference or None, notes). ``momenta``: the reference's BatchNorm momenta (canonical
-    module -> PyTorch's words)."""
+    module -> PyTorch's words). ``runs``: a dict keeping the model's own runs, reused when the
+    same model is compared again (with another reference)."""
+    runs = {} if runs is None else runs
     numbers, notes = {}, []
     ref.load(_to_model(state, mapping_r, layout_r))
     order = [c for c, _, _ in spec.canonical_modules(config)]
     say(f"[{framework}] eval mode, float32 ...")
-    eu = user.run(x=x, modules=list(modules_u.values()), train=False)
+    if "eval" not in runs:
+        runs["eval"] = user.run(x=x, modules=list(modules_u.values()), train=False)
+    eu = runs["eval"]
     er = ref.run(x=x, modules=list(modules_r.values()), train=False)
     numbers["eval_logits"] = _rel(eu["logits"], er["logits"])
     numbers["output_shape"] = list(np.shape(eu["logits"]))
@@ -245,15 +255,19 @@ def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref
                                      er["logits"], "eval")}
         return numbers, first, notes
     say(f"[{framework}] one train-mode step, float64 ...")
-    dtype = "float64"
-    try:
-        tu = user.run(x=x, labels=labels, modules=list(modules_u.values()), train=True,
-                      dtype=dtype)
-    except Exception as e:  # noqa: BLE001 - a model that cannot run in float64
-        notes.append(f"the model does not run in float64 ({str(e).splitlines()[0]}); "
-                     "the step is compared in float32 at 1e-3")
-        dtype = "float32"
-        tu = user.run(x=x, labels=labels, modules=list(modules_u.values()), train=True)
+    if "train" not in runs:
+        try:
+            runs["train"] = "float64", user.run(x=x, labels=labels,
+                                                modules=list(modules_u.values()), train=True,
+                                                dtype="float64")
+        except Exception as e:  # noqa: BLE001 - a model that cannot run in float64
+            runs["note"] = (f"the model does not run in float64 ({str(e).splitlines()[0]}); "
+                            "the step is compared in float32 at 1e-3")
+            runs["train"] = "float32", user.run(x=x, labels=labels,
+                                                modules=list(modules_u.values()), train=True)
+    dtype, tu = runs["train"]
+    if "note" in runs:
+        notes.append(runs["note"])
     tr = ref.run(x=x, labels=labels, modules=list(modules_r.values()), train=True, dtype=dtype)
     tol = STEP_RTOL if dtype == "float64" else 1e-3
     numbers["train_loss"] = abs(tu["loss"] - tr["loss"]) / max(abs(tr["loss"]), 1e-300)
@@ -262,8 +276,9 @@ def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref
     numbers["gradients"], worst = _worst(gu, gr, GRAD_FLOOR)
     su = _to_canonical(tu["state"], mapping_u, layout_u)
     sr = _to_canonical(tr["state"], mapping_r, layout_r)
-    numbers["bn_statistics"], bn_first, more = _bn_statistics(config, state, su, sr, framework,
-                                                          momenta)
+    numbers["bn_statistics"], bn_first, more = _bn_statistics(
+        config, state, su, sr, framework, momenta,
+        biased=getattr(subject_module(framework), "BIASED_VARIANCE", False))
     notes += more
     first = None
     if numbers["train_loss"] > tol or numbers["gradients"] > tol:
@@ -284,7 +299,7 @@ def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref
 def _weights(path: str, config) -> Dict[str, np.ndarray]:
     from densenet_weights import formats
     fmt, arrays = formats.read(path)
-    m = matching.match(arrays, config, layout="flax" if fmt == "flax" else "torch",
+    m = matching.match(arrays, config, layout=formats.LAYOUTS[fmt],
                        natural=fmt in ("flax", "safetensors"))
     if not m.ok or m.state is None:
         raise CheckError(f"{path} does not fit preset '{config.name}': {m.difference}")
@@ -295,19 +310,19 @@ def check_weights(path: str, preset=None, framework: Optional[str] = None, size=
                   seed: int = 0, progress=None) -> Report:
     """Check a weights file (any format densenet_weights.formats reads, under any names): its
     structure against the preset (inferred when None), per stage; then, with ``framework``,
-    that it loads into our model there and computes what PyTorch's does with the same weights
-    (eval mode, 1e-5)."""
+    that it loads into our model there (Keras: keras.applications' DenseNet of the preset) and
+    computes what PyTorch's does with the same weights (eval mode, 1e-5)."""
     from densenet_weights import formats
     say = progress or (lambda msg: None)
     if formats.detect(path) == "onnx":  # a graph with its weights: run in onnxruntime
         from densenet_parity.checking import subject_onnx
         return subject_onnx.check_file(path, preset, size, seed, progress)
     fmt, arrays = formats.read(path)
-    layout = "flax" if fmt == "flax" else "torch"
+    layout = formats.LAYOUTS[fmt]
     m = matching.match(arrays, preset, layout=layout, natural=fmt in ("flax", "safetensors"))
     config = m.config
-    stats = {n for n in arrays if matching.split_name(n)[1] in (
-        "running_mean", "running_var", "moving_mean", "moving_var", "mean", "var")}
+    stats = {n for n in arrays if matching.ROLES.get(matching.split_name(n)[1]) in (
+            "running_mean", "running_var")}
     tensors = {"arrays": arrays, "trainable": [n for n in arrays if n not in stats
                                                 and matching.split_name(n)[1] in matching.ROLES]}
     rows, totals = structure._structure_rows(config, m, tensors)
@@ -323,11 +338,16 @@ def check_weights(path: str, preset=None, framework: Optional[str] = None, size=
         report.numbers["eval_logits"] = 0.0
         report.notes.append("structure only: give --framework to run the weights")
         return report
+    sub = subject_module(framework)  # a framework this check knows
     say(f"[{framework}] the weights in our {framework} model and in PyTorch's ...")
     from densenet_parity.backends import make_backend
     name = {"flax": "flax-nnx"}.get(framework, framework)
     outs = {}
-    for b in {name, "torch"}:
+    if hasattr(sub, "run_weights"):  # a framework without a mirror runs the weights itself
+        logits, notes = sub.run_weights(config, m.state, x, size)
+        outs[name] = {"head": logits}
+        report.notes += notes
+    for b in {name, "torch"} - set(outs):
         backend = make_backend(b)
         try:
             outs[b] = backend.call("forward", config=config.to_dict(), state=m.state, x=x)["arrays"]

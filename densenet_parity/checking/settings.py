@@ -49,16 +49,20 @@ def _words(value, table) -> str:
 def differences(config, user: Dict[str, dict], ref: Dict[str, dict], modules: Dict[str, str],
                 framework: str) -> List[dict]:
     """Every BatchNorm setting of the model that differs from the reference's, in the preset's
-    order: {"module", "foreign", "setting", "model", "reference", "as_written", "words"}; a
-    BatchNorm whose settings could not be read is a difference too ("model": None)."""
+    order: {"module", "foreign", "setting", "model", "reference", "as_written", "words"}. A
+    BatchNorm of the preset whose settings could not be read, in the model or in the reference,
+    is a difference too (setting "unread"): a reader that finds nothing cannot pass silently."""
+    import densenet_spec as spec
     out = []
-    for cmod, r in ref.items():
-        u = user.get(cmod)
-        if u is None:
-            if cmod in modules:
-                out.append({"module": cmod, "foreign": modules[cmod], "setting": "unread",
-                            "model": None, "reference": None, "as_written": "",
-                            "words": f"its settings could not be read from the {framework} model"})
+    for cmod, kind, _ in spec.canonical_modules(config):
+        if kind != "bn":
+            continue
+        u, r = user.get(cmod), ref.get(cmod)
+        if u is None or r is None:
+            whose = f"the {framework} model" if u is None else "the reference"
+            out.append({"module": cmod, "foreign": modules.get(cmod, ""), "setting": "unread",
+                        "model": None, "reference": None, "as_written": "",
+                        "words": f"its settings could not be read from {whose}"})
             continue
         for key, table in (("epsilon", EPSILON_WORDS), ("momentum", MOMENTUM_WORDS)):
             if _differs(u[key], r[key]):

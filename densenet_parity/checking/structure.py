@@ -18,8 +18,8 @@ def _structure_rows(config, match_, tensors):
     params = state = 0
     for name, a in arrays.items():
         n = int(np.prod(np.shape(a), dtype=np.int64))
-        is_stat = matching.split_name(name)[1] in ("running_mean", "running_var", "moving_mean",
-                                                   "moving_var", "mean", "var")
+        is_stat = matching.ROLES.get(matching.split_name(name)[1]) in (
+            "running_mean", "running_var")
         if name in trainable:
             params += n
         elif is_stat:

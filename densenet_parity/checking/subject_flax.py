@@ -8,6 +8,8 @@ from densenet_parity.checking.subjects import Subject, adapter, class_is, keep_s
 
 FRAMEWORK = "flax"
 VARIANTS = ("nnx", "linen")
+#: its BatchNorm updates the running variance with the biased batch variance (accepted, noted)
+BIASED_VARIANCE = True
 
 
 class FlaxSubject(Subject):

@@ -119,7 +119,7 @@ def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0
     report = Report(FRAMEWORK, "", f"{path} ({info['producer'] or 'unknown producer'}, "
                     f"opset {info['opset'].get('ai.onnx', '?')})", config.name, config.to_dict(),
                     [batch, config.in_channels, height, width], rows, totals,
-                    weights="the file's own")
+                    weights="the file's own", reference="onnxruntime against our PyTorch model")
     if info["external_data"]:
         report.notes.append(f"weights read from the external data file(s) "
                             f"{', '.join(info['external_data'])} beside the model")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
 #: The frameworks ``densenet check`` knows, each a module densenet_parity.checking.subject_<name>.
-FRAMEWORKS = ("torch", "mxnet", "flax")
+FRAMEWORKS = ("torch", "mxnet", "flax", "keras")
 
 
 class CheckError(ValueError):
@@ -99,10 +99,3 @@ def keep_share_in_torch_words(settings: Dict[str, dict], framework_words: str) -
     return out
 
 
-def optional(mod: ModuleType, name: str, default=None):
-    return getattr(mod, name, default)
-
-
-def framework_words(framework: str) -> Optional[str]:
-    return {"torch": "PyTorch", "mxnet": "Gluon", "flax": "Flax", "keras": "Keras"}.get(
-        framework, framework)

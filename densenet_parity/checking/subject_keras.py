@@ -1,0 +1,304 @@
+"""Keras 3: the user's keras.Model (keras.applications' DenseNets, a Functional or Sequential
+port, a subclassed model), run on Keras' JAX backend in this process. There is no Keras mirror:
+the reference is our PyTorch DenseNet, given the same canonical weights.
+
+Keras is imported with KERAS_BACKEND=jax unless the user set another backend first (Keras reads
+the variable once, at its import); on another backend the check says so and stops (its train
+step is JAX's: ``stateless_call`` under ``jax.value_and_grad``).
+
+Conventions handled here: NHWC input (``keras.config.image_data_format()`` 'channels_last';
+'channels_first' models get NCHW), HWIO kernels and [in, out] dense kernels (layout 'flax'),
+a model ending in a softmax (keras.applications' default ``classifier_activation``): its logits
+before the softmax are compared, and the report says so. The float64 step runs the model's
+layers at float64 (their dtype policy, their variables' dtype, and Keras' type promotion, which
+otherwise turns float64 into float32 and keeps BatchNormalization at float32 whatever the
+policy; for that call only: the model's own variables are never changed).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, Optional
+
+import numpy as np
+
+from densenet_parity.checking.subjects import CheckError, Subject, class_is, keep_share_in_torch_words
+
+FRAMEWORK = "keras"
+VARIANTS = ("keras",)
+#: its BatchNorm updates the running variance with the biased batch variance (accepted, noted)
+BIASED_VARIANCE = True
+#: what its numbers are compared with
+REFERENCE = "our PyTorch model"
+
+
+def import_keras():
+    """keras, on its JAX backend unless KERAS_BACKEND says otherwise (set before the import)."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    try:
+        import keras
+    except ImportError:
+        raise CheckError("checking a Keras model needs keras (the main environment: `make env`; "
+                         "pip install keras)") from None
+    backend = keras.backend.backend()
+    if backend != "jax":
+        raise CheckError(f"Keras runs on its {backend!r} backend here (KERAS_BACKEND="
+                         f"{os.environ.get('KERAS_BACKEND')!r}, read when keras was imported); "
+                         "densenet check runs Keras on its JAX backend: set KERAS_BACKEND=jax "
+                         "(or leave it unset) before keras is imported")
+    return keras
+
+
+class KerasSubject(Subject):
+    framework = FRAMEWORK
+
+    def __init__(self, model):
+        super().__init__("keras", model, None)
+        self.keras = import_keras()
+        last = model.layers[-1] if getattr(model, "layers", None) else None
+        self.softmax = last if getattr(last, "activation", None) is \
+            self.keras.activations.softmax else None
+        if self.softmax is not None:
+            self.notes.append(f"the model ends in a softmax (its '{last.name}' layer's "
+                              "activation): the logits before it are compared")
+        self.channels_first = self.keras.config.image_data_format() == "channels_first"
+
+    # ------------------------------------------------------------------ tensors
+    def _variables(self, which="weights"):
+        out = {}
+        for v in getattr(self.model, which):
+            name = v.path
+            if name in out:
+                raise CheckError(f"the Keras model has two variables at {name!r}: give its "
+                                 "layers unique names")
+            out[name] = v
+        return out
+
+    def tensors(self) -> dict:
+        arrays = {k: np.asarray(self.keras.ops.convert_to_numpy(v.value))
+                  for k, v in self._variables().items()}
+        return {"arrays": arrays, "trainable": list(self._variables("trainable_weights")),
+                "layout": "flax", "ordered": True}
+
+    def load(self, arrays: Dict[str, np.ndarray]) -> None:
+        own = self._variables()
+        bad = [k for k in arrays if k not in own or tuple(own[k].shape) != np.shape(arrays[k])]
+        if bad:
+            raise ValueError(f"cannot load {bad[:3]} into the model (unknown name or other shape)")
+        for k, a in arrays.items():
+            own[k].assign(np.asarray(a, dtype=own[k].dtype))
+
+    def bn_settings(self) -> Dict[str, dict]:
+        raw = {}
+        for layer in self.model._flatten_layers(include_self=False, recursive=True):
+            if isinstance(layer, self.keras.layers.BatchNormalization):
+                v = layer.moving_mean
+                raw[v.path.rsplit("/", 1)[0]] = {"epsilon": float(layer.epsilon),
+                                                 "momentum": float(layer.momentum)}
+        return keep_share_in_torch_words(raw, "Keras")
+
+    # ------------------------------------------------------------------ running
+    def _layers_by_module(self) -> dict:
+        """The model's module name (its variables' path less the leaf) -> the layer."""
+        out = {}
+        for layer in self.model._flatten_layers(include_self=False, recursive=True):
+            own = list(getattr(layer, "_trainable_variables", [])) + list(
+                getattr(layer, "_non_trainable_variables", []))
+            if own:
+                out[own[0].path.rsplit("/", 1)[0]] = layer
+        return out
+
+    @contextlib.contextmanager
+    def _capturing(self, modules, captured):
+        """Each of ``modules``' layers records its output into ``captured`` when called (its
+        ``call`` wrapped, for the duration)."""
+        by_module = self._layers_by_module()
+        patched = []
+
+        def wrap(name, layer):
+            inner = layer.call
+
+            def call(*args, **kwargs):
+                out = inner(*args, **kwargs)
+                captured.setdefault(name, out)
+                return out
+            return call
+        try:
+            for name in modules:
+                layer = by_module.get(name)
+                if layer is not None:
+                    layer.call = wrap(name, layer)
+                    patched.append(layer)
+            yield
+        finally:
+            for layer in patched:
+                del layer.call
+
+    @contextlib.contextmanager
+    def _as(self, dtype):
+        """The model's layers (and those it creates as it runs) computing at ``dtype``, its
+        variables taking values of that dtype inside stateless_call, and a final softmax
+        left out, for the duration (all restored after)."""
+        import jax
+        keras = self.keras
+        layers = list(self.model._flatten_layers(include_self=True, recursive=True))
+        policies = [layer.dtype_policy for layer in layers]
+        variables = list(self.model.variables)
+        dtypes = [v._dtype for v in variables]
+        softmax = self.softmax.activation if self.softmax is not None else None
+        default = keras.config.dtype_policy()
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(jax.default_matmul_precision("highest"))
+                if dtype == "float64":
+                    stack.enter_context(jax.enable_x64(True))
+                    # layers the model creates as it runs (keras.layers.concatenate in a
+                    # call) take the default policy
+                    keras.config.set_dtype_policy("float64")
+                    stack.enter_context(_promoting_float64())
+                    for layer in layers:
+                        layer.dtype_policy = keras.DTypePolicy("float64")
+                    for v in variables:
+                        v._dtype = "float64"
+                if self.softmax is not None:
+                    self.softmax.activation = keras.activations.linear
+                yield
+        finally:
+            keras.config.set_dtype_policy(default)
+            for layer, p in zip(layers, policies):
+                layer.dtype_policy = p
+            for v, d in zip(variables, dtypes):
+                v._dtype = d
+            if self.softmax is not None:
+                self.softmax.activation = softmax
+
+    def run(self, x, labels=None, modules=(), train: bool = False, dtype: str = "float32") -> dict:
+        """Compiled (jax.jit over stateless_call): the logits, the outputs of ``modules``
+        (NCHW), and with labels the loss, gradients and BatchNorm statistics after the step."""
+        import jax
+        import jax.numpy as jnp
+        model = self.model
+        tv_vars, ntv_vars = model.trainable_variables, model.non_trainable_variables
+        captured: dict = {}
+        with self._as(dtype), self._capturing(list(modules), captured):
+            value = (lambda v: jnp.asarray(np.asarray(self.keras.ops.convert_to_numpy(v.value)),
+                                           dtype))
+            tv, ntv = [value(v) for v in tv_vars], [value(v) for v in ntv_vars]
+            xs = jnp.asarray(np.asarray(x, dtype) if self.channels_first
+                             else np.asarray(x, dtype).transpose(0, 2, 3, 1))
+
+            def forward(tv, ntv, xs):
+                captured.clear()
+                out, new_ntv = model.stateless_call(tv, ntv, xs, training=train)
+                return out, dict(captured), new_ntv
+
+            if labels is None:
+                logits, outs, _ = jax.jit(forward)(tv, ntv, xs)
+                res = {"logits": np.asarray(logits, dtype)}
+            else:
+                def loss_fn(tv, ntv, xs, ys):
+                    logits, outs, new_ntv = forward(tv, ntv, xs)
+                    logp = jax.nn.log_softmax(logits, axis=-1)
+                    loss = -jnp.mean(jnp.take_along_axis(logp, ys[:, None], axis=-1))
+                    return loss, (logits, outs, new_ntv)
+                step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+                (loss, (logits, outs, new_ntv)), grads = step(tv, ntv, xs,
+                                                              jnp.asarray(labels, jnp.int32))
+                res = {"logits": np.asarray(logits, dtype), "loss": float(loss),
+                       "grads": {v.path: np.asarray(g, dtype) for v, g in zip(tv_vars, grads)},
+                       "state": {v.path: np.asarray(a, dtype) for v, a in zip(ntv_vars, new_ntv)}}
+        res["outputs"] = {n: self._nchw(o, dtype) for n, o in outs.items()}
+        return res
+
+    def _nchw(self, y, dtype):
+        y = np.asarray(y, dtype)
+        return np.ascontiguousarray(y.transpose(0, 3, 1, 2) if y.ndim == 4 and
+                                    not self.channels_first else y)
+
+
+@contextlib.contextmanager
+def _promoting_float64():
+    """Keras' type promotion keeping float64 (for the duration). Keras 3 maps a promoted
+    float64 to float32 on every backend but TensorFlow (keras.src.backend.common.dtypes:
+    BIT64_TO_BIT32_DTYPE, 'to be aligned with JAX's default'), so its BatchNormalization, which
+    computes at result_type(input, 'float32'), runs at float32 under any dtype policy; the float64
+    step needs it at float64. If this Keras has no such table, nothing changes and the step's
+    BatchNorms stay float32 (the numbers show it)."""
+    try:
+        from keras.src.backend.common import dtypes
+        table = dtypes.BIT64_TO_BIT32_DTYPE
+    except (ImportError, AttributeError):
+        yield
+        return
+    had = table.get("float64")
+    table["float64"] = "float64"
+    try:
+        yield
+    finally:
+        table["float64"] = had
+
+
+def owns(obj) -> Optional[str]:
+    return "keras" if class_is(obj, "keras", "Model") else None
+
+
+def wrap(model, variant: str = "keras") -> Subject:
+    return KerasSubject(model)
+
+
+def user(factory: str, path: Optional[str], size: int, in_channels: Optional[int],
+         variant: str = "keras") -> Subject:
+    import densenet_spec as spec
+    keras = import_keras()
+    def build():
+        model = spec.call_factory(factory, path)
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"{factory} returned {type(model).__name__}, not a keras.Model")
+        return model
+    model = build()
+    if not model.built:  # a subclassed model without an input shape: built by a first call,
+        errors = []      # each try on a model built afresh (a failed one leaves layers built)
+        for i, c in enumerate([in_channels] if in_channels else [1, 3]):
+            model = model if i == 0 else build()
+            shape = (1, c, size, size) if keras.config.image_data_format() == "channels_first" \
+                else (1, size, size, c)
+            try:
+                model(np.zeros(shape, np.float32))
+                break
+            except Exception as e:  # noqa: BLE001 - try the next channel count, then report all
+                errors.append(f"{c} input channel(s): {str(e).splitlines()[0]}")
+        else:
+            raise ValueError(f"the model does not build on a {size}x{size} input: "
+                             + "; ".join(errors))
+    return KerasSubject(model)
+
+
+APPLICATIONS = {"densenet121": "DenseNet121", "densenet169": "DenseNet169",
+                "densenet201": "DenseNet201"}
+
+
+def applications_model(config, size: int) -> KerasSubject:
+    """keras.applications' DenseNet of a preset (weights=None: nothing is downloaded), for a
+    weights file's numbers in Keras."""
+    keras = import_keras()
+    name = APPLICATIONS.get(config.name)
+    if name is None:
+        raise CheckError(f"keras.applications has no DenseNet of preset '{config.name}' (it has "
+                         f"{', '.join(APPLICATIONS)}); check the file with another --framework")
+    return KerasSubject(getattr(keras.applications, name)(
+        weights=None, input_shape=(size, size, config.in_channels), classes=config.num_classes))
+
+
+def run_weights(config, state, x, size: int):
+    """A weights file's canonical ``state`` in keras.applications' DenseNet of its preset: its
+    eval logits on ``x`` (NCHW), and what the report must say."""
+    from densenet_weights import formats
+    model = applications_model(config, size)
+    model.load(formats.native(state, "keras")[1])
+    return model.run(x=x)["logits"], model.notes + ["the weights in keras.applications' DenseNet"]
+
+
+def reference(config, size: int, user: Subject) -> Subject:
+    """Our PyTorch DenseNet (no Keras mirror)."""
+    from densenet_parity.checking import subject_torch
+    return subject_torch.reference(config, size, user)
