@@ -105,6 +105,8 @@ class ExportResult:
 def default_size(config: spec.Preset) -> int:
     """The size a preset's network is used at: the book's 96 (Fashion-MNIST resized), CIFAR's
     32, ImageNet's 224."""
+    if config.family == "mlp":
+        return 0  # (N, features): no size
     return 96 if config.name == "book" else 32 if config.stem == "cifar" else 224
 
 
@@ -165,7 +167,7 @@ def write_onnx(model, x, dst: str, cfg: spec.Preset, opset: Optional[int] = None
             lg.setLevel(level)
     ir_model = program.model
     optimizer.fold_constants(ir_model)
-    if not cfg.conv_bias:  # aten.convolution without a bias becomes Conv with a zero bias
+    if not getattr(cfg, "conv_bias", True):  # aten.convolution without a bias becomes Conv with a zero bias
         for node in ir_model.graph:
             if node.op_type == "Conv" and len(node.inputs) == 3 and node.inputs[2] is not None:
                 b = node.inputs[2].const_value
@@ -199,7 +201,7 @@ def export(src: str, dst: str, preset: Optional[str] = None, size: Optional[int]
     notes: List[str] = []
     state, cfg, source_backend, words = _source(src, preset, seed, notes)
     size = size or default_size(cfg)
-    shape = (batch, cfg.in_channels, size, size)
+    shape = spec.input_shape(cfg, batch, size, size)
     spec.check_input(cfg, shape)
     model = _torch_model(cfg, state)
     x = np.random.default_rng(seed + 2).standard_normal(shape).astype(np.float32)

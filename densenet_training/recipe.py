@@ -127,7 +127,7 @@ def make_parser(prog: str = "densenet train") -> argparse.ArgumentParser:
         "or Flax NNX: on images (digits, fashion-mnist) d2l.train_ch6 (SGD, Xavier init, "
         "cross-entropy); on house prices (ames, kaggle-house) the book's Kaggle section with the "
         "MLP DenseNet (Adam, MSE, K-fold cross-validation, log-rmse). See docs/training.md",
-        epilog="examples:\n  densenet train --backend flax --dataset digits --epochs 10 --out runs/digits-flax"
+        epilog="example:\n  densenet train --backend flax --dataset digits --epochs 10 --out runs/digits-flax"
         "\n  densenet train --backend torch --preset house_mlp --dataset ames --out runs/ames-torch",
         formatter_class=_Defaults)
     p.add_argument("--backend", choices=BACKENDS, default="torch")

@@ -625,18 +625,22 @@ def match_onnx(layers: List[OnnxLayer], preset=None, **options):
     seen: Dict[str, object] = {}
     if convs:
         seen["in_channels"] = int(convs[0].tensors["weight"][1].shape[1])
-    if dense:
-        seen["num_classes"] = int(dense[-1].tensors["weight"][1].shape[0])
+        if dense:
+            seen["num_classes"] = int(dense[-1].tensors["weight"][1].shape[0])
+    elif dense:  # Gemm layers only: an MLP DenseNet
+        seen["in_features"] = int(dense[0].tensors["weight"][1].shape[1])
+        seen["num_outputs"] = int(dense[-1].tensors["weight"][1].shape[0])
     seen.update(options)
-    names = [preset] if preset is not None else spec.preset_names()
+    names = [preset] if preset is not None else spec.preset_names("conv" if convs else "mlp")
     best, best_folded, best_layers = None, [], []
     for name in names:
-        default = spec.get_preset(name).conv_bias
-        biases = [options["conv_bias"]] if "conv_bias" in options else [default, not default]
+        default = getattr(spec.get_preset(name), "conv_bias", None)  # the MLP family: none
+        biases = ([options["conv_bias"]] if "conv_bias" in options else
+                  [None] if default is None else [default, not default])
         for bias in biases:  # the preset's own first: a zero bias matches either
             try:
                 p = spec.make_config(name, **dict(seen if preset is None else options,
-                                                  conv_bias=bias))
+                                                  **({} if bias is None else {"conv_bias": bias})))
             except spec.DenseNetConfigError:
                 if preset is not None and "conv_bias" in options:
                     raise

@@ -284,3 +284,22 @@ def test_the_forums_weights_convert_into_every_backend(tmp_path):
         state = b.call("load_native", config=cfg.to_dict(), path=str(native))["arrays"]
         got = b.call("forward", config=cfg.to_dict(), state=state, x=x)["arrays"]["head"]
         assert rel_diff(got, want) <= EVAL_RTOL, (to, rel_diff(got, want))
+
+
+def test_the_mlp_exports_to_onnx_proven_and_checks_as_the_same_network(tmp_path, capsys):
+    """`densenet export house_mlp`: every BatchNorm1d a node, onnxruntime's outputs equal to
+    torch's (the command's proof, 1e-5), and `densenet check` on the file: the same network."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra of the main environment")
+    from densenet_cli.main import main
+    from densenet_weights import formats
+    dst = tmp_path / "house.onnx"
+    assert main(["export", "house_mlp", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"torch\s+\S+\s+\(tolerance 1e-05\)\s+ok", out), out
+    _, info = formats.onnx_layers(dst)
+    bns = sum(1 for _, kind, _ in spec.canonical_modules(CONFIGS["house_mlp"]) if kind == "bn")
+    assert info["ops"]["BatchNormalization"] == bns and "Conv" not in info["ops"]
+    assert main(["check", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "against preset 'house_mlp', input 1x330 ((N, features))" in out, out  # the export's batch
+    assert "Verdict: same network." in out

@@ -83,6 +83,8 @@ def _input_shape(shape, config, size: Optional[int]):
     """(batch, height, width) to run the file at: its input's own where fixed (a different
     ``size`` is a usage error), else the check's defaults."""
     fixed = [d if isinstance(d, int) and d > 0 else None for d in (list(shape) + [None] * 4)[:4]]
+    if config.family == "mlp":  # (N, features): no height or width
+        return fixed[0] or BATCH, 0, 0
     default = size or (96 if config.name == "book" else 16 if config.stem == "cifar" else 64)
     if size is not None and any(d is not None and d != size for d in fixed[2:]):
         raise CheckError(f"the file's input is fixed at {'x'.join(str(d or '?') for d in fixed)}: "
@@ -118,7 +120,7 @@ def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0
     ops = ", ".join(f"{n} {k}" for k, n in sorted(info["ops"].items(), key=lambda kv: -kv[1]))
     report = Report(FRAMEWORK, "", f"{path} ({info['producer'] or 'unknown producer'}, "
                     f"opset {info['opset'].get('ai.onnx', '?')})", config.name, config.to_dict(),
-                    [batch, config.in_channels, height, width], rows, totals,
+                    list(spec.input_shape(config, batch, height, width)), rows, totals,
                     weights="the file's own", reference="onnxruntime against our PyTorch model")
     if info["external_data"]:
         report.notes.append(f"weights read from the external data file(s) "
@@ -134,10 +136,10 @@ def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0
     if any(v["training_mode"] for v in read_u.values()):
         report.notes.append("a BatchNormalization node has training_mode=1: it normalises with "
                             "the batch's statistics, not the running ones")
-    spec.check_input(config, (batch, config.in_channels, height, width))
+    spec.check_input(config, spec.input_shape(config, batch, height, width))
     say("[onnx] onnxruntime against our PyTorch model ...")
     x = np.random.default_rng(seed + 2).standard_normal(
-        (batch, config.in_channels, height, width)).astype(np.float32)
+        spec.input_shape(config, batch, height, width)).astype(np.float32)
     # canonical module -> the graph value that is its output (a folded BatchNorm's: its conv's)
     by_module = {g.module: g for g in layers}
     outputs_u: Dict[str, str] = {}
@@ -191,6 +193,10 @@ def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0
 
     ref, report.numbers["eval_logits"], report.first = compare()
     read_r = {c: dict(v, foreign=c) for c, v in ref.bn_settings().items()}
+    for cmod in folded:  # no node holds them: folded into the conv, said in the notes above
+        if cmod in read_r:
+            read_u.setdefault(cmod, dict(read_r[cmod], foreign="", training_mode=0,
+                                         as_written="folded into the convolution before it"))
     report.bn_settings = bn_words.differences(config, read_u, read_r,
                                               {c: v["foreign"] for c, v in read_u.items()}, FRAMEWORK)
     report.notes.append(f"numbers: onnxruntime {ort.__version__} (CPU), the file's weights in "
