@@ -459,28 +459,16 @@ class MLPDenseNet(nnx.Module):
         cfg = spec.make_config(preset, **options)
         return cls(**cfg.options(), name=cfg.name, rngs=rngs)
 
+    # DenseNet's: the stages are found by name, and spec.check_input knows the family (the
+    # MLP's (N, features) has no layout).
     stage_modules = DenseNet.stage_modules
-
-    def forward_stages(self, X):
-        """Run the network and return an OrderedDict stage -> output (the head's is the outputs)."""
-        spec.check_input(self.config, X.shape)
-        outputs = OrderedDict()
-        for name, modules in self.stage_modules().items():
-            if name == "head":
-                outputs[name] = self._head(modules[0](X))
-            else:
-                for module in modules:
-                    X = module(X)
-                outputs[name] = X
-        return outputs
+    forward_stages = DenseNet.forward_stages
 
     def _head(self, X):
         """ReLU - Linear, on the final BatchNorm's output."""
         return self.classifier(nnx.relu(X))
 
-    def __call__(self, X):
-        spec.check_input(self.config, X.shape)
-        return self._head(self.features(X))
+    __call__ = DenseNet.__call__
 
 
 @spec.preset_builder("house_mlp")

@@ -400,23 +400,10 @@ class MLPDenseNet(nn.HybridBlock):
         cfg = spec.make_config(preset, **options)
         return cls(**cfg.options(), name=cfg.name)
 
+    # DenseNet's: the stages are found by name, and spec.check_input knows the family (the
+    # MLP's (N, features) has no layout).
     stage_modules = DenseNet.stage_modules
-
-    def forward_stages(self, X):
-        """Run the network and return an OrderedDict stage -> output (the head's is the outputs).
-        X is an NDArray, or a Symbol (shape inference; its shape cannot be checked here)."""
-        F = mx.sym if isinstance(X, mx.sym.Symbol) else mx.nd
-        if F is mx.nd:
-            spec.check_input(self.config, X.shape)
-        outputs = OrderedDict()
-        for name, modules in self.stage_modules().items():
-            if name == "head":
-                outputs[name] = self._head(F, modules[0](X))
-            else:
-                for module in modules:
-                    X = module(X)
-                outputs[name] = X
-        return outputs
+    forward_stages = DenseNet.forward_stages
 
     def _head(self, F, X):
         """ReLU - Dense, on the final BatchNorm's output."""
@@ -427,8 +414,7 @@ class MLPDenseNet(nn.HybridBlock):
             spec.check_input(self.config, X.shape)
         return super().forward(X)
 
-    def hybrid_forward(self, F, X):
-        return self._head(F, self.features(X))
+    hybrid_forward = DenseNet.hybrid_forward
 
 
 @spec.preset_builder("house_mlp")
