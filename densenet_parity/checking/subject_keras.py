@@ -222,14 +222,16 @@ def _promoting_float64():
     float64 to float32 on every backend but TensorFlow (keras.src.backend.common.dtypes:
     BIT64_TO_BIT32_DTYPE, 'to be aligned with JAX's default'), so its BatchNormalization, which
     computes at result_type(input, 'float32'), runs at float32 under any dtype policy; the float64
-    step needs it at float64. If this Keras has no such table, nothing changes and the step's
-    BatchNorms stay float32 (the numbers show it)."""
+    step needs it at float64. A Keras without that table cannot run the step at float64: the
+    error says so, and the check compares the step in float32 instead, with a note (engine)."""
     try:
         from keras.src.backend.common import dtypes
         table = dtypes.BIT64_TO_BIT32_DTYPE
     except (ImportError, AttributeError):
-        yield
-        return
+        import keras
+        raise RuntimeError(f"Keras {keras.__version__} has no float64 type promotion table "
+                           "(keras.src.backend.common.dtypes.BIT64_TO_BIT32_DTYPE): its "
+                           "BatchNormalization would compute at float32") from None
     had = table.get("float64")
     table["float64"] = "float64"
     try:
