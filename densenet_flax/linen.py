@@ -227,6 +227,18 @@ class Features(nn.Module):
         setattr(self, f"norm{len(cfg.block_config) + 1}", BatchNorm())
 
 
+def _stage_paths(stem, blocks: int):
+    """OrderedDict stage -> module paths into the variables: the stem's modules (names under
+    ``features``), then denseblock1, transition1, ..., the head's norm<N+1> and classifier."""
+    stages = OrderedDict(stem=[("features", name) for name in stem])
+    for i in range(blocks):
+        stages[f"denseblock{i + 1}"] = [("features", f"denseblock{i + 1}")]
+        if i != blocks - 1:
+            stages[f"transition{i + 1}"] = [("features", f"transition{i + 1}")]
+    stages["head"] = [("features", f"norm{blocks + 1}"), ("classifier",)]
+    return stages
+
+
 class DenseNet(nn.Module):
     """The DenseNet family, with the options of densenet_flax.model.DenseNet as fields.
     ``name`` is linen's own module name, used as the preset name (None: 'custom').
@@ -277,16 +289,8 @@ class DenseNet(nn.Module):
         """OrderedDict stage -> list of module paths into the variables, in order (stem,
         denseblock1, ..., head): linen's counterpart of stage_modules (modules are unbound
         here; their variables live outside). Needs no binding."""
-        n = len(self.config.block_config)
-        stages = OrderedDict(stem=[("features", "conv0")])
-        if self.config.stem == "imagenet":
-            stages["stem"].append(("features", "norm0"))
-        for i in range(n):
-            stages[f"denseblock{i + 1}"] = [("features", f"denseblock{i + 1}")]
-            if i != n - 1:
-                stages[f"transition{i + 1}"] = [("features", f"transition{i + 1}")]
-        stages["head"] = [("features", f"norm{n + 1}"), ("classifier",)]
-        return stages
+        stem = ["conv0"] + (["norm0"] if self.config.stem == "imagenet" else [])
+        return _stage_paths(stem, len(self.config.block_config))
 
     def forward_stages(self, X, train: bool = True):
         """Run the network and return an OrderedDict stage -> output (the head's is the logits).
@@ -511,14 +515,9 @@ class MLPDenseNet(nn.Module):
 
     def stage_paths(self):
         """OrderedDict stage -> list of module paths into the variables (as DenseNet's)."""
-        cfg, n = self.config, len(self.config.block_config)
-        stages = OrderedDict(stem=[("features", f"linear{i}") for i in range(len(cfg.stem_widths))])
-        for i in range(n):
-            stages[f"denseblock{i + 1}"] = [("features", f"denseblock{i + 1}")]
-            if i != n - 1:
-                stages[f"transition{i + 1}"] = [("features", f"transition{i + 1}")]
-        stages["head"] = [("features", f"norm{n + 1}"), ("classifier",)]
-        return stages
+        cfg = self.config
+        return _stage_paths([f"linear{i}" for i in range(len(cfg.stem_widths))],
+                            len(cfg.block_config))
 
     def forward_stages(self, X, train: bool = True):
         """Run the network and return an OrderedDict stage -> output (the head's is the outputs).
