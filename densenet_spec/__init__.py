@@ -5,9 +5,10 @@ convolutional one (the book's model, the paper's DenseNet / DenseNet-BC) and the
 the chapter's exercise 5 (the forum's house-price model). One idea a module:
 
 * ``presets``    the presets of both families (``Preset``, ``MLPPreset``) and their constants,
-* ``validation`` validation of configurations and inputs, with the error messages every
-                 backend raises,
 * ``arithmetic`` the channel (width) and spatial arithmetic per stage, in numbers and in words,
+* ``validation`` validation of configurations, with the error messages every backend raises,
+* ``shapes``     whether an input can go through a preset (the message every backend raises
+                 when it cannot) and each stage's output shape,
 * ``names``      the canonical tensor names (torchvision's DenseNet keys) with their
                  PyTorch-layout shapes, from which the analytic parameter and BatchNorm-state
                  counts follow; checks of a canonical state,
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from densenet_spec.arithmetic import (final_features, input_shape, min_input_size,
                                       module_arithmetic, stage_channels, stage_names,
-                                      stage_shapes, transition_channels)
+                                      transition_channels)
 from densenet_spec.factory import call_factory
 from densenet_spec.names import (StateMismatchError, canonical_modules, canonical_tensors,
                                  check_state, infer_config, remap_legacy_keys, stage_counts,
@@ -30,7 +31,8 @@ from densenet_spec.presets import (BN_EPS, FAMILIES, PRESETS, STEMS, TORCH_BN_MO
                                    DenseNetConfigError, DenseNetInputError, MLPPreset, Preset,
                                    config_from_dict, get_preset, iter_presets, preset_builder,
                                    preset_names)
-from densenet_spec.validation import (check_devices, check_input, check_layer_args,
+from densenet_spec.shapes import check_input, stage_shapes
+from densenet_spec.validation import (check_devices, check_layer_args,
                                       config_from_options, is_mlp, make_config, validate)
 
 __all__ = [

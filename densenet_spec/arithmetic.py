@@ -101,23 +101,6 @@ def input_shape(p, batch: int = 1, height: Optional[int] = None,
     return (batch, p.in_channels, height, height if width is None else width)
 
 
-def stage_shapes(p, batch: int, height: Optional[int] = None,
-                 width: Optional[int] = None) -> List[Tuple[str, Tuple[int, ...]]]:
-    """(stage, canonical output shape) for each stage: NCHW for the conv family, (N, features)
-    for the MLP family (which takes no height and width); the head's is (N, classes)."""
-    from densenet_spec.validation import check_input
-    if isinstance(p, MLPPreset):
-        check_input(p, (batch, p.in_features))
-        return [(name, (batch, c)) for name, c in stage_channels(p)]
-    check_input(p, (batch, p.in_channels, height, width), layout="NCHW")
-    hs, ws = _stage_sizes(p, height), _stage_sizes(p, width)
-    out = []
-    for (name, c), h, w in zip(stage_channels(p)[:-1], hs, ws):
-        out.append((name, (batch, c, h, w)))
-    out.append(("head", (batch, p.num_classes)))
-    return out
-
-
 def _block_starts(p) -> List[int]:
     """Channels (features) into each dense block."""
     starts, c = [], _stem_width(p)

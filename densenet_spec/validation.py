@@ -1,10 +1,12 @@
-"""Validation of configurations and inputs, with the error messages every backend raises."""
+"""Validation of configurations, with the error messages every backend raises (inputs:
+``densenet_spec.shapes``)."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
 
-from densenet_spec.presets import (STEMS, TRANSITION_POOLS, DenseNetConfigError, DenseNetInputError, MLPPreset,
+from densenet_spec.arithmetic import stage_channels
+from densenet_spec.presets import (STEMS, TRANSITION_POOLS, DenseNetConfigError, MLPPreset,
                                    Preset, get_preset)
 
 
@@ -32,7 +34,6 @@ def _blocks(block_config) -> None:
 def validate(p):
     """Check every option of ``p`` (either family); raise DenseNetConfigError naming the first
     bad one."""
-    from densenet_spec.arithmetic import stage_channels
     _positive_int("growth_rate", p.growth_rate)
     _blocks(p.block_config)
     if isinstance(p, MLPPreset):
@@ -128,45 +129,6 @@ def check_layer_args(num_convs=None, input_channels=None, num_channels=None, bn_
     if pool is not None and pool not in TRANSITION_POOLS:
         raise DenseNetConfigError(f"pool must be one of {TRANSITION_POOLS} (the transition's "
                                   f"2x2 pooling, stride 2), got {pool!r}")
-
-
-def check_input(p, shape, layout: str = "NCHW") -> None:
-    """Raise DenseNetInputError with a plain message if ``shape`` cannot go through ``p``
-    (an MLP DenseNet takes (N, features) in every framework: ``layout`` does not apply)."""
-    from densenet_spec.arithmetic import min_input_size
-    shape = tuple(int(s) for s in shape)
-    if isinstance(p, MLPPreset):
-        if len(shape) != 2:
-            raise DenseNetInputError(
-                f"MLP DenseNet '{p.name}' expects a 2-D batch of feature vectors (N, features); "
-                f"got shape {shape} with {len(shape)} dimension(s)" + (
-                    "; add a batch dimension for a single example" if len(shape) == 1 else ""))
-        if shape[1] != p.in_features:
-            raise DenseNetInputError(
-                f"MLP DenseNet '{p.name}' expects {p.in_features} input features on axis 1 of "
-                f"(N, features); got {shape[1]} (input shape {shape})")
-        if shape[0] < 1:
-            raise DenseNetInputError(f"empty batch: input shape {shape}")
-        return
-    dims = "(N, C, H, W)" if layout == "NCHW" else "(N, H, W, C)"
-    if len(shape) != 4:
-        raise DenseNetInputError(
-            f"DenseNet expects a 4-D batch of images {dims} ({layout}); got shape {shape} "
-            f"with {len(shape)} dimension(s)" + (
-                "; add a batch dimension for a single image" if len(shape) == 3 else ""))
-    c_axis = 1 if layout == "NCHW" else 3
-    h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
-    if shape[c_axis] != p.in_channels:
-        raise DenseNetInputError(
-            f"DenseNet '{p.name}' expects {p.in_channels} input channel(s) on axis {c_axis} "
-            f"of {dims} ({layout}); got {shape[c_axis]} (input shape {shape})")
-    if shape[0] < 1:
-        raise DenseNetInputError(f"empty batch: input shape {shape}")
-    m = min_input_size(p)
-    if h < m or w < m:
-        raise DenseNetInputError(
-            f"input {h}x{w} is too small for DenseNet '{p.name}': its stem and "
-            f"{len(p.block_config) - 1} transition(s) need at least {m}x{m} pixels")
 
 
 def check_devices(batch: int, devices: int) -> None:

@@ -23,7 +23,7 @@ import densenet_spec as spec
 from densenet_training import tabular
 from densenet_training.checkpoints import checkpoints_dir, read_checkpoint, write_checkpoint
 from densenet_training.loop import check_run_dir, write_json
-from densenet_training.progress import EpochMeter, Reporter
+from densenet_training.progress import EpochMeter, Reporter, house_lines
 from densenet_training.recipe import (RESUME_KEYS, ResumeError, TrainConfig, _hash_uniform,
                                       xavier_state)
 
@@ -108,19 +108,6 @@ def summarize_folds(folds: List[dict]) -> dict:
             "folds": len(folds), "epochs": len(folds[0]["epochs"]) if folds else 0,
             "train_time": seconds,
             "examples_per_sec": sum(r["examples"] for r in epochs) / max(seconds, 1e-12)}
-
-
-def house_lines(metrics: dict) -> List[str]:
-    """The book's lines: one per fold, then the K-fold average."""
-    lines = [f"fold {f['fold']}, train log rmse {f['train_log_rmse']:f}, "
-             f"valid log rmse {f['valid_log_rmse']:f}" for f in metrics["folds"]]
-    s = metrics["final"]
-    lines.append(f"{s['folds']}-fold validation: avg train log rmse: {s['train_log_rmse']:f}, "
-                 f"avg valid log rmse: {s['valid_log_rmse']:f}")
-    lines.append(f"as the book measures (train mode, BatchNorm over the set itself): avg train "
-                 f"log rmse: {s['train_log_rmse_book']:f}, avg valid log rmse: "
-                 f"{s['valid_log_rmse_book']:f}")
-    return lines
 
 
 def _fold_record(fold: int, train_rows, valid_rows) -> dict:

@@ -39,10 +39,22 @@ def house_epoch_line(r: dict, epochs: int) -> str:
             f"{r['examples_per_sec']:.1f} examples/sec{compiling}")
 
 
+def house_lines(metrics: dict) -> List[str]:
+    """The book's lines: one per fold, then the K-fold average."""
+    lines = [f"fold {f['fold']}, train log rmse {f['train_log_rmse']:f}, "
+             f"valid log rmse {f['valid_log_rmse']:f}" for f in metrics["folds"]]
+    s = metrics["final"]
+    lines.append(f"{s['folds']}-fold validation: avg train log rmse: {s['train_log_rmse']:f}, "
+                 f"avg valid log rmse: {s['valid_log_rmse']:f}")
+    lines.append(f"as the book measures (train mode, BatchNorm over the set itself): avg train "
+                 f"log rmse: {s['train_log_rmse_book']:f}, avg valid log rmse: "
+                 f"{s['valid_log_rmse_book']:f}")
+    return lines
+
+
 def book_lines(metrics: dict) -> List[str]:
     """The book's closing lines (the house-price recipe's: one per fold and the average)."""
     if metrics.get("recipe") == "house":
-        from densenet_training.house import house_lines
         return house_lines(metrics)
     f = metrics["final"]
     return [f"loss {f['loss']:.3f}, train acc {f['train_acc']:.3f}, test acc {f['test_acc']:.3f}",
