@@ -7,15 +7,17 @@
     densenet convert model.onnx model.pth --to torch
     densenet convert model.params model.onnx --to onnx      (densenet_parity.export, proven)
 
-Reads every framework's file (densenet_weights.formats, told by content): a PyTorch state_dict
-(.pt/.pth/.bin, ``torch.load(weights_only=True)``: no code runs), Gluon parameters (.params,
-ours, the model zoo's or the book's net), Flax msgpack (NNX or linen, ours or anyone's),
-safetensors or ONNX (the graph gives each initializer its role; external data read from the
-file's folder; BatchNorms an exporter folded put back as identity BatchNorms), under any names: they are matched onto the preset's canonical names by structure
-(densenet_weights.match), and a file that does not fit is refused with the first difference in
-the book's words. Writes canonical safetensors (the default), or the file our model in a
-framework reads: a PyTorch state_dict (--to torch; torchvision's DenseNet reads it too), Gluon
-parameters (--to mxnet: ``net.load_parameters``), Flax msgpack (--to flax-nnx / flax-linen).
+Reads every framework's file once (densenet_weights.formats.load: its format told by its
+content once, the file read by that format's module): a PyTorch state_dict (.pt/.pth/.bin,
+``torch.load(weights_only=True)``: no code runs), Gluon parameters (.params, ours, the model
+zoo's or the book's net), Flax msgpack (NNX or linen, ours or anyone's), safetensors, Keras
+weights or ONNX (the graph gives each initializer its role; external data read from the file's
+folder; BatchNorms an exporter folded put back as identity BatchNorms), under any names: they
+are matched onto the preset's canonical names by structure (densenet_weights.match), and a file
+that does not fit is refused with the first difference in the book's words. Writes canonical
+safetensors (the default), or the file our model in a framework reads: a PyTorch state_dict
+(--to torch; torchvision's DenseNet reads it too), Gluon parameters (--to mxnet:
+``net.load_parameters``), Flax msgpack (--to flax-nnx / flax-linen), Keras weights (--to keras).
 Every tensor is checked before anything is written; values are copied bit for bit.
 
 Reading and writing need only numpy and the format's own library (torch for .pth, flax for
@@ -29,7 +31,6 @@ import numpy as np
 
 import densenet_spec as spec
 from densenet_weights import files, formats
-from densenet_weights import match as matching
 
 TARGETS = formats.NATIVE + ("onnx",)
 TORCH_SUFFIXES = formats.SUFFIXES["torch"]
@@ -43,59 +44,48 @@ class MismatchError(ValueError):
     """Weights that do not fit the preset: the message names the first difference."""
 
 
+def read_weights(path: str, preset=None, **options) -> formats.Loaded:
+    """Any weights file, read once (its format told once, read by that format's module) and
+    matched onto ``preset`` (the one given, the one the file records, or the one its structure
+    matches): a ``formats.Loaded``. A file this does not read is a ConvertError."""
+    try:
+        return formats.load(path, preset, **options)
+    except formats.WeightsFormatError as e:
+        raise refusal(e) from None
+    except FileNotFoundError as e:
+        raise ConvertError(str(e)) from None
+
+
+def refusal(e: formats.WeightsFormatError) -> ConvertError:
+    """The ConvertError for a file the formats do not read: what its reader said where the file
+    was refused or is ONNX (whose reader says what it lacks), else an unknown format."""
+    msg = str(e)
+    return ConvertError(msg if "refused" in msg or e.format == "onnx" else
+                        f"unknown format: {msg}")
+
+
+def matched(path: str, loaded: formats.Loaded) -> Tuple[Dict[str, np.ndarray], spec.Preset]:
+    """(canonical state, configuration) of a file read, or MismatchError naming the first
+    difference and the porting mistake most likely behind it."""
+    m = loaded.match
+    if not loaded.ok:
+        from densenet_parity.checking import likely_structural_cause
+        cause = likely_structural_cause(m.config, m.difference)
+        raise MismatchError(f"{path} ({loaded.format}) is not DenseNet '{m.config.name}': "
+                            f"{m.difference}" + (f"; likely cause: {cause}" if cause else ""))
+    return loaded.state, loaded.config
+
+
 def read_checkpoint(path: str, preset=None, notes: Optional[list] = None, **options
                     ) -> Tuple[Dict[str, np.ndarray], spec.Preset]:
     """(canonical float32 state, its configuration) of any weights file: the preset given, the
-    one in a canonical file's metadata, or the one its structure matches. ``notes``, a list,
-    gets what the caller should tell the user (BatchNorms an ONNX exporter folded)."""
-    fmt = None
-    try:
-        fmt = formats.detect(path)
-        if fmt == "onnx":
-            return _read_onnx(path, preset, notes, **options)
-        fmt, arrays = formats.read(path)
-    except formats.WeightsFormatError as e:
-        msg = str(e)
-        raise ConvertError(msg if "refused" in msg or fmt == "onnx" else
-                           f"unknown format: {msg}") from None
-    except FileNotFoundError as e:
-        raise ConvertError(str(e)) from None
-    if preset is None and fmt == "safetensors":
-        _, preset = files.load_state(path)  # our canonical files carry their configuration
-    m = matching.match(arrays, preset, layout=formats.LAYOUTS[fmt],
-                       natural=fmt in ("flax", "safetensors"), **options)
-    return _matched(path, fmt, m)
-
-
-def _read_onnx(path, preset, notes, **options):
-    """An ONNX model's weights by its graph (densenet_weights.formats.onnx_layers), BatchNorms
-    its exporter folded into the convolution before them put back as identity BatchNorms."""
-    layers, info = formats.onnx_layers(path)
-    if preset is None:
-        preset = formats.onnx_preset(info)  # our exports record it
-    m, folded, _ = formats.match_onnx(layers, preset, **options)
-    state, cfg = _matched(path, "onnx", m)
-    if folded and notes is not None:
-        notes.append(folded_words(folded))
+    one the file records, or the one its structure matches. ``notes``, a list, gets what the
+    caller should tell the user (BatchNorms an ONNX exporter folded)."""
+    loaded = read_weights(path, preset, **options)
+    state, cfg = matched(path, loaded)
+    if notes is not None:
+        notes += loaded.notes
     return state, cfg
-
-
-def folded_words(folded) -> str:
-    short = [f[len("features."):] if f.startswith("features.") else f for f in folded]
-    listed = ", ".join(short[:4]) + (f" and {len(short) - 4} more" if len(short) > 4 else "")
-    return (f"BatchNorm folded into the convolutions by the exporter: {len(folded)} BatchNorm(s) "
-            f"({listed}) are in the convolution before them and are written as identity "
-            "BatchNorms (scale 1, mean 0, variance 1 - eps, the folded bias as the shift): eval "
-            "mode computes the same; their running statistics are not in the file")
-
-
-def _matched(path, fmt, m):
-    if not m.ok or m.state is None:
-        from densenet_parity.checking import likely_structural_cause
-        cause = likely_structural_cause(m.config, m.difference)
-        raise MismatchError(f"{path} ({fmt}) is not DenseNet '{m.config.name}': {m.difference}"
-                            + (f"; likely cause: {cause}" if cause else ""))
-    return m.state, m.config
 
 
 def write_checkpoint(state: Dict[str, np.ndarray], config: spec.Preset, dst: str,

@@ -111,19 +111,22 @@ def default_size(config: spec.Preset) -> int:
 
 
 def _source(src: str, preset, seed: int, notes: List[str]):
-    """(canonical state, config, source backend, words for the weights)."""
+    """(canonical state, config, source backend, words for the weights). A file is read once,
+    as ``densenet convert`` reads it (densenet_parity.convert)."""
     from densenet_weights import formats
     if os.path.exists(src):
         from densenet_parity import convert
         try:
-            fmt = formats.detect(src)
-        except formats.WeightsFormatError as e:
-            raise ExportError(str(e)) from None
-        state, cfg = convert.read_checkpoint(src, preset, notes=notes)
+            loaded = formats.load(src, preset)
+        except formats.WeightsFormatError as e:  # no weights file at all: the formats' words
+            raise (ExportError(str(e)) if e.format is None else convert.refusal(e)) from None
+        state, cfg = convert.matched(src, loaded)
+        notes += loaded.notes
+        fmt = loaded.format
         backend = SOURCE_BACKEND[fmt]
         if fmt == "flax":
-            backend = "flax-linen" if any(k.startswith(("params/", "batch_stats/"))
-                                          for k in formats.read_flax(src)) else "flax-nnx"
+            backend = ("flax-linen" if formats.format_flax.is_linen(loaded.tensors) else
+                       "flax-nnx")
         return state, cfg, backend, f"weights: {src}, {fmt}"
     if src not in spec.preset_names():
         raise ExportError(f"no such file, and not a preset: {src!r} (a weights file, or one of "

@@ -39,8 +39,13 @@ def load_state(path) -> Tuple[Dict[str, np.ndarray], Optional[spec.Preset]]:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own types for a non-safetensors file
         raise ValueError(f"{path} is not a safetensors file ({e})") from None
-    cfg = meta.get("config")
-    return state, (spec.Preset.from_dict(json.loads(cfg)) if cfg else None)
+    return state, config_of(meta)
+
+
+def config_of(metadata: Dict[str, str]) -> Optional[spec.Preset]:
+    """The preset a canonical file's metadata records (save_state's ``config``), or None."""
+    cfg = metadata.get("config")
+    return spec.Preset.from_dict(json.loads(cfg)) if cfg else None
 
 
 def split_arrays(result: dict) -> dict:

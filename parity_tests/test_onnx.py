@@ -145,6 +145,27 @@ def test_onnx_converts_losslessly_into_every_framework(book_export, tmp_path, ca
         assert all(np.array_equal(state[k], want[k]) for k in want), to
 
 
+def test_convert_and_check_read_the_file_once(book_export, tmp_path, capsys, monkeypatch):
+    """`densenet convert` and `densenet check` of an ONNX file tell its format once and load
+    the model once (formats.load: the check runs the graph it read)."""
+    dst, _ = book_export
+    calls = {"detect": 0, "onnx.load": 0}
+
+    def counted(key, f):
+        def run_counted(*args, **kwargs):
+            calls[key] += 1
+            return f(*args, **kwargs)
+        return run_counted
+
+    monkeypatch.setattr(formats, "detect", counted("detect", formats.detect))
+    monkeypatch.setattr(onnx, "load", counted("onnx.load", onnx.load))
+    for argv in (("convert", dst, tmp_path / "m.pth", "--to", "torch"), ("check", dst)):
+        code, out, _ = run(capsys, *map(str, argv))
+        assert code == 0, out
+        assert calls == {"detect": 1, "onnx.load": 1}, (argv, calls)
+        calls.update({"detect": 0, "onnx.load": 0})
+
+
 def test_missing_external_data_is_a_clear_error(book_export, tmp_path, capsys):
     dst, _ = book_export
     lone = tmp_path / "lone.onnx"

@@ -298,12 +298,10 @@ def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref
 
 def _weights(path: str, config) -> Dict[str, np.ndarray]:
     from densenet_weights import formats
-    fmt, arrays = formats.read(path)
-    m = matching.match(arrays, config, layout=formats.LAYOUTS[fmt],
-                       natural=fmt in ("flax", "safetensors"))
-    if not m.ok or m.state is None:
-        raise CheckError(f"{path} does not fit preset '{config.name}': {m.difference}")
-    return m.state
+    loaded = formats.load(path, config)
+    if not loaded.ok:
+        raise CheckError(f"{path} does not fit preset '{config.name}': {loaded.match.difference}")
+    return loaded.state
 
 
 def check_weights(path: str, preset=None, framework: Optional[str] = None, size=None,
@@ -314,18 +312,13 @@ def check_weights(path: str, preset=None, framework: Optional[str] = None, size=
     computes what PyTorch's does with the same weights (eval mode, 1e-5)."""
     from densenet_weights import formats
     say = progress or (lambda msg: None)
-    if formats.detect(path) == "onnx":  # a graph with its weights: run in onnxruntime
+    loaded = formats.load(path, preset)  # read once, by its format
+    if loaded.format == "onnx":  # a graph with its weights: run in onnxruntime
         from densenet_parity.checking import subject_onnx
-        return subject_onnx.check_file(path, preset, size, seed, progress)
-    fmt, arrays = formats.read(path)
-    layout = formats.LAYOUTS[fmt]
-    m = matching.match(arrays, preset, layout=layout, natural=fmt in ("flax", "safetensors"))
+        return subject_onnx.check_file(loaded, size, seed, progress)
+    fmt, m = loaded.format, loaded.match
     config = m.config
-    stats = {n for n in arrays if matching.ROLES.get(matching.split_name(n)[1]) in (
-            "running_mean", "running_var")}
-    tensors = {"arrays": arrays, "trainable": [n for n in arrays if n not in stats
-                                                and matching.split_name(n)[1] in matching.ROLES]}
-    rows, totals = structure._structure_rows(config, m, tensors)
+    rows, totals = structure._structure_rows(config, m, structure.file_tensors(loaded.tensors))
     size = size or default_size(config)
     x, _ = _inputs(config, size, seed)
     report = Report(framework or "-", "", f"{path} ({fmt})", config.name, config.to_dict(),

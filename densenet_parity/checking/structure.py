@@ -108,6 +108,15 @@ def _mlp_cause(config, diff: matching.Difference, short: str) -> Optional[str]:
     return None
 
 
+def file_tensors(arrays) -> dict:
+    """A weights file's tensors as ``_structure_rows`` counts them: its BatchNorm statistics
+    are state, every other tensor with a role a parameter."""
+    stats = {n for n in arrays if matching.ROLES.get(matching.split_name(n)[1]) in (
+             "running_mean", "running_var")}
+    return {"arrays": arrays, "trainable": [n for n in arrays if n not in stats
+                                            and matching.split_name(n)[1] in matching.ROLES]}
+
+
 def _module_names(mapping: Dict[str, str], order: List[str]) -> Dict[str, str]:
     """canonical module -> the model's module (from the tensor mapping)."""
     out = {}

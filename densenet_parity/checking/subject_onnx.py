@@ -3,10 +3,11 @@ weights, so it is checked with its own weights (``check_file``, which ``engine.c
 calls for an ONNX file) against our PyTorch model (subject_torch.reference), in eval mode only.
 
 1. *Structure*, from the graph: every Conv, BatchNormalization and Gemm (or MatMul + Add) node's
-   initializers, in the graph's topological order, each given its role by its input position
-   (densenet_weights.formats.onnx_layers), matched onto the preset as any framework's tensors
-   are. A BatchNorm an exporter folded into the convolution before it (torch.onnx's optimizer,
-   the TorchScript exporter's eval mode, onnxruntime's saved optimized model all fold the stem's
+   initializers, in the graph's topological order, each given its role by its input position,
+   matched onto the preset as any framework's tensors are (densenet_weights.formats' ONNX
+   module, which reads the file once: ``formats.load``, whose ``Loaded`` this module checks). A
+   BatchNorm an exporter folded into the convolution before it (torch.onnx's optimizer, the
+   TorchScript exporter's eval mode, onnxruntime's saved optimized model all fold the stem's
    norm0, and a bottleneck's norm2) is recognised from the graph (the convolution, now with a
    bias, feeds no BatchNormalization) and said, not reported as a different network: it is put
    back as an identity BatchNorm, which computes the same in eval mode.
@@ -43,24 +44,16 @@ FRAMEWORK = "onnx"
 WORDS = "ONNX BatchNormalization"
 
 
-def bn_settings(layers, mapping: Dict[str, str]) -> Dict[str, dict]:
+def bn_settings(settings: Dict[str, dict]) -> Dict[str, dict]:
     """canonical BatchNorm module -> {"epsilon", "momentum" (PyTorch's words: 1 - ONNX's),
     "as_written", "foreign" (the node), "training_mode"} for every BatchNormalization node the
-    match placed, read from its attributes (ONNX's defaults where absent: 1e-5, 0.9)."""
-    by_module = {g.module: g for g in layers if g.op == "BatchNormalization"}
-    raw, nodes = {}, {}
-    for cname, fname in mapping.items():
-        if cname.endswith(".running_mean"):
-            g = by_module.get(fname.rsplit(".", 1)[0])
-            if g is not None:
-                cmod = cname.rsplit(".", 1)[0]
-                raw[cmod] = {"epsilon": float(g.attributes["epsilon"]),
-                             "momentum": float(g.attributes["momentum"])}
-                nodes[cmod] = g
-    out = keep_share_in_torch_words(raw, WORDS)
+    match placed, from the settings the file's reading kept (``Loaded.settings``: each node's
+    attributes, ONNX's defaults where absent: 1e-5, 0.9)."""
+    out = keep_share_in_torch_words({c: {"epsilon": v["epsilon"], "momentum": v["momentum"]}
+                                     for c, v in settings.items()}, WORDS)
     for cmod, s in out.items():
-        s["foreign"] = nodes[cmod].node
-        s["training_mode"] = int(nodes[cmod].attributes.get("training_mode", 0))
+        s["foreign"] = settings[cmod]["node"]
+        s["training_mode"] = settings[cmod]["training_mode"]
     return out
 
 
@@ -92,30 +85,22 @@ def _input_shape(shape, config, size: Optional[int]):
     return fixed[0] or BATCH, fixed[2] or default, fixed[3] or default
 
 
-def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0,
+def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int = 0,
                progress=None) -> Report:
-    """The check's Report for an ONNX file (see the module's docstring)."""
-    from densenet_parity.convert import folded_words
+    """The check's Report for an ONNX file, read once (``formats.load``: its graph's layers
+    matched, folded BatchNorms put back, its nodes' settings; see the module's docstring)."""
     say = progress or (lambda msg: None)
     try:
-        import onnx
         import onnxruntime as ort
     except ImportError as e:
         raise CheckError(f"checking an ONNX file needs onnx and onnxruntime (the main "
                          f"environment's onnx extra: `make env`): {e}") from None
-    layers, info = formats.onnx_layers(path)
+    path, layers, info, folded = loaded.path, loaded.layers, loaded.info, loaded.folded
     if not layers:
-        raise CheckError(f"{path}: an ONNX model without Conv, BatchNormalization or "
-                         "Gemm weights (not a DenseNet)")
-    if preset is None:
-        preset = formats.onnx_preset(info)
-    m, folded, mine = formats.match_onnx(layers, preset)
+        raise CheckError(formats.format_onnx.no_weights(path))
+    m = loaded.match
     config = m.config
-    arrays = {n: a for g in mine for n, a in g.tensors.values()}
-    stats = [n for g in mine for r, (n, _) in g.tensors.items()
-             if r in ("running_mean", "running_var")]
-    rows, totals = structure._structure_rows(config, m, {
-        "arrays": arrays, "trainable": [n for n in arrays if n not in set(stats)]})
+    rows, totals = structure._structure_rows(config, m, structure.file_tensors(loaded.tensors))
     batch, height, width = _input_shape(info["input_shape"], config, size)
     ops = ", ".join(f"{n} {k}" for k, n in sorted(info["ops"].items(), key=lambda kv: -kv[1]))
     report = Report(FRAMEWORK, "", f"{path} ({info['producer'] or 'unknown producer'}, "
@@ -126,13 +111,12 @@ def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0
         report.notes.append(f"weights read from the external data file(s) "
                             f"{', '.join(info['external_data'])} beside the model")
     report.notes.append(f"graph: {ops}")
-    if folded:
-        report.notes.append(folded_words(folded))
+    report.notes += loaded.notes  # the BatchNorms an exporter folded
     if not m.ok:
         report.structure = str(m.difference)
         report.cause = structure.likely_structural_cause(config, m.difference)
         return report
-    read_u = bn_settings(layers, m.mapping)
+    read_u = bn_settings(loaded.settings)
     if any(v["training_mode"] for v in read_u.values()):
         report.notes.append("a BatchNormalization node has training_mode=1: it normalises with "
                             "the batch's statistics, not the running ones")
@@ -155,9 +139,8 @@ def check_file(path: str, preset=None, size: Optional[int] = None, seed: int = 0
         conv = spec.canonical_modules(config)[i - 1][0]
         if conv in outputs_u:
             outputs_u[bn] = outputs_u.pop(conv)
-    model_proto = onnx.load(path)  # external data from the file's folder
-    try:
-        session = _session(model_proto, list(outputs_u.values()))
+    try:  # the graph as read (external data loaded), with the matched nodes' outputs added
+        session = _session(loaded.model, list(outputs_u.values()))
         names = [o.name for o in session.get_outputs()]
         got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x})))
     except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: say, not a traceback

@@ -1,0 +1,392 @@
+"""ONNX: a ``.onnx`` file (+ external data), read with ``onnx.load``; the graph gives each
+initializer its role (Conv, BatchNormalization, Gemm inputs).
+
+ONNX files hold a graph, not a state_dict: an initializer's name may be anything (torch.onnx
+keeps the state_dict's names; an exporter that folded or deduplicated tensors writes
+``onnx::Conv_238`` or ``val_170``, and one tensor may feed several nodes). So the *graph* says
+what each initializer is: the weights of every Conv, BatchNormalization and Gemm (or MatMul +
+Add) node, in the graph's (topological) order, each named ``<module>.<role>`` with the node's
+module (the initializers' common prefix, torch.onnx's name scope, or the node's name) and the
+role its input position gives it; Gemm and MatMul weights come out [out, in]. ``onnx_layers``
+returns the nodes with their attributes (BatchNormalization's epsilon and momentum).
+External data files (torch.onnx writes ``model.onnx.data`` beside ``model.onnx``) are read from
+the file's folder.
+
+``load`` reads the file once and matches it (``match_onnx``): BatchNorms an exporter folded into
+the convolution before them are put back as identity BatchNorms (``unfold_batchnorm``) and said
+in the notes (``folded_words``); the preset our exports record (``onnx_preset``) is used when
+none is given; each matched BatchNormalization node's settings are kept. ONNX is read only:
+``densenet_parity.export`` writes it, with torch.onnx.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import OrderedDict
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from densenet_weights.formats.common import Loaded, WeightsFormatError
+
+FORMAT = "onnx"
+SUFFIXES = (".onnx",)
+LAYOUT = "torch"
+NATURAL = False
+NATIVE = ()
+
+#: ModelProto's fields as protobuf tags (field number << 3 | wire type): ir_version (1, a
+#: varint) comes first in every writer's output, then producer_name (2), producer_version (3),
+#: domain (4), model_version (5), doc_string (6), graph (7), opset_import (8), metadata (14).
+_ONNX_NEXT_TAGS = (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72)
+#: An operator's inputs that are weights, by position, and the role each is.
+ONNX_WEIGHT_INPUTS = {
+    "Conv": {1: "weight", 2: "bias"}, "FusedConv": {1: "weight", 2: "bias"},
+    "BatchNormalization": {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"},
+    "Gemm": {1: "weight", 2: "bias"}, "MatMul": {1: "weight"}}
+#: ONNX's defaults for BatchNormalization's attributes (the operator's specification).
+ONNX_BN_DEFAULTS = {"epsilon": 1e-5, "momentum": 0.9}
+_ONNX_LEAVES = ("weight", "bias", "running_mean", "running_var", "kernel", "gamma", "beta",
+                "moving_mean", "moving_var", "scale", "mean", "var")
+
+
+def sniff(head: bytes, path: str) -> bool:
+    """A serialized ModelProto: tag 0x08 (ir_version), a small varint, then another field."""
+    return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 0x7F and (
+        head[2] in _ONNX_NEXT_TAGS)
+
+
+@dataclasses.dataclass
+class OnnxLayer:
+    """One weight-carrying node of an ONNX graph: the node's name and operator, the module name
+    its weights get, role -> (initializer name, array: PyTorch's layout), its attributes, the
+    graph value it outputs (a BatchNormalization's or Conv's output, Gemm's logits) and what
+    feeds it."""
+    node: str
+    op: str
+    module: str
+    tensors: "OrderedDict[str, Tuple[str, np.ndarray]]"
+    attributes: Dict[str, object]
+    output: str
+    inputs: Tuple[str, ...]
+
+
+def _onnx_model(path):
+    try:
+        import onnx
+    except ImportError:
+        raise WeightsFormatError("reading an ONNX file needs the onnx package (the main "
+                                 "environment's onnx extra: `make env`)") from None
+    path = os.fspath(path)
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise WeightsFormatError(f"{path}: not a readable ONNX model ({e})") from None
+    folder = os.path.dirname(os.path.abspath(path))
+    files = sorted({kv.value for t in model.graph.initializer for kv in t.external_data
+                    if kv.key == "location"})
+    for f in files:
+        target = os.path.normpath(os.path.join(folder, f))
+        if os.path.isabs(f) or not target.startswith(folder + os.sep):
+            raise WeightsFormatError(f"{path}: refused: its external data {f!r} lies outside "
+                                     "the model's folder")
+        if not os.path.exists(target):
+            raise WeightsFormatError(f"{path}: its weights are in the external data file {f!r}, "
+                                     f"which is not in {folder} (keep it beside the .onnx file)")
+    if files:
+        try:
+            onnx.load_external_data_for_model(model, folder)
+        except Exception as e:  # noqa: BLE001 - a truncated or damaged data file
+            raise WeightsFormatError(f"{path}: its external data ({', '.join(files)}) cannot be "
+                                     f"read ({e})") from None
+    return model, files
+
+
+def _onnx_attrs(node) -> Dict[str, object]:
+    from onnx import helper
+    out = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def _module_of(node, index: int, names: List[str], used: set) -> str:
+    """The module a node's weights belong to: the common module of its initializers' names
+    (``features.conv0.weight`` -> ``features.conv0``), else torch.onnx's name scope, else the
+    node's name (``/features/conv0/Conv`` -> ``features.conv0``), unique in the graph."""
+    candidates = []
+    mods = {n.rsplit(".", 1)[0] for n in names if "." in n and n.rsplit(".", 1)[1] in _ONNX_LEAVES}
+    if len(mods) == 1 and all("." in n and n.rsplit(".", 1)[1] in _ONNX_LEAVES for n in names):
+        candidates.append(mods.pop())
+    meta = {p.key: p.value for p in node.metadata_props}
+    scopes = meta.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        import ast
+        try:
+            parts = ast.literal_eval(scopes)
+            if isinstance(parts, list) and len(parts) >= 2 and parts[-2]:
+                candidates.append(str(parts[-2]))
+        except (ValueError, SyntaxError):
+            pass
+    if node.name.startswith("/") and node.name.count("/") >= 2:
+        candidates.append(".".join(node.name.strip("/").split("/")[:-1]))
+    candidates.append(node.name or f"{node.op_type}_{index}")
+    for c in candidates:
+        if c and c not in used:
+            return c
+    return f"{candidates[-1]}_{index}"
+
+
+def onnx_layers(path) -> Tuple[List[OnnxLayer], Dict[str, object]]:
+    """The weight-carrying nodes of an ONNX model in the graph's order, and what the file says
+    about itself: producer, opset, external data files, the operators it uses (op -> count), its
+    input's name and shape, its output's name."""
+    return _graph(path)[1:]
+
+
+def _graph(path):
+    """(the ModelProto, external data loaded; onnx_layers' layers and info)."""
+    from onnx import numpy_helper
+    model, files = _onnx_model(path)
+    g = model.graph
+    consts: Dict[str, Tuple[str, np.ndarray]] = {
+        t.name: (t.name, np.array(numpy_helper.to_array(t))) for t in g.initializer}
+    for node in g.node:  # Constant nodes and Identity of a constant are constants too
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = (node.output[0], np.array(numpy_helper.to_array(a.t)))
+        elif node.op_type == "Identity" and node.input and node.input[0] in consts:
+            consts[node.output[0]] = consts[node.input[0]]
+    consumers: Dict[str, list] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    layers: List[OnnxLayer] = []
+    used: set = set()
+    for index, node in enumerate(g.node):
+        roles = ONNX_WEIGHT_INPUTS.get(node.op_type)
+        if roles is None or node.input[:1] == [] or node.input[0] in consts:
+            continue
+        tensors: "OrderedDict[str, Tuple[str, np.ndarray]]" = OrderedDict()
+        for pos, role in roles.items():
+            if pos < len(node.input) and node.input[pos] in consts:
+                name, a = consts[node.input[pos]]
+                tensors[role] = (name, np.asarray(a))
+        if "weight" not in tensors:
+            continue
+        attrs = _onnx_attrs(node)
+        output = node.output[0]
+        if node.op_type in ("Gemm", "MatMul"):
+            name, w = tensors["weight"]
+            if w.ndim != 2 or attrs.get("transA", 0):
+                continue
+            w = w if node.op_type == "Gemm" and attrs.get("transB", 0) else w.T
+            tensors["weight"] = (name, np.ascontiguousarray(w * attrs.get("alpha", 1.0)
+                                                            if attrs.get("alpha", 1.0) != 1.0 else w))
+            if "bias" in tensors and attrs.get("beta", 1.0) != 1.0:
+                tensors["bias"] = (tensors["bias"][0], tensors["bias"][1] * attrs["beta"])
+            nxt = consumers.get(output, [])
+            if node.op_type == "MatMul" and len(nxt) == 1 and nxt[0].op_type == "Add":
+                other = [i for i in nxt[0].input if i != output]
+                if other and other[0] in consts:
+                    tensors["bias"] = consts[other[0]]
+                    output = nxt[0].output[0]
+        if node.op_type == "BatchNormalization":
+            for k, v in ONNX_BN_DEFAULTS.items():
+                attrs.setdefault(k, v)
+        module = _module_of(node, index, [n for n, _ in tensors.values()], used)
+        used.add(module)
+        layers.append(OnnxLayer(node.name or f"{node.op_type}_{index}", node.op_type, module,
+                                tensors, attrs, output, tuple(node.input)))
+    ops: Dict[str, int] = {}
+    for node in g.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        ops[key] = ops.get(key, 0) + 1
+    inputs = [i for i in g.input if i.name not in consts]
+    shape = []
+    if inputs:
+        for d in inputs[0].type.tensor_type.shape.dim:
+            shape.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?"))
+    info = {"producer": f"{model.producer_name} {model.producer_version}".strip(),
+            "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+            "external_data": files, "ops": ops,
+            "input": inputs[0].name if inputs else "", "input_shape": shape,
+            "outputs": [o.name for o in g.output],
+            "metadata": {p.key: p.value for p in model.metadata_props}}
+    return model, layers, info
+
+
+def no_weights(path) -> str:
+    """What an ONNX file with no weight-carrying node is told."""
+    return (f"{path}: an ONNX model without Conv, BatchNormalization or Gemm weights (not a "
+            "DenseNet)")
+
+
+def read(path) -> "OrderedDict[str, np.ndarray]":
+    """An ONNX model's weights, ``<module>.<role>`` -> array (PyTorch's layout), in the graph's
+    order (see ``onnx_layers``)."""
+    layers, _ = onnx_layers(path)
+    if not layers:
+        raise WeightsFormatError(no_weights(path))
+    return OrderedDict((f"{layer.module}.{role}", a) for layer in layers
+                       for role, (_, a) in layer.tensors.items())
+
+
+#: BatchNorms an exporter can fold into the convolution right before them (conv -> BN with
+#: nothing between): the ImageNet stem's norm0 and a bottleneck layer's norm2. Every other
+#: BatchNorm of a DenseNet follows a concatenation or a pooling.
+FOLDABLE = (".norm0", ".norm2")
+
+
+def _layer_kind(layer: OnnxLayer) -> str:
+    if layer.op == "BatchNormalization":
+        return "bn"
+    return "conv" if layer.tensors["weight"][1].ndim == 4 else "dense"
+
+
+def unfold_batchnorm(config, layers: List[OnnxLayer]):
+    """The ONNX layers as ``match.Layer``s against preset ``config``, with every BatchNorm an
+    exporter folded into the convolution before it (where the preset has conv -> BatchNorm, the
+    graph's conv feeds no BatchNormalization; its bias, if any, is the folded shift: an optimizer
+    drops a zero one) put back as an identity BatchNorm in eval mode. A Conv or Gemm without a
+    bias where the preset has one gets a zero bias, and a zero bias where it has none is dropped
+    (the same function in ONNX: optimizers drop zero biases) (scale 1, mean 0, variance 1 - eps, and the folded bias as its shift when the preset's
+    convolution has none): the same function, so the weights load into our model and compute
+    what the file computes. Returns (layers, the canonical names of the folded BatchNorms)."""
+    from densenet_weights import match as matching
+    ref = matching.canonical_layers(config)
+    out, folded, j = [], [], 0
+    eps = ONNX_BN_DEFAULTS["epsilon"]
+    for i, r in enumerate(ref):
+        g = layers[j] if j < len(layers) else None
+        prev = out[-1] if out else None
+        last = layers[j - 1] if j else None  # the ONNX node behind ``prev``
+        if (r.kind == "bn" and r.name.endswith(FOLDABLE) and prev is not None
+                and prev.kind == "conv"
+                and (g is None or _layer_kind(g) != "bn" or g.inputs[0] != last.output)):
+            c = r.shapes()["weight"][0]
+            bias = np.zeros(c, np.float32)
+            if ("bias" in prev.tensors and "bias" not in ref[i - 1].tensors
+                    and prev.shapes()["weight"][0] == c):
+                bias = np.asarray(prev.tensors.pop("bias")[1], np.float32)
+            name = f"{r.name} (folded into {prev.name})"
+            out.append(matching.Layer("bn", name, OrderedDict([
+                ("weight", (f"{name}.weight", np.ones(c, np.float32))),
+                ("bias", (f"{name}.bias", bias)),
+                ("running_mean", (f"{name}.running_mean", np.zeros(c, np.float32))),
+                ("running_var", (f"{name}.running_var", np.full(c, 1 - eps, np.float32)))])))
+            folded.append(r.name)
+            continue
+        if g is None:
+            break
+        tensors = OrderedDict((role, (f"{g.module}.{role}", a)) for role, (_, a) in g.tensors.items())
+        if _layer_kind(g) == r.kind != "bn":  # in ONNX no bias is a zero bias: exact either way
+            w = tensors["weight"][1]
+            if "bias" in r.tensors and "bias" not in tensors:
+                tensors["bias"] = (f"{g.module}.bias", np.zeros(w.shape[0], w.dtype))
+            elif "bias" not in r.tensors and "bias" in tensors and not np.any(tensors["bias"][1]):
+                del tensors["bias"]
+        out.append(matching.Layer(_layer_kind(g), g.module, tensors))
+        j += 1
+    for g in layers[j:]:
+        out.append(matching.Layer(_layer_kind(g), g.module, OrderedDict(
+            (role, (f"{g.module}.{role}", a)) for role, (_, a) in g.tensors.items())))
+    return out, folded
+
+
+def match_onnx(layers: List[OnnxLayer], preset=None, **options):
+    """Match an ONNX model's layers (``onnx_layers``) onto ``preset`` (None: every preset, with
+    the input channels and classes the model shows, and conv biases or none), folded
+    BatchNorms put back (``unfold_batchnorm``). Returns (match.Match, folded BatchNorms, the
+    layers matched): the full match with the fewest folded BatchNorms, else the closest."""
+    import densenet_spec as spec
+    from densenet_weights import match as matching
+    convs = [g for g in layers if _layer_kind(g) == "conv"]
+    dense = [g for g in layers if _layer_kind(g) == "dense"]
+    seen: Dict[str, object] = {}
+    if convs:
+        seen["in_channels"] = int(convs[0].tensors["weight"][1].shape[1])
+        if dense:
+            seen["num_classes"] = int(dense[-1].tensors["weight"][1].shape[0])
+    elif dense:  # Gemm layers only: an MLP DenseNet
+        seen["in_features"] = int(dense[0].tensors["weight"][1].shape[1])
+        seen["num_outputs"] = int(dense[-1].tensors["weight"][1].shape[0])
+    seen.update(options)
+    names = [preset] if preset is not None else spec.preset_names("conv" if convs else "mlp")
+    best, best_folded, best_layers = None, [], []
+    for name in names:
+        default = getattr(spec.get_preset(name), "conv_bias", None)  # the MLP family: none
+        biases = ([options["conv_bias"]] if "conv_bias" in options else
+                  [None] if default is None else [default, not default])
+        for bias in biases:  # the preset's own first: a zero bias matches either
+            try:
+                p = spec.make_config(name, **dict(seen if preset is None else options,
+                                                  **({} if bias is None else {"conv_bias": bias})))
+            except spec.DenseNetConfigError:
+                if preset is not None and "conv_bias" in options:
+                    raise
+                continue
+            mine, folded = unfold_batchnorm(p, layers)
+            m = matching.match_layers(p, mine)
+            if m.ok and (best is None or not best.ok or len(folded) < len(best_folded)):
+                best, best_folded, best_layers = m, folded, mine
+            elif best is None or (not best.ok and m.matched_layers > best.matched_layers):
+                best, best_folded, best_layers = m, folded, mine
+    return best, best_folded, best_layers
+
+
+def onnx_preset(info: Dict[str, object]):
+    """The preset our exports record in their metadata (``densenet_suite.preset``), or None."""
+    import json
+
+    import densenet_spec as spec
+    raw = info.get("metadata", {}).get("densenet_suite.preset")
+    if not raw:
+        return None
+    try:
+        return spec.validate(spec.Preset.from_dict(json.loads(raw)))
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def load(path, preset=None, **options) -> Loaded:
+    """The file read once: its graph's layers matched onto ``preset`` (else the one our export
+    recorded, else every preset), folded BatchNorms put back and said, every matched
+    BatchNormalization node's settings (``node_settings``). A graph without weight-carrying
+    nodes loads (its match says what is missing; ``layers`` is empty)."""
+    model, layers, info = _graph(path)
+    recorded = onnx_preset(info)
+    m, folded, mine = match_onnx(layers, preset if preset is not None else recorded, **options)
+    tensors = OrderedDict((n, a) for g in mine for n, a in g.tensors.values())
+    return Loaded(path, FORMAT, LAYOUT, tensors, m, recorded, folded,
+                  node_settings(layers, m.mapping), [folded_words(folded)] if folded else [],
+                  info, layers, model)
+
+
+def node_settings(layers: List[OnnxLayer], mapping: Dict[str, str]) -> Dict[str, dict]:
+    """canonical BatchNorm module -> {"epsilon", "momentum" (ONNX's words: the share of the
+    running statistics kept), "node", "training_mode"} for every BatchNormalization node the
+    match placed, read from its attributes (ONNX's defaults where absent: 1e-5, 0.9)."""
+    by_module = {g.module: g for g in layers if g.op == "BatchNormalization"}
+    out = {}
+    for cname, fname in mapping.items():
+        if cname.endswith(".running_mean"):
+            g = by_module.get(fname.rsplit(".", 1)[0])
+            if g is not None:
+                out[cname.rsplit(".", 1)[0]] = {
+                    "epsilon": float(g.attributes["epsilon"]),
+                    "momentum": float(g.attributes["momentum"]), "node": g.node,
+                    "training_mode": int(g.attributes.get("training_mode", 0))}
+    return out
+
+
+def folded_words(folded: List[str]) -> str:
+    """The note for BatchNorms an exporter folded (canonical names)."""
+    short = [f[len("features."):] if f.startswith("features.") else f for f in folded]
+    listed = ", ".join(short[:4]) + (f" and {len(short) - 4} more" if len(short) > 4 else "")
+    return (f"BatchNorm folded into the convolutions by the exporter: {len(folded)} BatchNorm(s) "
+            f"({listed}) are in the convolution before them and are written as identity "
+            "BatchNorms (scale 1, mean 0, variance 1 - eps, the folded bias as the shift): eval "
+            "mode computes the same; their running statistics are not in the file")
