@@ -18,7 +18,9 @@ that does not fit is refused with the first difference in the book's words. Writ
 safetensors (the default), or the file our model in a framework reads: a PyTorch state_dict
 (--to torch; torchvision's DenseNet reads it too), Gluon parameters (--to mxnet:
 ``net.load_parameters``), Flax msgpack (--to flax-nnx / flax-linen), Keras weights (--to keras).
-Every tensor is checked before anything is written; values are copied bit for bit.
+Every tensor is checked before anything is written; values are copied bit for bit. ONNX is
+written by densenet_parity.export (which reads its source with this module, and proves the
+file): ``densenet convert --to onnx`` runs it, and this module never imports it.
 
 Reading and writing need only numpy and the format's own library (torch for .pth, flax for
 .msgpack): converting a Gluon file needs neither MXNet nor its environment.
@@ -31,8 +33,9 @@ import numpy as np
 
 import densenet_spec as spec
 from densenet_weights import files, formats
+from densenet_weights.causes import likely_structural_cause
 
-TARGETS = formats.NATIVE + ("onnx",)
+TARGETS = formats.NATIVE + ("onnx",)  # what `densenet convert --to` takes (onnx: export's)
 TORCH_SUFFIXES = formats.SUFFIXES["torch"]
 
 
@@ -69,7 +72,6 @@ def matched(path: str, loaded: formats.Loaded) -> Tuple[Dict[str, np.ndarray], s
     difference and the porting mistake most likely behind it."""
     m = loaded.match
     if not loaded.ok:
-        from densenet_parity.checking import likely_structural_cause
         cause = likely_structural_cause(m.config, m.difference)
         raise MismatchError(f"{path} ({loaded.format}) is not DenseNet '{m.config.name}': "
                             f"{m.difference}" + (f"; likely cause: {cause}" if cause else ""))
@@ -106,16 +108,14 @@ def write_checkpoint(state: Dict[str, np.ndarray], config: spec.Preset, dst: str
 def convert(src: str, dst: str, to: str = "canonical", preset: Optional[str] = None,
             **options) -> spec.Preset:
     """Read ``src`` (any format, any names), write ``dst`` for ``to``; returns the config.
-    ``to='onnx'``: densenet_parity.export (which proves the file; ``densenet convert`` prints
-    its result)."""
+    ``to='onnx'`` is densenet_parity.export.export (which proves the file; ``densenet convert
+    --to onnx`` runs it and prints its result)."""
     if to not in TARGETS:
         raise ConvertError(f"unknown target {to!r}; targets: {', '.join(TARGETS)}")
     if to == "onnx":
-        from densenet_parity import export
-        result = export.export(src, dst, preset)
-        if not result.ok:
-            raise MismatchError(result.render())
-        return spec.Preset.from_dict(result.config)
+        raise ConvertError("ONNX is written by densenet_parity.export.export(src, dst, preset), "
+                           "which proves the file in onnxruntime (`densenet convert --to onnx` "
+                           "runs it)")
     state, cfg = read_checkpoint(src, preset, **options)
     write_checkpoint(state, cfg, dst, to)
     return cfg

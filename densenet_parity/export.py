@@ -133,7 +133,7 @@ def _source(src: str, preset, seed: int, notes: List[str]):
                           f"{', '.join(spec.preset_names())} for random weights)")
     if preset is not None and preset != src:
         raise ExportError(f"the source is preset {src!r} but --preset says {preset!r}")
-    from densenet_parity.checking import random_state
+    from densenet_parity.states import random_state
     cfg = spec.make_config(src)
     return random_state(cfg, seed), cfg, "torch", f"random weights, seed {seed}"
 

@@ -10,6 +10,7 @@ framework is imported lazily, only for its own file format.
                   format_onnx.py); its __init__ tells a file's format once and hands it to that
                   module: ``formats.load`` reads a file once and matches it (a ``Loaded``)
     match.py      structure matching of foreign tensors onto canonical names
+    causes.py     the porting mistake most likely behind a structural difference
 """
 from densenet_weights.files import FORMAT, load_state, save_state
 

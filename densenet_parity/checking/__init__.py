@@ -25,15 +25,20 @@ from the main environment run in the MXNet environment's worker.
 The package: the shared parts, each one subject, and one module per framework.
 
     subjects.py    the registry (FRAMEWORKS), framework_of, CheckError, the Subject interface
-    structure.py   per-stage counts, the structural causes, canonical module -> the model's
+    structure.py   per-stage counts, canonical module -> the model's
     settings.py    BatchNorm settings: read, compared with the reference's, named
-    numbers.py     canonical random weights, the comparisons, the first layer that differs
+    numbers.py     the comparisons, the first layer that differs
     causes.py      the conventions most likely behind a numerical difference
     report.py      the Report, its verdict and rendering
     engine.py      check, check_weights, assert_same_densenet
     subject_torch.py, subject_mxnet.py, subject_flax.py, subject_keras.py   one per framework
     subject_onnx.py  an ONNX file: a graph with its own weights, checked by check_weights in
                    onnxruntime against our PyTorch model (eval mode; see its docstring)
+
+From below it, re-exported here: the canonical random weights (random_state,
+densenet_parity.states: the export draws them too) and the porting mistake most likely behind
+a structural difference (likely_structural_cause, densenet_weights.causes: the converter says
+it too). A weights file is read once, by densenet_weights.formats.load.
 
 Adding a framework is one new file ``subject_<name>.py`` (and its name in
 subjects.FRAMEWORKS). It imports its framework lazily (inside functions) and provides:
@@ -82,12 +87,12 @@ A Subject (subjects.Subject) has ``variant``, ``notes`` (said in the report) and
 from densenet_parity.checking.causes import convention
 from densenet_parity.checking.engine import (assert_same_densenet, check, check_weights,
                                              default_size)
-from densenet_parity.checking.numbers import (BATCH, EVAL_RTOL, GRAD_FLOOR, STEP_RTOL,
-                                              random_state)
+from densenet_parity.checking.numbers import BATCH, EVAL_RTOL, GRAD_FLOOR, STEP_RTOL
 from densenet_parity.checking.report import Report
-from densenet_parity.checking.structure import likely_structural_cause
 from densenet_parity.checking.subjects import (FRAMEWORKS, CheckError, Subject, framework_of,
                                                subject_module)
+from densenet_parity.states import random_state
+from densenet_weights.causes import likely_structural_cause
 
 __all__ = ["BATCH", "EVAL_RTOL", "FRAMEWORKS", "GRAD_FLOOR", "STEP_RTOL", "CheckError", "Report",
            "Subject", "assert_same_densenet", "check", "check_weights", "convention",

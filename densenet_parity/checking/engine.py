@@ -11,11 +11,13 @@ from densenet_parity.checking import settings as bn_settings
 from densenet_parity.checking import structure
 from densenet_parity.checking.numbers import (BATCH, EVAL_RTOL, GRAD_FLOOR, MLP_BATCH, STEP_RTOL,
                                               _bn_statistics, _first_difference, _rel,
-                                              _to_canonical, _to_model, _worst, random_state)
+                                              _to_canonical, _to_model, _worst)
 from densenet_parity.checking.causes import convention
 from densenet_parity.checking.report import Report
 from densenet_parity.checking.subjects import CheckError, framework_of, subject_module
+from densenet_parity.states import random_state
 from densenet_weights import match as matching
+from densenet_weights.causes import likely_structural_cause
 
 
 def default_size(cfg) -> int:
@@ -85,7 +87,7 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
         report.reference = getattr(sub, "REFERENCE", report.reference)
         if not m.ok:
             report.structure = str(m.difference)
-            report.cause = structure.likely_structural_cause(config, m.difference)
+            report.cause = likely_structural_cause(config, m.difference)
             return report
         spec.check_input(config, x.shape)
         last = spec.stage_shapes(config, BATCH, size, size)[-2][1]
@@ -325,7 +327,7 @@ def check_weights(path: str, preset=None, framework: Optional[str] = None, size=
                     list(x.shape), rows, totals, weights=path)
     if not m.ok:
         report.structure = str(m.difference)
-        report.cause = structure.likely_structural_cause(config, m.difference)
+        report.cause = likely_structural_cause(config, m.difference)
         return report
     if framework is None:
         report.numbers["eval_logits"] = 0.0

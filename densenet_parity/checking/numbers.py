@@ -1,6 +1,6 @@
-"""The numbers: canonical weights for the comparison, and how outputs, gradients and BatchNorm
-statistics are compared (relative to the reference's largest value), with the first layer whose
-output differs."""
+"""The numbers: how outputs, gradients and BatchNorm statistics are compared (relative to the
+reference's largest value), with the first layer whose output differs. (The canonical weights
+compared, random_state, are densenet_parity.states': export draws them too.)"""
 from __future__ import annotations
 
 from typing import Dict
@@ -15,23 +15,6 @@ STEP_RTOL = 1e-6     # float64 loss, gradients, BatchNorm statistics after one s
 GRAD_FLOOR = 1e-8    # a gradient is compared relative to at least this share of the largest
 BATCH = 2
 MLP_BATCH = 8  # the MLP family: train-mode BatchNorm1d needs more than 2 examples (engine._inputs)
-
-
-def random_state(config: spec.Preset, seed: int = 0) -> Dict[str, np.ndarray]:
-    """Canonical weights for the comparison: Xavier-uniform kernels (the book's initialiser),
-    and everything a convention could hide behind made non-trivial: BatchNorm scale and shift,
-    running mean and variance, conv and dense biases."""
-    from densenet_training.recipe import xavier_state
-    state = xavier_state(config, seed)
-    rng = np.random.default_rng(seed + 1)
-    for name, shape, _ in spec.canonical_tensors(config):
-        module, leaf = name.rsplit(".", 1)
-        is_bn = f"{module}.running_mean" in state
-        if is_bn and leaf in ("weight", "running_var"):
-            state[name] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
-        elif leaf in ("bias", "running_mean"):
-            state[name] = rng.normal(0, 0.1, shape).astype(np.float32)
-    return state
 
 
 def _to_model(state: Dict[str, np.ndarray], mapping: Dict[str, str], layout: str):

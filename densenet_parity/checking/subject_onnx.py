@@ -38,6 +38,7 @@ from densenet_parity.checking.numbers import BATCH, EVAL_RTOL, _first_difference
 from densenet_parity.checking.report import Report
 from densenet_parity.checking.subjects import CheckError, keep_share_in_torch_words
 from densenet_weights import formats
+from densenet_weights.causes import likely_structural_cause
 
 FRAMEWORK = "onnx"
 #: ONNX's word for its momentum: the share of the running statistics kept (0.9 = PyTorch's 0.1).
@@ -114,7 +115,7 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
     report.notes += loaded.notes  # the BatchNorms an exporter folded
     if not m.ok:
         report.structure = str(m.difference)
-        report.cause = structure.likely_structural_cause(config, m.difference)
+        report.cause = likely_structural_cause(config, m.difference)
         return report
     read_u = bn_settings(loaded.settings)
     if any(v["training_mode"] for v in read_u.values()):
