@@ -27,7 +27,7 @@ from densenet_flax.runtime import (_DROPOUT, abstract as _abstract, loss as _los
                                    device, from_config as _build, linen_loss as _linen_loss,
                                    loaded as _loaded, nhwc as _nhwc, numerics as _numerics,
                                    sgd as _sgd, targets as _targets)
-from densenet_flax.state import export_state, load_state, to_canonical
+from densenet_flax.state import _device_array, export_state, load_state, to_canonical
 
 BACKEND = "flax"
 VARIANTS = ("nnx", "linen")
@@ -534,10 +534,10 @@ def set_model_tensors(model, arrays: dict, variant: str = "nnx"):
         for kind in (nnx.Param, nnx.BatchStat):
             state = nnx.state(model, kind)
             keys = _flat(nnx.to_pure_dict(state))
-            nnx.replace_by_pure_dict(state, _unflat({k: jnp.asarray(new[k]) for k in keys}))
+            nnx.replace_by_pure_dict(state, _unflat({k: _device_array(new[k]) for k in keys}))
             nnx.update(model, state)
         return model
-    return model[0], jax.tree.map(jnp.asarray, _unflat(new))
+    return model[0], jax.tree.map(_device_array, _unflat(new))
 
 
 def _paths(model):
@@ -608,7 +608,7 @@ def model_run(model, x, labels=None, modules=(), train: bool = False, dtype: str
     ``labels`` also the loss, the gradient of every trainable tensor and the BatchNorm
     statistics the forward pass updated (the model's paths, linen's with their collection)."""
     with _numerics(dtype):
-        cast = (lambda a: jnp.asarray(np.asarray(a, dtype=dtype)))
+        cast = (lambda a: _device_array(a, dtype))
         xs = _nhwc(x, dtype)
         ys = None if labels is None else _targets(labels, dtype)
         if isinstance(model, nnx.Module):

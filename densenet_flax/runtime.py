@@ -17,6 +17,7 @@ from flax import nnx
 
 import densenet_spec as spec
 from densenet_flax import linen, model as nnx_model
+from densenet_flax.state import _device_array, load_state
 
 
 def device() -> str:
@@ -62,7 +63,6 @@ def loaded(config, state, memory_efficient=False, variant="nnx", dtype="float32"
     """NNX: the model, loaded. linen: (model, variables). At ``dtype`` (inside numerics).
     NNX builds abstractly (nnx.eval_shape: no random initialisation, which would compile an
     initialiser per weight shape) unless dropout needs its RNG streams."""
-    from densenet_flax.state import load_state
     if variant == "nnx" and not config.get("drop_rate"):
         model = abstract(config, memory_efficient)
     else:
@@ -86,8 +86,8 @@ def numerics(dtype="float32"):
 
 def nhwc(x, dtype="float32"):
     """A canonical input (NCHW images; (N, features) passes as it is) for Flax."""
-    x = jnp.asarray(np.asarray(x, dtype=dtype))
-    return jnp.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x
+    x = np.asarray(x, dtype=dtype)
+    return _device_array(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if x.ndim == 4 else x)
 
 
 def targets(labels, dtype="float32"):
@@ -95,8 +95,8 @@ def targets(labels, dtype="float32"):
     family's regression, (N, outputs))."""
     labels = np.asarray(labels)
     if np.issubdtype(labels.dtype, np.integer):
-        return jnp.asarray(labels, jnp.int32)
-    return jnp.asarray(labels.astype(dtype))
+        return _device_array(labels, np.int32)
+    return _device_array(labels, dtype)
 
 
 def loss(outputs, labels):

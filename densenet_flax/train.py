@@ -280,7 +280,7 @@ def load_optimizer_state(model, optimizer, buffers: Dict[str, np.ndarray]) -> No
     tree = state_lib.from_canonical(buffers)["params"]
     trace = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(trace, tree)
-    trace = jax.tree.map(lambda _, new: jnp.asarray(new), optimizer.state[0].trace, trace)
+    trace = jax.tree.map(lambda _, new: state_lib._device_array(new), optimizer.state[0].trace, trace)
     optimizer.state = (optimizer.state[0]._replace(trace=trace),) + tuple(optimizer.state[1:])
 
 
@@ -351,8 +351,8 @@ def load_house_state(model, state: Dict[str, np.ndarray]) -> None:
         training.house.check_linear_state(state, model.in_features)
         params = nnx.state(model, nnx.Param)
         nnx.replace_by_pure_dict(params, {"classifier": {
-            "kernel": jnp.asarray(np.asarray(state["classifier.weight"], np.float32).T),
-            "bias": jnp.asarray(np.asarray(state["classifier.bias"], np.float32))}})
+            "kernel": state_lib._device_array(np.asarray(state["classifier.weight"], np.float32).T),
+            "bias": state_lib._device_array(state["classifier.bias"], np.float32)}})
         nnx.update(model, params)
         return
     state_lib.load_state(model, state)
@@ -484,7 +484,7 @@ def load_adam_state(model, optimizer, arrays: Dict[str, np.ndarray], step: int) 
                                              if n.startswith(key + "/")}})
         trees[key] = nnx.split(shadow, nnx.Param, ...)[1]
     adam = optimizer.state[1]
-    like = lambda old, new: jnp.asarray(new, old.dtype)  # noqa: E731
+    like = lambda old, new: state_lib._device_array(new, old.dtype)  # noqa: E731
     adam = adam._replace(count=jnp.asarray(step, adam.count.dtype),
                          mu=jax.tree.map(like, adam.mu, trees["exp_avg"]),
                          nu=jax.tree.map(like, adam.nu, trees["exp_avg_sq"]))
