@@ -112,7 +112,9 @@ def describe(config: dict, batch: int, height: int, width: int, variant: str = "
             model = _build(config)
         model.eval()
         run = (lambda m, x: m.forward_stages(x))
-        outputs = nnx.eval_shape(run, model, x) if abstract else run(model, x)
+        # the real forward compiled (nnx.jit): op by op, JAX compiles every primitive for
+        # every new shape (12 s for the book, against 1 s compiled)
+        outputs = nnx.eval_shape(run, model, x) if abstract else nnx.jit(run)(model, x)
         for name, modules in model.stage_modules().items():
             params, state = _counts(modules)
             stages.append({"name": name, "shape": _nchw_shape(outputs[name].shape),
@@ -123,8 +125,8 @@ def describe(config: dict, batch: int, height: int, width: int, variant: str = "
         init = functools.partial(model.init, train=False)
         run = functools.partial(model.apply, train=False, method="forward_stages")
         key = jax.random.key(0)
-        variables = jax.eval_shape(init, key, x) if abstract else init(key, x)
-        outputs = jax.eval_shape(run, variables, x) if abstract else run(variables, x)
+        variables = jax.eval_shape(init, key, x) if abstract else jax.jit(init)(key, x)
+        outputs = jax.eval_shape(run, variables, x) if abstract else jax.jit(run)(variables, x)
         paths = model.stage_paths()
         for name, stage_paths in paths.items():
             params, state = _tree_counts(variables, stage_paths)
