@@ -469,3 +469,25 @@ def test_no_report_says_nan_or_inf_where_a_number_is_meant():
     for text in texts:
         assert not NOT_A_NUMBER.search(text), text
         assert "not comparable" in text or "is 0 here" in text or "up to" in text, text
+
+
+def test_the_biased_variance_is_accepted_only_where_it_explains_every_batchnorm():
+    """Flax's, Gluon's and Keras' biased running-variance update is accepted when it explains
+    every BatchNorm whose variance differs, not when only the first one."""
+    from densenet_parity.checking.numbers import _bn_statistics
+    cfg = spec.make_config("book", block_config=(1, 1), num_init_features=4, growth_rate=2)
+    bns = [n for n, kind, _ in spec.canonical_modules(cfg) if kind == "bn"]
+    state = {n: np.ones(s, np.float64) for n, s, _ in spec.canonical_tensors(cfg)}
+    new_r = {k: v.copy() for k, v in state.items()}
+    for b in bns[:2]:
+        new_r[f"{b}.running_var"] = 0.9 + 0.1 * np.arange(1, 1 + state[f"{b}.running_var"].size)
+    new_u = {k: v.copy() for k, v in new_r.items()}
+    for b in bns[:2]:
+        new_u[f"{b}.running_var"] = 0.9 + 0.1 * np.arange(
+            1, 1 + state[f"{b}.running_var"].size) * 3 / 4
+    d, first, notes = _bn_statistics(cfg, state, new_u, new_r, "flax", biased=True)
+    assert d == 0.0 and first is None and "0.7500 of PyTorch's unbiased one" in notes[0]
+    new_u[f"{bns[1]}.running_var"] = new_r[f"{bns[1]}.running_var"] * 2  # another bug there
+    d, first, notes = _bn_statistics(cfg, state, new_u, new_r, "flax", biased=True)
+    assert d > 1e-6 and not notes and first["module"] == bns[1], (first, notes)
+    assert "running-variance update is" in first["convention"]

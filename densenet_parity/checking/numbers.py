@@ -159,27 +159,39 @@ def _bn_statistics(config, state, new_u, new_r, framework, momenta=None, biased=
     vars_ = {k: new_r[k] for k in order if k.endswith("running_var") and k in new_r}
     d_var, _ = _worst({k: new_u.get(k, np.zeros(0)) for k in vars_}, vars_)
     if d_var > STEP_RTOL:
-        k_var = next(k for k in vars_ if _rel(new_u.get(k, np.zeros(0)), vars_[k]) > STEP_RTOL)
-        old = np.asarray(state[k_var], np.float64)
-        keep = 1 - taken(k_var)
-        upd_u = np.asarray(new_u[k_var], np.float64) - keep * old
-        upd_r = np.asarray(new_r[k_var], np.float64) - keep * old
-        ratio = _median_ratio(upd_u, upd_r, old, np.asarray(new_r[k_var], np.float64))
-        if not np.all(np.isfinite(upd_u)):
-            update = "the model's running variance is not a finite number after the step"
-        elif ratio is None:  # the reference's update is 0 everywhere: no ratio to speak of
-            update = (f"the reference's running-variance update is 0 here (a batch variance of "
-                      f"0); the model's is up to {_amount(upd_u)}")
-        else:
-            update = f"the model's running-variance update is {ratio:.4f} of the reference's"
-        if biased and ratio is not None and ratio < 1.0 and abs(ratio - 1.0) < 0.5:
+        def judged(k):
+            """(ratio of the model's update to the reference's or None, words, biased?)"""
+            old = np.asarray(state[k], np.float64)
+            keep = 1 - taken(k)
+            upd_u = np.asarray(new_u[k], np.float64) - keep * old
+            upd_r = np.asarray(new_r[k], np.float64) - keep * old
+            ratio = _median_ratio(upd_u, upd_r, old, np.asarray(new_r[k], np.float64))
+            if not np.all(np.isfinite(upd_u)):
+                update = "the model's running variance is not a finite number after the step"
+            elif ratio is None:  # the reference's update is 0 everywhere: no ratio to speak of
+                update = (f"the reference's running-variance update is 0 here (a batch variance "
+                          f"of 0); the model's is up to {_amount(upd_u)}")
+            else:
+                update = f"the model's running-variance update is {ratio:.4f} of the reference's"
+            # the biased over the unbiased batch variance: (n - 1) / n, n >= 2 values per channel
+            return ratio, update, ratio is not None and 0.5 - 1e-9 <= ratio < 1.0 - 1e-9
+        differing = [k for k in vars_ if _rel(new_u.get(k, np.zeros(0)), vars_[k]) > STEP_RTOL]
+        seen = {k: judged(k) if k in new_u else (None, "the model has no running variance "
+                                                 "here", False) for k in differing}
+        # the biased batch variance is accepted only where it explains every BatchNorm that differs
+        if biased and all(b for _, _, b in seen.values()):
+            ratio = seen[differing[0]][0]
             notes.append(f"BatchNorm updates its running variance with the biased batch variance "
                          f"({ratio:.4f} of PyTorch's unbiased one), as {framework}'s BatchNorm "
                          "does: accepted as this framework's convention")
             return 0.0, None, notes
+        k_var = next((k for k in differing if not seen[k][2]), differing[0]) if biased else \
+            differing[0]
+        update = seen[k_var][1]
         return d_var, {
             "mode": "train step", "module": k_var.rsplit(".", 1)[0], "stage": spec.stage_of(k_var),
-            "foreign": "", "max_abs": float(np.max(np.abs(np.asarray(new_u[k_var]) - new_r[k_var]))),
+            "foreign": "", "max_abs": float(np.max(np.abs(np.asarray(new_u[k_var]) - new_r[k_var])))
+            if k_var in new_u else float("inf"),
             "rel": d_var, "convention": (
                 f"BatchNorm variance: {update} (PyTorch averages the unbiased batch variance, "
                 "n/(n-1) times the biased one)")}, notes
