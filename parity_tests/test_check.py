@@ -466,6 +466,14 @@ def test_no_report_says_nan_or_inf_where_a_number_is_meant():
     texts.append(_rendered(mlp, {"eval_logits": float("inf")}, {
         "mode": "eval", "module": "classifier", "stage": "head", "foreign": "fc",
         "max_abs": float("inf"), "rel": float("inf"), "convention": "x"}))
+    from densenet_parity.export import ExportResult
+    from densenet_parity.report import _e
+    proof = ExportResult("book", "random", "x.onnx", {"name": "book"}, [1, 1, 32, 32],
+                         {"x.onnx": 1000}, {"Conv": 1}, 20, {}, {
+                             "torch": "2", "onnx": "1", "onnxruntime": "1"},
+                         proof={"torch": float("nan"), "flax-nnx": float("inf")})
+    assert not proof.ok
+    texts.append(proof.render() + _e(float("nan")) + _e(float("inf")))
     for text in texts:
         assert not NOT_A_NUMBER.search(text), text
         assert "not comparable" in text or "is 0 here" in text or "up to" in text, text
