@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Dict, List, Optional
 
@@ -92,6 +93,9 @@ class ExportResult:
         for name, value in self.proof.items():
             if value is None:
                 lines.append(f"  {name:<10} not run")
+            elif not math.isfinite(value):  # never 'nan' or 'inf' where a number is meant
+                lines.append(f"  {name:<10} not comparable (the shapes differ or a value is not "
+                             "a finite number)  DIFFERENT")
             else:
                 lines.append(f"  {name:<10} {value:9.2e}  (tolerance {EXPORT_RTOL:g})  "
                              f"{'ok' if value <= EXPORT_RTOL else 'DIFFERENT'}")

@@ -175,8 +175,8 @@ def render(result: dict) -> str:
         rows = []
         for e in result["expected"]:
             s = e["name"]
-            row = [s] + [f"{result['numbers'][n][s]['abs']:.2e}" for n in others]
-            row += [f"{result['numbers'][n][s]['rel']:.2e}" for n in others]
+            row = [s] + [_e(result['numbers'][n][s]['abs']) for n in others]
+            row += [_e(result['numbers'][n][s]['rel']) for n in others]
             row.append(OK if num_ok.get(s, False) else BAD)
             rows.append(row)
         lines += ["", table(headers, rows,
@@ -190,3 +190,9 @@ def render(result: dict) -> str:
     lines.append({0: "All backends agree.", 1: "MISMATCH: the backends do not agree (see above).",
                   2: "Incomplete: a backend could not run (see above)."}[code])
     return "\n".join(lines)
+
+
+def _e(value) -> str:
+    """A difference for the table; never 'nan' or 'inf' where a number is meant."""
+    import math
+    return f"{value:.2e}" if math.isfinite(value) else "not comparable"

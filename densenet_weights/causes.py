@@ -18,6 +18,8 @@ def likely_structural_cause(config, diff: Difference) -> Optional[str]:
     found = [int(x) for x in re.findall(r"over (\d+) channels|-> (\d+) channels", diff.found)
              for x in x if x]
     short = diff.module.replace("features.", "")
+    if diff.change in ("missing", "extra"):
+        return _layer_count_cause(config, diff, short)
     if config.family == "mlp":
         return _mlp_cause(config, diff, short)
     if diff.kind == "bn" and short.endswith("norm1") and found:
@@ -76,3 +78,40 @@ def _mlp_cause(config, diff: Difference, short: str) -> Optional[str]:
             return (f"the head's Linear takes the last dense block's output, "
                     f"{spec.final_features(config)} features")
     return None
+
+
+def _recipe(config, short: str) -> str:
+    """The part of the preset a canonical module belongs to, as the book (or the forum, for the
+    MLP family) writes it."""
+    part = short.split(".")[0]
+    if config.family == "mlp":
+        relu = "-ReLU" if getattr(config, "transition_relu", True) else ""
+        if part.startswith("transition"):
+            return f"the transition is BatchNorm1d-ReLU-Linear{relu}, halving the features"
+        if part.startswith("denseblock"):
+            return "each dense layer is BatchNorm1d-ReLU-Linear, its output concatenated to its input"
+        if part.startswith("linear"):
+            widths = " -> ".join(map(str, (config.in_features,) + tuple(config.stem_widths)))
+            return f"the stem is Linear-ReLU per width ({widths})"
+        return "the head is BatchNorm1d-ReLU-Linear to the outputs"
+    if part.startswith("transition"):
+        pool = "max" if getattr(config, "transition_pool", "avg") == "max" else "average"
+        return f"the transition is BatchNorm-ReLU-1x1 conv-2x2 {pool} pool"
+    if part.startswith("denseblock"):
+        if getattr(config, "bn_size", None):
+            return "each dense layer is BatchNorm-ReLU-1x1 conv-BatchNorm-ReLU-3x3 conv (bottleneck)"
+        return "each conv_block is BatchNorm-ReLU-3x3 conv, its output concatenated to its input"
+    if part in ("conv0", "norm0"):
+        return ("the stem is a 7x7/2 conv-BatchNorm-ReLU-3x3/2 max pool"
+                if getattr(config, "stem", "imagenet") == "imagenet" else "the stem is one 3x3 conv")
+    return "the head is BatchNorm-ReLU-global average pool-dense layer"
+
+
+def _layer_count_cause(config, diff: Difference, short: str) -> str:
+    """A layer the model lacks or has in addition, in its family's words."""
+    what = {"bn": "BatchNorm1d" if config.family == "mlp" else "BatchNorm",
+            "conv": "convolution", "dense": "Linear" if config.family == "mlp" else
+            "dense layer"}.get(diff.kind, "layer")
+    if diff.change == "missing":
+        return f"a {what} left out of the port ({_recipe(config, short)})"
+    return f"an extra {what} in the port ({_recipe(config, short)})"

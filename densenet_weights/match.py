@@ -64,9 +64,27 @@ class Difference:
     found: str             # what the model has there
     foreign: str           # the model's module name, or ''
     arithmetic: str        # the channel arithmetic behind the expected shape
+    #: 'shape': the layer is there with other shapes; 'missing': the model has no such layer
+    #: (its later layers of this kind are the reference's later ones); 'extra': the model has
+    #: one more layer here (its next ones are the reference's)
+    change: str = "shape"
+    place: str = ""        # where the missing or extra layer is, in the book's words
 
     def __str__(self):
         where = f"{self.module} ({self.stage})" if self.module else "after the last layer"
+        if self.change == "missing":
+            short = self.module.replace("features.", "")
+            line = (f"first difference at {where}: the model has no {KIND_WORDS[self.kind]} "
+                    f"{self.place} (the reference's {short}: {self.expected})")
+            if self.foreign:
+                line += (f"; the model's next {KIND_WORDS[self.kind]} (its '{self.foreign}') is "
+                         "the reference's next one")
+            return line + (f". {self.arithmetic}" if self.arithmetic else "")
+        if self.change == "extra":
+            line = (f"first difference at {where}: the model has an extra layer, {self.found} "
+                    f"(its '{self.foreign}'), {self.place}; its next {KIND_WORDS[self.kind]} is "
+                    f"the reference's {self.module.replace('features.', '')}")
+            return line
         line = f"first difference at {where}: the reference has {self.expected}; the model " \
                f"has {self.found}"
         if self.foreign:
@@ -179,7 +197,8 @@ def canonical_layers(p: spec.Preset) -> List[Layer]:
 
 # --------------------------------------------------------------------------- matching
 
-def _describe(layer: Layer) -> str:
+def _describe(layer: Layer, p=None) -> str:
+    """A layer in words; a BatchNorm of the MLP family (``p``) is over features, not channels."""
     s = layer.shapes()
     w = s.get("weight")
     if layer.kind == "conv":
@@ -190,15 +209,112 @@ def _describe(layer: Layer) -> str:
         return f"a dense layer {w[1]} -> {w[0]}" + ("" if "bias" in s else " without a bias")
     c = (s.get("running_mean") or s.get("weight") or (0,))[0]
     missing = [r for r in ("weight", "bias", "running_mean", "running_var") if r not in s]
-    return f"a BatchNorm over {c} channels" + (f" without {', '.join(missing)}" if missing else "")
+    unit = "features" if getattr(p, "family", "conv") == "mlp" else "channels"
+    return f"a BatchNorm over {c} {unit}" + (f" without {', '.join(missing)}" if missing else "")
+
+
+#: how many of the following layers of a kind must line up, shifted by one, for a layer to be
+#: named missing or extra (fewer where the network ends sooner)
+SHIFT_CHECK = 3
+
+
+def _shifted(a: Sequence[Layer], b: Sequence[Layer]) -> bool:
+    """``a``'s layers have ``b``'s shapes, as far as the shorter goes (at least one, or both
+    at their end): ``a`` lines up with ``b``."""
+    n = min(SHIFT_CHECK, len(a), len(b))
+    if n == 0:
+        return len(a) == len(b) == 0
+    return all(a[t].shapes() == b[t].shapes() for t in range(n))
+
+
+def _words_of(module: str, kind: str, shapes) -> str:
+    """A canonical module in the book's words: "transition1's 1x1 conv", "the classifier"."""
+    short = module[len("features."):] if module.startswith("features.") else module
+    if short == "classifier":
+        return "the classifier"
+    owner = short.rsplit(".", 1)[0] if "." in short else "the stem"
+    if kind == "conv":
+        w = shapes["weight"]
+        what = f"{w[2]}x{w[3]} conv"
+    elif kind == "dense":
+        what = f"Linear ({short.rsplit('.', 1)[-1]})" if owner == "the stem" else "Linear"
+    else:
+        what = "BatchNorm"
+    return f"{owner}'s {what}"
+
+
+def _place(p, module: str) -> str:
+    """Where a layer of the preset sits: "before transition1's 1x1 conv" (a BatchNorm normalises
+    what the next conv or Linear takes), "after the stem's 7x7 conv" (the BatchNorms right after
+    their conv: the stem's norm0, a bottleneck's norm2), "after X" for the others."""
+    mods = list(spec.canonical_modules(p))
+    names = [m for m, _, _ in mods]
+    i = names.index(module)
+    kind = mods[i][1]
+    prev = mods[i - 1] if i > 0 else None
+    nxt = next((m for m in mods[i + 1:] if m[1] != "bn"), None)
+    if kind == "bn" and prev is not None and module.endswith((".norm0", ".norm2")):
+        return f"after {_words_of(*prev)}"
+    if nxt is not None and kind == "bn":
+        return f"before {_words_of(*nxt)}"
+    if prev is not None:
+        return f"after {_words_of(*prev)}"
+    return "at the start"
+
+
+def _next_same(n: int, kind: str) -> str:
+    if n == 1:
+        return f"the next {KIND_WORDS[kind]}, of the same shape"
+    return f"one of the next {n} {KIND_WORDS[kind]}s, of the same shape"
+
+
+def _shift_difference(p, mine: Sequence[Layer], theirs: Sequence[Layer], i: int,
+                      kind: str) -> Optional[Difference]:
+    """At the first mismatch ``i`` of a kind: a layer the model lacks (its layers from ``i`` are
+    the reference's from ``i + 1``) or one it has in addition (its from ``i + 1`` are the
+    reference's from ``i``), else None."""
+    if i < len(mine) and _shifted(theirs[i:], mine[i + 1:]):
+        k = i  # layers of equal shapes before it could be the missing one: name the first
+        while k > 0 and mine[k - 1].shapes() == mine[i].shapes():
+            k -= 1
+        r = mine[k]
+        g = theirs[k] if k < len(theirs) else None
+        arithmetic = spec.module_arithmetic(p, r.name)
+        if k < i:
+            arithmetic += (f" (or the missing one is {_next_same(i - k, kind)}, up to "
+                           f"{mine[i].name.replace('features.', '')}: shapes alone cannot tell)")
+        return Difference(r.name, spec.stage_of(r.name + ".weight"), kind, _describe(r, p),
+                          f"no {KIND_WORDS[kind]} here", g.name if g is not None else "",
+                          arithmetic, "missing", _place(p, r.name))
+    if i < len(theirs) and i < len(mine) and _shifted(theirs[i + 1:], mine[i:]):
+        k = i
+        while k > 0 and theirs[k - 1].shapes() == theirs[i].shapes():
+            k -= 1
+        r, g = mine[k], theirs[k]
+        place = (f"after the reference's {mine[k - 1].name.replace('features.', '')}" if k
+                 else "before the reference's first one")
+        if k < i:
+            place += f" (or it is {_next_same(i - k, kind)}: shapes alone cannot tell)"
+        return Difference(r.name, spec.stage_of(r.name + ".weight"), kind, _describe(r, p),
+                          _describe(g, p), g.name, "", "extra", place)
+    return None
+
+
+def missing_difference(p, module: str, foreign: str = "") -> Difference:
+    """The difference "the model has no <kind> <place>" at canonical ``module`` of preset ``p``
+    (for a format that tells a missing layer by more than shapes: ONNX's graph)."""
+    r = next(r for r in canonical_layers(p) if r.name == module)
+    return Difference(r.name, spec.stage_of(r.name + ".weight"), r.kind, _describe(r, p),
+                      f"no {KIND_WORDS[r.kind]} here", foreign, spec.module_arithmetic(p, r.name),
+                      "missing", _place(p, r.name))
 
 
 def _difference(p, ref: Optional[Layer], got: Optional[Layer], kind: str) -> Difference:
     if ref is None:
         return Difference("", "", kind, f"no more {KIND_WORDS[kind]}s",
-                          f"another one, {_describe(got)}", got.name, "")
-    return Difference(ref.name, spec.stage_of(ref.name + ".weight"), kind, _describe(ref),
-                      _describe(got) if got is not None else f"no more {KIND_WORDS[kind]}s",
+                          f"another one, {_describe(got, p)}", got.name, "")
+    return Difference(ref.name, spec.stage_of(ref.name + ".weight"), kind, _describe(ref, p),
+                      _describe(got, p) if got is not None else f"no more {KIND_WORDS[kind]}s",
                       got.name if got is not None else "", spec.module_arithmetic(p, ref.name))
 
 
@@ -224,7 +340,8 @@ def match_layers(p: spec.Preset, layers: Sequence[Layer]) -> Match:
                 continue
             at = position[r.name] if r is not None else len(ref)
             if first is None or at < first[0]:
-                first = (at, _difference(p, r, g, kind))
+                first = (at, _shift_difference(p, mine, theirs, i, kind)
+                         or _difference(p, r, g, kind))
             break
     matched = first[0] if first else len(ref)
     complete = first is None and len(state) == len(spec.canonical_tensors(p))

@@ -9,6 +9,7 @@ it does: the last block must be larger than 1x1 for max and average pooling to d
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -101,9 +102,42 @@ def test_a_missing_layer_is_named():
               if not n.startswith("features.denseblock3.denselayer4.")}
     m = match.match(shapes, "book")
     assert not m.ok and m.difference.module == "features.denseblock3.denselayer4.norm1"
-    assert "the reference has a BatchNorm over 208 channels" in str(m.difference)
-    assert "the model has a BatchNorm over 240 channels (its 'f.transition3.norm')" in str(m.difference)
+    assert m.difference.change == "missing"  # named as missing, not as a BatchNorm's other width
+    assert ("the model has no BatchNorm before denseblock3.denselayer4's 3x3 conv (the "
+            "reference's denseblock3.denselayer4.norm1: a BatchNorm over 208 channels)"
+            in str(m.difference)), str(m.difference)
+    assert ("the model's next BatchNorm (its 'f.transition3.norm') is the reference's next one"
+            in str(m.difference)), str(m.difference)
+    assert "over 240 channels" not in str(m.difference)
     assert "208 = 112 + 3 x 32" in str(m.difference)
+
+
+def test_a_missing_batchnorm_is_named_missing_at_its_place():
+    """The book's PyTorch listing with transition1's BatchNorm left out: named as a missing
+    BatchNorm before transition1's 1x1 conv (not as the next BatchNorm's other width), with
+    the transition's recipe as the cause; an extra BatchNorm is named as extra."""
+    from torch import nn
+
+    from parity_tests.own_models import book_torch
+    r = check(book_torch.transition_without_batchnorm(), preset="book")
+    assert not r.same and r.numbers == {}, r.render()  # named before any number
+    assert r.structure.startswith(
+        "first difference at features.transition1.norm (transition1): the model has no BatchNorm "
+        "before transition1's 1x1 conv (the reference's transition1.norm: a BatchNorm over 192 "
+        "channels)"), r.structure
+    assert "the model has a BatchNorm over 96 channels" not in r.structure
+    assert "192 = 64 + 4 x 32 channels" in r.structure
+    assert r.cause == ("a BatchNorm left out of the port (the transition is BatchNorm-ReLU-1x1 "
+                       "conv-2x2 average pool)"), r.cause
+    extra = book_torch.net()
+    extra[2].insert(0, nn.BatchNorm2d(192))  # a second BatchNorm before transition1's
+    m = match.match({k: tuple(v.shape) for k, v in extra.state_dict().items()}, "book")
+    assert m.difference.change == "extra", str(m.difference)
+    assert "the model has an extra layer, a BatchNorm over 192 channels (its '2.0')" in str(
+        m.difference), str(m.difference)
+    from densenet_parity.checking import likely_structural_cause
+    assert likely_structural_cause(spec.get_preset("book"), m.difference).startswith(
+        "an extra BatchNorm in the port")
 
 
 # ------------------------------------------------------------------ densenet check
@@ -312,3 +346,156 @@ def test_checking_a_weights_file(tmp_path):
 def check_file(path):
     from densenet_parity import check_weights
     return check_weights(str(path), framework="torch", size=32)
+
+
+# ------------------------------------------------------------------ every cause, every number
+
+#: words that belong to the conv family only (never offered for the MLP family) and to the MLP
+#: family only (never offered for the conv family)
+CONV_WORDS = re.compile(r"pool|padding|stride|convolution|\d+x\d+|NCHW|NHWC|height",
+                        re.I)
+MLP_WORDS = re.compile(r"BatchNorm1d|Linear|transition_relu|forum", re.I)
+#: a number that is no number, as Python writes it
+NOT_A_NUMBER = re.compile(r"\b(nan|inf|infinity)\b", re.I)
+
+
+def _causes(config):
+    """Every cause the check and the converter can give for ``config``: the numerical
+    conventions at every canonical module (eval and train, equal and different shapes), and
+    the structural causes at every module (missing, extra, other shapes)."""
+    from densenet_parity.checking import convention, likely_structural_cause
+    rng = np.random.default_rng(0)
+    out = []
+    for module, kind, _ in spec.canonical_modules(config):
+        for mode in ("eval", "train"):
+            a = rng.standard_normal((2, 4, 3, 3) if config.family == "conv" else (8, 4))
+            out.append(convention(config, module, kind, a, a + 1, mode))
+            out.append(convention(config, module, kind, a, a[..., :2], mode))
+        d = match.missing_difference(config, module)
+        out.append(likely_structural_cause(config, d))
+        for change, found in (("extra", d.expected), ("shape", d.expected.replace("4", "5"))):
+            out.append(likely_structural_cause(config, match.Difference(
+                d.module, d.stage, kind, d.expected, found, "x", d.arithmetic, change)))
+    return [c for c in out if c]
+
+
+def test_every_cause_belongs_to_the_presets_family():
+    """The MLP DenseNet is never offered a conv-family cause (pooling, padding, a kxk conv,
+    layouts) and the conv family never an MLP one; a missing layer's cause names the family's
+    own recipe."""
+    mlp = _causes(spec.get_preset("house_mlp"))
+    assert mlp and not [c for c in mlp if CONV_WORDS.search(c)], [
+        c for c in mlp if CONV_WORDS.search(c)]
+    assert any("transition_relu" in c for c in mlp) and any("BatchNorm1d" in c for c in mlp)
+    for name in ("book", "densenet121", "densenet40"):
+        conv = _causes(spec.get_preset(name))
+        assert conv and not [c for c in conv if MLP_WORDS.search(c)], [
+            c for c in conv if MLP_WORDS.search(c)]
+
+
+def _rendered(config, numbers, first, settings=()):
+    from densenet_parity.checking import Report
+    r = Report("torch", "", "m:net", config.name, config.to_dict(),
+               [2, 1, 32, 32] if config.family == "conv" else [8, 330],
+               [], {"spec_params": 1, "spec_state": 1, "params": 1, "state": 1, "ok": True},
+               output_shape=[2, 10], numbers=numbers, first=first, bn_settings=list(settings),
+               adjusted=dict(numbers), adjusted_first=first)
+    return r.render()
+
+
+def test_no_report_says_nan_or_inf_where_a_number_is_meant():
+    """Reports rendered from crafted inputs holding 0, NaN and infinite values (shapes that
+    differ, a reference that is all 0, a running variance that does not move, a NaN in the
+    model's statistics) say what happened in words: no 'nan' or 'inf' token."""
+    from densenet_parity.checking.numbers import _bn_statistics, _first_difference, _rel
+    cfg = spec.make_config("book", block_config=(1, 1), num_init_features=4, growth_rate=2)
+    bn = [n for n, kind, _ in spec.canonical_modules(cfg) if kind == "bn"][0]
+    c = spec.make_config(cfg).to_dict() and dict(spec.canonical_tensors(cfg) and
+                                                 {n: s for n, s, _ in spec.canonical_tensors(cfg)})
+    state = {n: np.ones(s, np.float64) for n, s in c.items()}
+    texts = []
+    # the running-variance update: the reference's is 0 everywhere (a batch variance of 0)
+    new_r = {k: v.copy() for k, v in state.items()}
+    new_u = {k: v.copy() for k, v in state.items()}
+    new_r[f"{bn}.running_var"] = 0.9 * state[f"{bn}.running_var"]
+    new_u[f"{bn}.running_var"] = 0.9 * state[f"{bn}.running_var"] + 0.031
+    d, first, _ = _bn_statistics(cfg, state, new_u, new_r, "flax", biased=True)
+    assert first and "the reference's running-variance update is 0 here" in first["convention"]
+    assert "the model's is up to 0.031" in first["convention"], first["convention"]
+    texts.append(_rendered(cfg, {"bn_statistics": d}, first))
+    # 0 / 0 in some features (a dead ReLU's), the biased variance in the others: accepted
+    upd = np.where(np.arange(4) < 2, 0.0, 1.0)
+    new_r[f"{bn}.running_var"] = 0.9 * state[f"{bn}.running_var"] + 0.1 * upd
+    new_u[f"{bn}.running_var"] = 0.9 * state[f"{bn}.running_var"] + 0.1 * upd * 7 / 8
+    d, first, notes = _bn_statistics(cfg, state, new_u, new_r, "flax", biased=True)
+    assert d == 0.0 and first is None and "0.8750 of PyTorch's unbiased one" in notes[0], notes
+    # the running mean does not move in the reference (the batch mean is the running mean)
+    new_u[f"{bn}.running_mean"] = state[f"{bn}.running_mean"] + 0.5
+    d, first, _ = _bn_statistics(cfg, state, new_u, state, "torch")
+    assert "the model's moves by up to 0.5" in first["convention"], first["convention"]
+    texts.append(_rendered(cfg, {"bn_statistics": d}, first))
+    # NaN in the model's statistics
+    new_u[f"{bn}.running_mean"] = np.full(4, np.nan)
+    d, first, _ = _bn_statistics(cfg, state, new_u, state, "torch")
+    assert first is not None and d == float("inf")  # a NaN is a difference, never 'ok'
+    texts.append(_rendered(cfg, {"bn_statistics": d}, first))
+    # shapes that differ, a reference of zeros, NaN outputs
+    assert _rel(np.ones(3), np.zeros(3)) == float("inf") and _rel(np.zeros(3), np.zeros(3)) == 0
+    assert _rel(np.array([np.nan]), np.ones(1)) == float("inf")
+    order = [m for m, _, _ in spec.canonical_modules(cfg)]
+    for u, r in ((np.ones((2, 4, 3, 3)), np.ones((2, 4, 2, 2))),
+                 (np.ones((2, 4, 3, 3)), np.zeros((2, 4, 3, 3))),
+                 (np.full((2, 4, 3, 3), np.nan), np.ones((2, 4, 3, 3))),
+                 (np.full((2, 4, 3, 3), np.inf), np.ones((2, 4, 3, 3)))):
+        first = _first_difference(cfg, order, {order[0]: "a"}, {order[0]: "b"}, {"a": u},
+                                  {"b": r}, 1e-5, "eval")
+        assert first is not None
+        texts.append(_rendered(cfg, {"eval_logits": _rel(u, r)}, first))
+    for value in (float("nan"), float("inf"), float("-inf"), 0.0):
+        first = {"mode": "eval", "module": "classifier", "stage": "head", "foreign": "fc",
+                 "max_abs": value, "rel": value, "convention": "x"}
+        settings = [{"module": bn, "foreign": "bn", "setting": "epsilon", "model": value,
+                     "reference": 1e-5, "as_written": "", "words": ""}]
+        text = _rendered(cfg, dict.fromkeys(
+            ("eval_logits", "train_loss", "gradients", "bn_statistics"), value), first, settings)
+        if value:
+            texts.append(text)
+        else:  # 0 is a number: said as one
+            assert "0.00e+00  (tolerance 1e-05)  ok" in text and "epsilon 0, the" in text, text
+    mlp = spec.get_preset("house_mlp")
+    texts.append(_rendered(mlp, {"eval_logits": float("inf")}, {
+        "mode": "eval", "module": "classifier", "stage": "head", "foreign": "fc",
+        "max_abs": float("inf"), "rel": float("inf"), "convention": "x"}))
+    from densenet_parity.export import ExportResult
+    from densenet_parity.report import _e
+    proof = ExportResult("book", "random", "x.onnx", {"name": "book"}, [1, 1, 32, 32],
+                         {"x.onnx": 1000}, {"Conv": 1}, 20, {}, {
+                             "torch": "2", "onnx": "1", "onnxruntime": "1"},
+                         proof={"torch": float("nan"), "flax-nnx": float("inf")})
+    assert not proof.ok
+    texts.append(proof.render() + _e(float("nan")) + _e(float("inf")))
+    for text in texts:
+        assert not NOT_A_NUMBER.search(text), text
+        assert "not comparable" in text or "is 0 here" in text or "up to" in text, text
+
+
+def test_the_biased_variance_is_accepted_only_where_it_explains_every_batchnorm():
+    """Flax's, Gluon's and Keras' biased running-variance update is accepted when it explains
+    every BatchNorm whose variance differs, not when only the first one."""
+    from densenet_parity.checking.numbers import _bn_statistics
+    cfg = spec.make_config("book", block_config=(1, 1), num_init_features=4, growth_rate=2)
+    bns = [n for n, kind, _ in spec.canonical_modules(cfg) if kind == "bn"]
+    state = {n: np.ones(s, np.float64) for n, s, _ in spec.canonical_tensors(cfg)}
+    new_r = {k: v.copy() for k, v in state.items()}
+    for b in bns[:2]:
+        new_r[f"{b}.running_var"] = 0.9 + 0.1 * np.arange(1, 1 + state[f"{b}.running_var"].size)
+    new_u = {k: v.copy() for k, v in new_r.items()}
+    for b in bns[:2]:
+        new_u[f"{b}.running_var"] = 0.9 + 0.1 * np.arange(
+            1, 1 + state[f"{b}.running_var"].size) * 3 / 4
+    d, first, notes = _bn_statistics(cfg, state, new_u, new_r, "flax", biased=True)
+    assert d == 0.0 and first is None and "0.7500 of PyTorch's unbiased one" in notes[0]
+    new_u[f"{bns[1]}.running_var"] = new_r[f"{bns[1]}.running_var"] * 2  # another bug there
+    d, first, notes = _bn_statistics(cfg, state, new_u, new_r, "flax", biased=True)
+    assert d > 1e-6 and not notes and first["module"] == bns[1], (first, notes)
+    assert "running-variance update is" in first["convention"]

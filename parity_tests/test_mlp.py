@@ -253,6 +253,45 @@ def test_a_wrong_transition_width_is_named_with_its_arithmetic():
     assert [r["stage"] for r in report.rows if not r["ok"]][0] == "transition2"
 
 
+#: causes of the conv family only: never offered for the MLP DenseNet
+CONV_WORDS = re.compile(r"pool|padding|stride|convolution|\d+x\d+|NCHW|NHWC|height", re.I)
+
+
+def test_a_transition_without_its_closing_relu_is_named_in_the_mlps_words():
+    """The forum's listing with the transitions' closing ReLU left out: the first output that
+    differs is the next dense block's BatchNorm1d, and the cause is the transition's ReLU
+    (transition_relu), never a conv-family one (the transition's pooling)."""
+    from densenet_parity import check
+    from parity_tests.own_models import house_torch
+    report = check(house_torch.transition_without_relu(), preset="house_mlp")
+    text = report.render()
+    assert report.structure is None and not report.same, text
+    f = report.first
+    assert (f["mode"], f["module"], f["stage"]) == (
+        "eval", "features.denseblock2.denselayer1.norm1", "denseblock2"), text
+    assert f["convention"].startswith("the transition's closing ReLU:"), f["convention"]
+    assert "transition_relu=True" in f["convention"] and "leaves the last ReLU out" in f[
+        "convention"], f["convention"]
+    assert not CONV_WORDS.search(text.split("Numbers")[1]), text
+
+
+def test_a_missing_batchnorm1d_is_named_missing_in_the_mlps_words():
+    """The forum's listing with the second transition's BatchNorm1d left out: a missing
+    BatchNorm before transition2's Linear, its cause the MLP transition's recipe."""
+    from densenet_parity import check
+    from parity_tests.own_models import house_torch
+    model = house_torch.net()
+    del model[4][0]  # the second transition: ReLU-Linear-ReLU
+    report = check(model, preset="house_mlp")
+    assert report.structure.startswith(
+        "first difference at features.transition2.norm (transition2): the model has no BatchNorm "
+        "before transition2's Linear (the reference's transition2.norm: a BatchNorm over 896 "
+        "features)"), report.structure
+    assert report.cause == ("a BatchNorm1d left out of the port (the transition is "
+                            "BatchNorm1d-ReLU-Linear-ReLU, halving the features)"), report.cause
+    assert not CONV_WORDS.search(report.structure + report.cause)
+
+
 def test_the_forums_weights_convert_into_every_backend(tmp_path):
     """The forum's state_dict (its own Sequential keys) converted by the command into every
     backend's file computes there what the forum's model computes (eval, 1e-5)."""

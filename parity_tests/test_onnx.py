@@ -237,6 +237,31 @@ def test_porting_bugs_exported_by_torch_onnx_are_named(tmp_path):
     assert "transition" in (report.cause or "")
 
 
+def test_a_batchnorm_dropped_after_a_conv_without_bias_is_missing_not_folded(tmp_path):
+    """A port whose stem BatchNorm was dropped, written by torch.onnx: its conv0 has no bias and
+    feeds no BatchNormalization. Folding always leaves the BatchNorm's shift as the conv's
+    bias, so this is a missing BatchNorm, named at its place, never "folded" (a tiny config:
+    one layer per block)."""
+    from torch import nn
+
+    from densenet_torch.model import DenseNet
+    cfg = spec.make_config("book", conv_bias=False, block_config=(1, 1), num_init_features=8,
+                           growth_rate=4)
+    torch.manual_seed(0)
+    model = DenseNet.from_preset(cfg)
+    model.features.norm0 = nn.Identity()
+    path = _torch_onnx(model, tmp_path / "no_norm0.onnx", 32)
+    report = check_weights(str(path), preset=cfg)
+    text = report.render()
+    assert not report.same and "BatchNorm folded into" not in text, text
+    assert [r["state"] for r in report.rows][:2] == [0, None], text  # norm0: not in the file
+    assert report.structure.startswith(
+        "first difference at features.norm0 (stem): the model has no BatchNorm after the stem's "
+        "7x7 conv (the reference's norm0: a BatchNorm over 8 channels)"), text
+    assert "not folded by an exporter" in report.structure, text
+    assert report.cause.startswith("a BatchNorm left out of the port (the stem is"), text
+
+
 def test_torchvision_densenet121_exported_by_torch_onnx(tmp_path):
     """torchvision's DenseNet-121 through torch.onnx's defaults: its optimizer folds norm0 and
     every bottleneck's norm2 (59 BatchNorms) into the convolutions before them; recognised, and

@@ -1,4 +1,9 @@
-"""The conventions most likely behind a first numerical difference, in the book's words."""
+"""The conventions most likely behind a first numerical difference, in the book's words.
+
+Every cause belongs to the preset's family: the conv family's (padding, pooling, layout) are
+never offered for an MLP DenseNet, whose candidates are its own (the ReLUs between its Linear
+layers, the transition's closing ReLU ``transition_relu``, BatchNorm1d, concatenation order,
+dropout)."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,6 +30,8 @@ def _previous(config, module) -> str:
 def convention(config, module: str, kind: str, u, r, mode: str) -> str:
     """The convention most likely behind a first difference at ``module``."""
     u, r = np.asarray(u, np.float64), np.asarray(r, np.float64)
+    if getattr(config, "family", "conv") == "mlp":
+        return _mlp_convention(config, module, kind, u, r, mode)
     if u.shape != r.shape:
         return (f"the output's shape is {list(u.shape)}, the reference's {list(r.shape)}: "
                 "a stride, padding or pooling size differs (layout: NCHW in PyTorch and Gluon, "
@@ -59,3 +66,46 @@ def convention(config, module: str, kind: str, u, r, mode: str) -> str:
                     "set) or the running statistics it normalises with")
         return "BatchNorm in train mode: it must normalise with the batch's statistics"
     return "the convolution's padding (3x3: padding 1), or the ReLU between BatchNorm and conv"
+
+
+def _mlp_convention(config, module: str, kind: str, u, r, mode: str) -> str:
+    """The same for the MLP DenseNet: (N, features) throughout, no convolution, no pooling."""
+    if u.shape != r.shape:
+        return (f"the output's shape is {list(u.shape)}, the reference's {list(r.shape)}: a "
+                "Linear layer's width differs (features are axis 1 of (N, features))")
+    short = module[len("features."):] if module.startswith("features.") else module
+    parts = short.split(".")
+    relu = getattr(config, "transition_relu", True)
+    dropout = (f"; or dropout after a dense layer's Linear (drop_rate {config.drop_rate:g}: "
+               "inactive in eval mode)" if mode != "eval" else "")
+    if short == "linear0":
+        return ("the stem's first Linear: the input rows (N, features) must reach it as they "
+                "are (the features' order, no scaling or transpose)")
+    if parts[0].startswith("linear"):
+        return "the stem's ReLU between its Linear layers (Linear-ReLU-Linear-ReLU)"
+    if parts[0].startswith("denseblock") and parts[-1] == "norm1" and parts[1] == "denselayer1":
+        if parts[0] == "denseblock1":
+            return ("the stem's closing ReLU: the stem is Linear-ReLU-Linear-ReLU, and the "
+                    "first dense block takes its output")
+        return ("the transition's closing ReLU: " + (
+            "the preset's transition is BatchNorm1d-ReLU-Linear-ReLU (transition_relu=True, the "
+            "forum's); the model's leaves the last ReLU out" if relu else
+            "the preset's transition is BatchNorm1d-ReLU-Linear with no ReLU after the Linear "
+            "(transition_relu=False); the model's adds one") + dropout)
+    if parts[0].startswith("denseblock") and parts[-1] == "norm1" or (
+            parts[0].startswith("transition") and parts[-1] == "norm") or (
+            parts[0].startswith("norm")):
+        return ("concatenation order: each dense layer's input is torch.cat((X, Y), dim=1), "
+                "the block's input first, then the new features (features are axis 1); or the "
+                "ReLU between the previous layer's BatchNorm1d and Linear" + dropout)
+    if short == "classifier":
+        return ("the head: BatchNorm1d, ReLU, then the Linear to the outputs, on (N, features) "
+                "as they are")
+    if kind == "bn":
+        if mode == "eval":
+            return ("BatchNorm1d in eval mode: epsilon (1e-5 in PyTorch, Gluon and Flax only if "
+                    "set) or the running statistics it normalises with")
+        return ("BatchNorm1d in train mode: it must normalise with the batch's statistics "
+                "(the biased batch variance)")
+    return ("the ReLU between BatchNorm1d and the Linear (BatchNorm1d-ReLU-Linear), or the "
+            "Linear's width" + dropout)

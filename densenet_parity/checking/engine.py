@@ -134,13 +134,14 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
                 read_u))
             at = adjusted.tensors()
             am = matching.match(at["arrays"], config, layout=at["layout"])
-            numbers, first, _ = _numbers(config, state, x, labels, user, m.mapping, modules_u,
+            numbers, first, more = _numbers(config, state, x, labels, user, m.mapping, modules_u,
                                          tensors["layout"], adjusted, am.mapping,
                                          structure._module_names(am.mapping, order),
                                          at["layout"], framework, lambda msg: None,
                                          {k: v["momentum"] for k, v in read_u.items()}, runs)
             numbers.pop("output_shape")
             report.adjusted, report.adjusted_first = numbers, first
+            report.notes += [n for n in more if n not in report.notes]
         return report
     except (CheckError, spec.DenseNetConfigError):
         raise
@@ -272,7 +273,7 @@ def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref
         notes.append(runs["note"])
     tr = ref.run(x=x, labels=labels, modules=list(modules_r.values()), train=True, dtype=dtype)
     tol = STEP_RTOL if dtype == "float64" else 1e-3
-    numbers["train_loss"] = abs(tu["loss"] - tr["loss"]) / max(abs(tr["loss"]), 1e-300)
+    numbers["train_loss"] = _rel(np.float64(tu["loss"]), np.float64(tr["loss"]))
     gu = _to_canonical(tu["grads"], mapping_u, layout_u)
     gr = _to_canonical(tr["grads"], mapping_r, layout_r)
     numbers["gradients"], worst = _worst(gu, gr, GRAD_FLOOR)

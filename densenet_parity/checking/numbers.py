@@ -46,11 +46,50 @@ def _to_canonical(arrays: Dict[str, np.ndarray], mapping: Dict[str, str], layout
 
 
 def _rel(a, b, floor: float = 0.0) -> float:
+    """The largest difference relative to the reference's largest value; inf (said in words by
+    the report, never printed) where there is no such number: the shapes differ, a value is
+    not finite, or the reference is all 0 where the model is not."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
         return float("inf")
-    scale = max(float(np.max(np.abs(b))) if b.size else 0.0, floor, 1e-300)
-    return float(np.max(np.abs(a - b))) / scale if b.size else 0.0
+    if not b.size:
+        return 0.0
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return float("inf")
+    diff = float(np.max(np.abs(a - b)))
+    scale = max(float(np.max(np.abs(b))), floor)
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / scale
+
+
+def _median_ratio(num, den, *magnitudes):
+    """The median of num / den over the entries where den is not (nearly) 0, next to the
+    statistics' own ``magnitudes``, and both are finite; None where there is none (a feature
+    with a batch variance of 0, a dead ReLU's, updates nothing: 0 / 0 says nothing about the
+    convention)."""
+    num, den = np.asarray(num, np.float64).ravel(), np.asarray(den, np.float64).ravel()
+    ok = np.isfinite(num) & np.isfinite(den)
+    if not ok.any():
+        return None
+    scale = max([float(np.max(np.abs(den[ok])))] + [
+        float(np.max(np.abs(a[np.isfinite(a)]), initial=0.0))
+        for a in map(np.asarray, magnitudes)])
+    ok &= np.abs(den) > max(scale * 1e-9, 1e-300)
+    if not ok.any():
+        return None
+    return float(np.median(num[ok] / den[ok]))
+
+
+def _amount(a) -> str:
+    """The largest magnitude of ``a``, in words where it is not a finite number."""
+    a = np.asarray(a, np.float64)
+    finite = a[np.isfinite(a)]
+    if a.size == 0:
+        return "nothing (no values)"
+    if finite.size < a.size:
+        return "not a finite number"
+    return f"{float(np.max(np.abs(finite))):.3g}"
 
 
 def _worst(got: Dict[str, np.ndarray], ref: Dict[str, np.ndarray], floor_share: float = 0.0):
@@ -102,33 +141,58 @@ def _bn_statistics(config, state, new_u, new_r, framework, momenta=None, biased=
         t = taken(k_mean)
         batch = (np.asarray(new_r[k_mean]) - (1 - t) * old) / t
         moved = np.asarray(new_u[k_mean]) - old
-        m = float(np.median(moved / np.where(np.abs(batch - old) > 1e-12, batch - old, np.nan)))
+        m = _median_ratio(moved, batch - old, old, batch)
         module = k_mean.rsplit(".", 1)[0]
+        if not np.all(np.isfinite(moved)):
+            moves = "the model's running mean is not a finite number after the step"
+        elif m is None:
+            moves = (f"the batch mean is the running mean here, so the reference's does not "
+                     f"move; the model's moves by up to {_amount(moved)}")
+        else:
+            moves = f"the model's running mean moves {m:.3g} of the way to the batch mean per step"
         return d_mean, {
             "mode": "train step", "module": module, "stage": spec.stage_of(k_mean),
             "foreign": "", "max_abs": float(np.max(np.abs(moved - (np.asarray(new_r[k_mean]) - old)))),
             "rel": d_mean, "convention": (
-                f"BatchNorm momentum: the model's running mean moves {m:.3g} of the way to the "
-                f"batch mean per step; the reference {t:.3g} (PyTorch momentum=0.1 is Gluon's and "
-                f"Flax's momentum=0.9: 'keep 0.9')")}, notes
+                f"BatchNorm momentum: {moves}; the reference {t:.3g} (PyTorch momentum=0.1 is "
+                f"Gluon's and Flax's momentum=0.9: 'keep 0.9')")}, notes
     vars_ = {k: new_r[k] for k in order if k.endswith("running_var") and k in new_r}
     d_var, _ = _worst({k: new_u.get(k, np.zeros(0)) for k in vars_}, vars_)
     if d_var > STEP_RTOL:
-        k_var = next(k for k in vars_ if _rel(new_u.get(k, np.zeros(0)), vars_[k]) > STEP_RTOL)
-        old = np.asarray(state[k_var], np.float64)
-        keep = 1 - taken(k_var)
-        ratio = float(np.median((np.asarray(new_u[k_var]) - keep * old)
-                                / (np.asarray(new_r[k_var]) - keep * old)))
-        if biased and ratio < 1.0 and abs(ratio - 1.0) < 0.5:
+        def judged(k):
+            """(ratio of the model's update to the reference's or None, words, biased?)"""
+            old = np.asarray(state[k], np.float64)
+            keep = 1 - taken(k)
+            upd_u = np.asarray(new_u[k], np.float64) - keep * old
+            upd_r = np.asarray(new_r[k], np.float64) - keep * old
+            ratio = _median_ratio(upd_u, upd_r, old, np.asarray(new_r[k], np.float64))
+            if not np.all(np.isfinite(upd_u)):
+                update = "the model's running variance is not a finite number after the step"
+            elif ratio is None:  # the reference's update is 0 everywhere: no ratio to speak of
+                update = (f"the reference's running-variance update is 0 here (a batch variance "
+                          f"of 0); the model's is up to {_amount(upd_u)}")
+            else:
+                update = f"the model's running-variance update is {ratio:.4f} of the reference's"
+            # the biased over the unbiased batch variance: (n - 1) / n, n >= 2 values per channel
+            return ratio, update, ratio is not None and 0.5 - 1e-9 <= ratio < 1.0 - 1e-9
+        differing = [k for k in vars_ if _rel(new_u.get(k, np.zeros(0)), vars_[k]) > STEP_RTOL]
+        seen = {k: judged(k) if k in new_u else (None, "the model has no running variance "
+                                                 "here", False) for k in differing}
+        # the biased batch variance is accepted only where it explains every BatchNorm that differs
+        if biased and all(b for _, _, b in seen.values()):
+            ratio = seen[differing[0]][0]
             notes.append(f"BatchNorm updates its running variance with the biased batch variance "
                          f"({ratio:.4f} of PyTorch's unbiased one), as {framework}'s BatchNorm "
                          "does: accepted as this framework's convention")
             return 0.0, None, notes
+        k_var = next((k for k in differing if not seen[k][2]), differing[0]) if biased else \
+            differing[0]
+        update = seen[k_var][1]
         return d_var, {
             "mode": "train step", "module": k_var.rsplit(".", 1)[0], "stage": spec.stage_of(k_var),
-            "foreign": "", "max_abs": float(np.max(np.abs(np.asarray(new_u[k_var]) - new_r[k_var]))),
+            "foreign": "", "max_abs": float(np.max(np.abs(np.asarray(new_u[k_var]) - new_r[k_var])))
+            if k_var in new_u else float("inf"),
             "rel": d_var, "convention": (
-                f"BatchNorm variance: the model's running-variance update is {ratio:.4f} of the "
-                "reference's (PyTorch averages the unbiased batch variance, n/(n-1) times the "
-                "biased one)")}, notes
+                f"BatchNorm variance: {update} (PyTorch averages the unbiased batch variance, "
+                "n/(n-1) times the biased one)")}, notes
     return max(d_mean, d_var), None, notes

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, List, Optional
 
 from densenet_parity.checking.numbers import EVAL_RTOL, STEP_RTOL
@@ -126,19 +127,40 @@ def _tolerance(key: str) -> float:
     return LABELS[key][1]
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _number_lines(numbers: Dict[str, float]) -> List[str]:
+    """One line per comparison; a value that is no finite number (the shapes differ, or the
+    model's numbers hold NaN) is said in words: never 'nan' or 'inf' where a number is meant."""
     out = []
     for key, value in numbers.items():
         what, tol = LABELS[key]
-        out.append(f"  {what:<48} {value:9.2e}  (tolerance {tol:g})  "
-                   f"{'ok' if value <= tol else 'DIFFERENT'}")
+        if _finite(value):
+            out.append(f"  {what:<48} {value:9.2e}  (tolerance {tol:g})  "
+                       f"{'ok' if value <= tol else 'DIFFERENT'}")
+        else:
+            out.append(f"  {what:<48} {_not_a_number(value)}  DIFFERENT")
     return out
 
 
+def _not_a_number(value) -> str:
+    if isinstance(value, float) and math.isinf(value):
+        return ("not comparable (the shapes differ, a value is not a finite number, or the "
+                "reference's values are all 0 where the model's are not)")
+    return "not comparable (the model's or the reference's values are not finite numbers)"
+
+
 def _first_lines(f: dict) -> List[str]:
+    if _finite(f["max_abs"]) and _finite(f["rel"]):
+        size = f"largest difference {f['max_abs']:.3g} ({f['rel']:.2e} relative)"
+    elif _finite(f["max_abs"]):
+        size = f"largest difference {f['max_abs']:.3g} (the reference's values are all 0 here)"
+    else:
+        size = _not_a_number(f["max_abs"] if not _finite(f["max_abs"]) else f["rel"])
     return ["", f"FIRST DIFFERENCE ({f['mode']}): {f['module']} ({f['stage']}), the "
-                f"model's '{f['foreign']}': largest difference {f['max_abs']:.3g} "
-                f"({f['rel']:.2e} relative)",
+                f"model's '{f['foreign']}': {size}",
             f"  likely cause: {f['convention']}"]
 
 

@@ -92,8 +92,7 @@ def summary(diffs: List[dict]) -> List[str]:
         if setting == "unread":
             lines.append(f"{where}: {d['words']}")
             continue
-        value = "None" if model is None else f"{model:.4g}"
-        ref = "None" if reference is None else f"{reference:.4g}"
+        value, ref = _setting(model), _setting(reference)
         what = "momentum (PyTorch's words)" if setting == "momentum" else "epsilon"
         line = f"{where}: {what} {value}, the reference {ref}"
         if d["words"]:
@@ -103,3 +102,14 @@ def summary(diffs: List[dict]) -> List[str]:
         lines.append(line)
     return lines
 
+
+
+def _setting(value) -> str:
+    """A setting as the report says it: None (PyTorch's cumulative average), a number, or, for a
+    value that is no finite number, words."""
+    import math
+    if value is None:
+        return "None"
+    if not math.isfinite(value):
+        return "not a finite number"
+    return f"{value:.4g}"

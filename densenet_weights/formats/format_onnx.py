@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -246,11 +246,17 @@ def _layer_kind(layer: OnnxLayer) -> str:
     return "conv" if layer.tensors["weight"][1].ndim == 4 else "dense"
 
 
-def unfold_batchnorm(config, layers: List[OnnxLayer]):
+def unfold_batchnorm(config, layers: List[OnnxLayer], missing: Optional[List[str]] = None,
+                     bias_required: bool = True):
     """The ONNX layers as ``match.Layer``s against preset ``config``, with every BatchNorm an
     exporter folded into the convolution before it (where the preset has conv -> BatchNorm, the
-    graph's conv feeds no BatchNormalization; its bias, if any, is the folded shift: an optimizer
-    drops a zero one) put back as an identity BatchNorm in eval mode. A Conv or Gemm without a
+    graph's conv feeds no BatchNormalization and has a bias: folding always leaves the folded
+    shift there) put back as an identity BatchNorm in eval mode. A conv *without* a bias and no
+    BatchNorm after it folded nothing: its BatchNorm is missing (a porting bug), and the match
+    names it so (``missing``, if given, gets the canonical names of such BatchNorms: the graph
+    tells them where shapes cannot, the stem's norm0 having the shape of the first layer's
+    norm1). ``bias_required=False``: a bias-less conv is taken as folded too (how far the
+    graph would match with its missing BatchNorms in place: which preset it is closest to). A Conv or Gemm without a
     bias where the preset has one gets a zero bias, and a zero bias where it has none is dropped
     (the same function in ONNX: optimizers drop zero biases) (scale 1, mean 0, variance 1 - eps, and the folded bias as its shift when the preset's
     convolution has none): the same function, so the weights load into our model and compute
@@ -264,7 +270,7 @@ def unfold_batchnorm(config, layers: List[OnnxLayer]):
         prev = out[-1] if out else None
         last = layers[j - 1] if j else None  # the ONNX node behind ``prev``
         if (r.kind == "bn" and r.name.endswith(FOLDABLE) and prev is not None
-                and prev.kind == "conv"
+                and prev.kind == "conv" and ("bias" in last.tensors or not bias_required)
                 and (g is None or _layer_kind(g) != "bn" or g.inputs[0] != last.output)):
             c = r.shapes()["weight"][0]
             bias = np.zeros(c, np.float32)
@@ -279,6 +285,10 @@ def unfold_batchnorm(config, layers: List[OnnxLayer]):
                 ("running_var", (f"{name}.running_var", np.full(c, 1 - eps, np.float32)))])))
             folded.append(r.name)
             continue
+        if (missing is not None and r.kind == "bn" and r.name.endswith(FOLDABLE)
+                and prev is not None and prev.kind == "conv"
+                and (g is None or _layer_kind(g) != "bn" or g.inputs[0] != last.output)):
+            missing.append(r.name)  # a conv without a bias and no BatchNorm on its output
         if g is None:
             break
         tensors = OrderedDict((role, (f"{g.module}.{role}", a)) for role, (_, a) in g.tensors.items())
@@ -315,7 +325,7 @@ def match_onnx(layers: List[OnnxLayer], preset=None, **options):
         seen["num_outputs"] = int(dense[-1].tensors["weight"][1].shape[0])
     seen.update(options)
     names = [preset] if preset is not None else spec.preset_names("conv" if convs else "mlp")
-    best, best_folded, best_layers = None, [], []
+    best, best_folded, best_layers, best_score = None, [], [], (0, 0)
     for name in names:
         default = getattr(spec.get_preset(name), "conv_bias", None)  # the MLP family: none
         biases = ([options["conv_bias"]] if "conv_bias" in options else
@@ -328,12 +338,29 @@ def match_onnx(layers: List[OnnxLayer], preset=None, **options):
                 if preset is not None and "conv_bias" in options:
                     raise
                 continue
-            mine, folded = unfold_batchnorm(p, layers)
+            missing: List[str] = []
+            mine, folded = unfold_batchnorm(p, layers, missing)
             m = matching.match_layers(p, mine)
+            score = (m.matched_layers, 0)
+            if missing and not m.ok:  # the graph names the missing BatchNorm, shapes may not
+                # the closest preset: the one the graph matches furthest with them in place
+                score = (0, matching.match_layers(
+                    p, unfold_batchnorm(p, layers, bias_required=False)[0]).matched_layers)
+                order = [r.name for r in matching.canonical_layers(p)]
+                at = order.index(missing[0])
+                if at <= m.matched_layers:  # nothing from there on is matched
+                    m.mapping = {c: f for c, f in m.mapping.items()
+                                 if order.index(c.rsplit(".", 1)[0]) < at}
+                    m.difference, m.matched_layers = matching.missing_difference(p, missing[0]), at
+                    score = (at, score[1])
+                    m.difference.arithmetic += (
+                        "; not folded by an exporter: folding leaves the BatchNorm's shift as "
+                        "the conv's bias, and this conv has none")
             if m.ok and (best is None or not best.ok or len(folded) < len(best_folded)):
-                best, best_folded, best_layers = m, folded, mine
-            elif best is None or (not best.ok and m.matched_layers > best.matched_layers):
-                best, best_folded, best_layers = m, folded, mine
+                best, best_folded, best_layers, best_score = m, folded, mine, score
+            elif best is None or (not best.ok and (max(score), score[0]) > (
+                    max(best_score), best_score[0])):
+                best, best_folded, best_layers, best_score = m, folded, mine, score
     return best, best_folded, best_layers
 
 

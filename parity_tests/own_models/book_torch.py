@@ -89,3 +89,11 @@ def head_max_pool_and_bn_momentum_as_gluon():
     """Two bugs: Gluon's BatchNorm momentum and the head's max pool. The settings must not
     excuse the pool: with them in the reference, the head still differs."""
     return net(head_pool=nn.AdaptiveMaxPool2d, bn_momentum=0.9)
+
+
+def transition_without_batchnorm():
+    """The first transition's BatchNorm left out: ReLU-1x1 conv-2x2 average pool, where the
+    book's transition_block is BatchNorm-ReLU-1x1 conv-2x2 average pool."""
+    model = net()
+    del model[2][0]
+    return model

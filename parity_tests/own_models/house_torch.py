@@ -69,3 +69,13 @@ def transition_keeps_width():
     """The second transition keeps every feature: Linear(896, 896) where the forum's has
     Linear(896, 448)."""
     return _net(lambda i, c: c if i == 1 else c // 2)
+
+
+def transition_without_relu():
+    """The transitions' closing ReLU left out: BatchNorm1d-ReLU-Linear where the forum's
+    transition is BatchNorm1d-ReLU-Linear-ReLU (transition_relu)."""
+    model = _net()
+    for blk in model:
+        if isinstance(blk, nn.Sequential) and isinstance(blk[0], nn.BatchNorm1d) and len(blk) == 4:
+            del blk[3]
+    return model
