@@ -88,6 +88,10 @@ def test_gpu_check_dry_runs_every_step_and_records_a_failure(tmp_path):
     assert status.pop("report_book") == "FAILED (exit status 1)"
     assert set(status.values()) == {"ok"}, status
     assert all(float(r[4]) > 0 and float(r[5].rstrip(" |")) >= 0 for r in rows)  # limit, wall s
+    # committed under docs/gpu/<date>/, its links must resolve (parity_tests/test_docs.py);
+    # a step's file that is not there is named without a link
+    from parity_tests.test_docs import check_links
+    assert check_links([out / "README.md"], out) == []
     why = readme.split("## What failed, and why")[1]
     assert "injected failure (DENSENET_GPU_CHECK_FAIL=report_book)" in why
     assert "parity report, the book, 32 px" in why
