@@ -152,7 +152,8 @@ def test_gpu_check_stops_a_step_at_its_limit_and_skips_what_does_not_fit(tmp_pat
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "| 1 | hangs | [smoke.txt](smoke.txt) | FAILED (stopped at its limit, 3 s) | 3 |" in readme
     assert "| 2 | runs | [test_gpu.txt](test_gpu.txt) | ok |" in readme
-    assert "| 3 | does not fit | [reports.txt](reports.txt) | not run: " in readme
+    # a step that did not run wrote no file: named, without a link that would not resolve
+    assert "| 3 | does not fit | reports.txt (none) | not run: " in readme
     assert "it needs 10000 s | - | - |" in readme and "## Not run (out of time)" in readme
     assert "### hangs: FAILED (stopped at its limit, 3 s)" in readme and "started" in readme
     assert "2 of 3 steps ran, 1 failed." in readme
