@@ -9,9 +9,10 @@ every test's time and its process tree's peak memory), then writes
                its heaviest test and its slowest test; the five heaviest tests by memory and
                by time; the run's wall time and peak
 
-``--from PROFILE.json`` formats a profile written earlier (``make test
-PYTEST_ARGS=--suite-profile=PROFILE.json``, or ``DENSENET_SUITE_PROFILE=PROFILE.json bash
-.ci/run``) instead of running the suite; ``--ran`` says what wrote it.
+``--from PROFILE.json`` formats a profile written earlier (``DENSENET_SUITE_PROFILE=PROFILE.json
+bash .ci/run``, or the same variable before ``make test``; pytest's ``--suite-profile`` option
+is registered by the suite's conftest, too late for ``make test PYTEST_ARGS=...``, which
+pytest refuses) instead of running the suite; ``--ran`` says what wrote it.
 
     python -m benchmarks.suite_profile --out docs/performance/test-suite
 """
@@ -56,8 +57,8 @@ def render(prof: dict, meta: dict) -> str:
              + (f" (exit status {status})" if status is not None else "")
              + f", on {m['cpu']}, {m['cores']} cores, {m['memory_gb']:.0f} GB memory, no GPU. "
              + ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) + ".", "",
-             f"- wall time of the run: **{prof['wall_seconds'] / 60:.1f} min** (budget 15)",
-             f"- peak memory of all its processes: **{_gb(prof['peak_bytes'])} GB** (budget 8; "
+             f"- wall time of the run: **{prof['wall_seconds'] / 60:.1f} min** (budget 10; never above 15)",
+             f"- peak memory of all its processes: **{_gb(prof['peak_bytes'])} GB** (budget 6, never above 8; "
              f"{prof['measure']}, sampled every {prof['interval_seconds']} s), at "
              f"{prof['peak_at_seconds'] / 60:.1f} min:"]
     for p in prof["peak_processes"][:6]:
