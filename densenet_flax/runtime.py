@@ -31,17 +31,18 @@ def _module(variant):
     return nnx_model if variant == "nnx" else linen
 
 
-def from_config(config: dict, memory_efficient=False, variant="nnx", seed=0, **_):
+def from_config(config: dict, memory_efficient=False, variant="nnx", seed=0, _rngs=None, **_):
     """Our model for a ``Preset.to_dict()`` of either family, NNX (``rngs=nnx.Rngs(seed)``)
     or linen (the MLP family has no memory-efficient mode)."""
     cfg = spec.config_from_dict(config)
     mod = _module(variant)
+    rngs = nnx.Rngs(seed) if _rngs is None else _rngs
     if cfg.family == "mlp":
-        kw = {"rngs": nnx.Rngs(seed)} if variant == "nnx" else {}
+        kw = {"rngs": rngs} if variant == "nnx" else {}
         return mod.MLPDenseNet(**cfg.options(), name=cfg.name, **kw)
     if variant == "nnx":
         return nnx_model.DenseNet(**cfg.options(), memory_efficient=memory_efficient,
-                                  name=cfg.name, rngs=nnx.Rngs(seed))
+                                  name=cfg.name, rngs=rngs)
     return mod.DenseNet(**cfg.options(), memory_efficient=memory_efficient, name=cfg.name)
 
 
@@ -49,8 +50,10 @@ def from_config(config: dict, memory_efficient=False, variant="nnx", seed=0, **_
 def _abstract_parts(config_json: str, memory_efficient: bool):
     """NNX's model for a configuration, built abstractly once (nnx.eval_shape: the shapes of
     every variable, no initialiser run; still seconds for the deepest presets)."""
-    model = nnx.eval_shape(lambda: from_config(json.loads(config_json),
-                                               memory_efficient=memory_efficient))
+    config = json.loads(config_json)
+    keys = nnx.Rngs(0) if config.get("drop_rate") else nnx_model._ShapeOnlyKeys()
+    model = nnx.eval_shape(lambda: from_config(config, memory_efficient=memory_efficient,
+                                               _rngs=keys))
     return nnx.split(model)
 
 

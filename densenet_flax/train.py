@@ -32,7 +32,7 @@ from densenet_training import data as dataset_lib
 import densenet_training as training
 from densenet_flax import parallel
 from densenet_flax import state as state_lib
-from densenet_flax.model import build
+from densenet_flax.model import _ShapeOnlyKeys, build
 
 BACKEND = "flax"
 
@@ -113,7 +113,7 @@ def build_model(cfg: training.TrainConfig, dataset, device):
     with jax.default_device(device):
         if spec.make_config(cfg.preset, **options).drop_rate:
             return build(cfg.preset, rngs=nnx.Rngs(cfg.seed), **options)  # dropout keys are real
-        return nnx.eval_shape(lambda: build(cfg.preset, rngs=nnx.Rngs(cfg.seed), **options))
+        return nnx.eval_shape(lambda: build(cfg.preset, rngs=_ShapeOnlyKeys(), **options))
 
 
 def xavier_init(model, seed: int = 0) -> None:
@@ -341,7 +341,7 @@ def build_house_model(cfg: training.TrainConfig, in_features: int, device):
             return nnx.eval_shape(lambda: _Linear(in_features, nnx.Rngs(cfg.seed)))
         if spec.make_config(cfg.preset, in_features=in_features).drop_rate:
             return build(cfg.preset, rngs=nnx.Rngs(cfg.seed), in_features=in_features)
-        return nnx.eval_shape(lambda: build(cfg.preset, rngs=nnx.Rngs(cfg.seed),
+        return nnx.eval_shape(lambda: build(cfg.preset, rngs=_ShapeOnlyKeys(),
                                             in_features=in_features))
 
 
