@@ -138,6 +138,10 @@ _FORWARD = "test_eval_forward_every_stage"
 
 def _group(item):
     """The xdist group of a test (None: no group) and its place in the giants' order."""
+    if item.nodeid.startswith("parity_tests/test_benchmarks.py::test_fast_path_agrees_with_plain"):
+        # one process runs a backend's fast paths for all its tests (test_benchmarks._checks):
+        # split over the two workers, it ran twice
+        return f"fast-paths-{item.callspec.params['backend']}"
     if not item.nodeid.startswith("parity_tests/test_numeric.py::"):
         return None
     name = getattr(item, "callspec", None) and item.callspec.params.get("name")
