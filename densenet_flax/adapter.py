@@ -216,33 +216,36 @@ def book_examples(variant: str = "nnx") -> dict:
 # float64: 43 s and 4.8 GB as one program, 30 s and 3.2 GB as two). The SGD step is optax.sgd,
 # compiled once over the whole tree of parameters.
 
-@nnx.jit
-def _nnx_stages(model, x):
-    return model.forward_stages(x)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "train"))
-def _linen_stages(model, variables, x, train):
-    out = model.apply(variables, x, train=train, method="forward_stages",
-                      mutable=["batch_stats"] if train else False, rngs=_DROPOUT)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _stages(model, params, stats, x, train):
+    """Every stage's output. As _train_forward: NNX's GraphDef (its mode set before the split)
+    or the linen module, and plain dicts of parameters and statistics, so that both variants
+    trace the same program and compile it once."""
+    if isinstance(model, nnx.GraphDef):
+        return nnx.merge(model, params, stats).forward_stages(x)
+    out = model.apply({"params": params, "batch_stats": stats}, x, train=train,
+                      method="forward_stages", mutable=["batch_stats"] if train else False,
+                      rngs=_DROPOUT)
     return out[0] if train else out
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _nnx_forward(graphdef, params, rest, x, labels):
-    """NNX, train mode: (loss, the backward pass, updated BatchNorm statistics)."""
-    def loss_fn(params):
-        # ``rest`` rebuilt here: NNX lets a Variable change only in the trace that made it.
-        m = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, rest))
-        return _loss(m(x), labels), nnx.state(m, nnx.BatchStat)
+def _train_forward(model, params, stats, x, labels):
+    """Train mode: (loss, the backward pass, updated BatchNorm statistics). ``model`` is NNX's
+    GraphDef or the linen module; ``params`` and ``stats`` are plain nested dicts in both, with
+    the same paths (NNX's as ``nnx.to_pure_dict``), so that one function with one argument
+    order serves both. NNX and linen then trace the same program, byte for byte, and the suite's
+    persistent compilation cache (parity_tests/conftest.py) compiles it once: the second
+    variant's float64 step of a deep preset loads in a second or two what took 10-30 s."""
+    if isinstance(model, nnx.GraphDef):
+        def loss_fn(params):
+            # the statistics become Variables in this trace: NNX lets a Variable change only
+            # in the trace that made it
+            m = nnx.merge(model, params, stats)
+            return _loss(m(x), labels), nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+    else:
+        loss_fn = _linen_loss(model, stats, x, labels)
     return jax.vjp(loss_fn, params, has_aux=True)
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _linen_forward(model, variables, x, labels):
-    """linen, train mode: (loss, the backward pass, updated batch_stats)."""
-    return jax.vjp(_linen_loss(model, variables["batch_stats"], x, labels), variables["params"],
-                   has_aux=True)
 
 
 @jax.jit
@@ -252,17 +255,18 @@ def _backward(pullback, loss):
 
 def _step(config, state, x, labels, variant, memory_efficient, dtype):
     """Train mode at ``dtype``: (model, loss, gradients, parameters, updated BatchNorm
-    statistics); NNX's params and statistics are nnx.State, linen's plain trees."""
+    statistics); plain nested dicts in both variants (NNX's as nnx.to_pure_dict)."""
     x, labels = _nhwc(x, dtype), _targets(labels, dtype)
     if _module(variant) is nnx_model:
         model = _loaded(config, state, memory_efficient, dtype=dtype)
         model.train()
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        loss, pullback, stats = _nnx_forward(graphdef, params, rest, x, labels)
+        params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+        loss, pullback, stats = _train_forward(graphdef, params, rest, x, labels)
     else:
         model, variables = _loaded(config, state, memory_efficient, variant, dtype)
         params = variables["params"]
-        loss, pullback, stats = _linen_forward(model, variables, x, labels)
+        loss, pullback, stats = _train_forward(model, params, variables["batch_stats"], x, labels)
     return model, loss, _backward(pullback, loss), params, stats
 
 
@@ -274,10 +278,11 @@ def forward(config: dict, state: dict, x, train: bool = False, variant: str = "n
         if _module(variant) is nnx_model:
             model = _loaded(config, state, memory_efficient)
             model.train() if train else model.eval()
-            out = _nnx_stages(model, x)
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            out = _stages(graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest), x, train)
         else:
             model, variables = _loaded(config, state, memory_efficient, variant)
-            out = _linen_stages(model, variables, x, train)
+            out = _stages(model, variables["params"], variables["batch_stats"], x, train)
         return {"arrays": {k: _nchw(v) for k, v in out.items()}}
 
 

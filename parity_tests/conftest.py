@@ -25,6 +25,22 @@ except Exception:  # no jaxlib, or a version string that is not numbers: no such
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
 
+# One persistent JAX compilation cache for the run, in its own temporary folder, shared by both
+# workers and every process they start (JAX reads the variables when it is imported), removed
+# when the run ends. It pays where one program is compiled twice: NNX and linen trace the same
+# programs (densenet_flax/adapter.py, _train_forward and _stages), so the second variant's
+# float64 step of a deep preset loads its programs instead of compiling them again (DenseNet-264:
+# ~28 s of compiling); a run resumed in a new process compiles what the first one did. Only
+# programs that took a second or more to compile are written.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR") and not os.environ.get("PYTEST_XDIST_WORKER"):
+    import atexit
+    import shutil
+    import tempfile
+    _JAX_CACHE = tempfile.mkdtemp(prefix="densenet-suite-jax-cache-")
+    atexit.register(shutil.rmtree, _JAX_CACHE, True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
 import pytest
 
 from densenet_parity.backends import (BACKEND_NAMES, MXNET_HINT, ROOT, BackendUnavailable,
