@@ -104,7 +104,8 @@ class ExportResult:
         axes = ["batch", "features"] if mlp else ["batch", "channels", "height", "width"]
         dims = [a if a in self.dynamic else str(n) for a, n in zip(axes, self.input_shape)]
         lines = [f"densenet export: DenseNet '{self.config['name']}' ({self.weights}) -> "
-                 f"{self.dst}, input {' x '.join(dims)} ({'N, features' if mlp else 'NCHW'}; "
+                 f"{self.dst}, input {(' x ' if self.dynamic else 'x').join(dims)} "
+                 f"({'N, features' if mlp else 'NCHW'}; "
                  + (f"dynamic: {', '.join(self.dynamic)}" if self.dynamic else "fixed")
                  + f"), opset {self.opset}, {EXPORTERS.get(self.exporter, self.exporter)} "
                  f"(torch {self.versions['torch']}, onnx {self.versions['onnx']})"]
