@@ -3,7 +3,7 @@
     densenet export densenet121.pth densenet121.onnx --size 224
     densenet export book book.onnx                  # a preset's name: random weights (seed 0)
     densenet export book book.onnx --dynamic-size   # height and width dynamic too
-    densenet export book book13.onnx --opset 13     # TensorRT 8.x, OpenVINO, onnx2torch, ...
+    densenet export book book13.onnx --opset 13     # TensorRT 8.x, OpenVINO, ...
     densenet convert model.params model.onnx --to onnx
 
 The weights (any file densenet_weights.formats reads, matched onto the preset's canonical names
@@ -25,14 +25,16 @@ The file's batch axis is dynamic (``batch``) unless ``fixed_batch``; ``dynamic_s
 height and width dynamic too (``height``, ``width``, from the preset's smallest input up). The
 model's ``forward`` checks its input's shape in Python (``spec.check_input``: ``int()`` of each
 dimension, which torch.export would specialise), so the exporter traces the same modules without
-that check (``_Traced``: the model's own ``features`` and ``classifier``, so the initializers keep
+that check (``_traced``: the model's own ``features`` and ``classifier``, so the initializers keep
 the canonical names). The proof runs the file at every shape it claims: the example batch and
 one more, and for a dynamic size a second, non-square size.
 
-Opsets: torch.onnx's dynamo exporter implements opset 18 and later. For 13 to 17 it writes 18
-and asks onnx's version converter, which fails on this graph (ReduceMean's axes moved into an
-attribute beside a ``noop_with_empty_axes`` that opset 17 does not have; no adapter takes
-BatchNormalization from 15 to 14), and keeps 18 silently. So 13 to 17 are written by the
+Opsets: torch.onnx's dynamo exporter implements opset 18 and later. Asked for 13 to 17 it
+writes 18 and asks onnx's version converter, which fails on this graph (ReduceMean's axes are
+not a constant yet when it converts), and keeps 18 with only a log line. onnx's converter on our
+constant-folded graph fails too (onnx 1.23.2: to 15-17 the ReduceMean it rewrites keeps a
+``noop_with_empty_axes`` those opsets lack; to 13-14 no adapter takes BatchNormalization from
+15). So 13 to 17 are written by the
 TorchScript exporter (``torch.onnx.export(..., dynamo=False)``; deprecated in torch, still
 shipped), in ``TrainingMode.PRESERVE`` so that its eval-mode pass does not fold BatchNorms into
 the convolutions: every BatchNorm stays a node there too, the initializers keep the canonical
@@ -53,7 +55,7 @@ import densenet_spec as spec
 
 EXPORT_RTOL = 1e-5
 DYNAMO_MIN_OPSET = 18  # the oldest opset torch.onnx's dynamo exporter implements
-MIN_OPSET = 13         # the oldest the TorchScript exporter writes this network at (below: refused)
+MIN_OPSET = 13         # the oldest offered (the TorchScript exporter, which writes older ones untested)
 #: The source file's format -> the backend that computes with those weights in its framework
 #: (Keras and ONNX have no mirror: their weights are proven in our PyTorch model).
 SOURCE_BACKEND = {"torch": "torch", "safetensors": "torch", "gluon": "mxnet", "flax": "flax-nnx",
@@ -166,6 +168,9 @@ def _source(src: str, preset, seed: int, notes: List[str]):
         notes += loaded.notes
         fmt = loaded.format
         backend = SOURCE_BACKEND[fmt]
+        if fmt in ("keras", "onnx"):
+            notes.append(f"{'Keras' if fmt == 'keras' else 'ONNX'} has no mirror here: the "
+                         "file's weights are proven in our PyTorch model")
         if fmt == "flax":
             backend = ("flax-linen" if formats.format_flax.is_linen(loaded.tensors) else
                        "flax-nnx")
@@ -242,7 +247,8 @@ def _torchscript(model, x, dst, cfg, opset, dynamic):
     axes = _axes(cfg, dynamic)
     torch.onnx.export(_traced(model), (torch.as_tensor(x),), dst, dynamo=False,
                       opset_version=opset, input_names=["x"], output_names=["logits"],
-                      dynamic_axes={"x": axes, "logits": {0: "batch"}} if axes else None,
+                      dynamic_axes=({"x": axes, "logits": {0: "batch"} if 0 in axes else {}}
+                                    if axes else None),
                       training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
 
 
@@ -371,9 +377,6 @@ def export(src: str, dst: str, preset: Optional[str] = None, size: Optional[int]
     if sorted(symbolic) != sorted(dynamic):
         notes.append(f"the file's input is {' x '.join(map(str, info['input_shape']))}: its "
                      f"symbolic axes are {symbolic or 'none'}, {dynamic or 'none'} were asked")
-    if source_backend == "torch" and words.endswith((", keras", ", onnx")):
-        notes.append(f"{words.rsplit(', ', 1)[1].capitalize()} has no mirror here: the file's "
-                     "weights are proven in our PyTorch model")
     result = ExportResult(src, words, dst, cfg.to_dict(), list(shape), files, info["ops"],
                           int(info["opset"].get("ai.onnx", 0)), bn,
                           {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
