@@ -219,8 +219,9 @@ def test_keras_weights_export_and_every_format_has_a_source(tmp_path, capsys):
     assert _dims(dst)[0][0] == [1, 1, SIZE, SIZE]
     state, _ = convert.read_checkpoint(str(src))
     _runs_as_our_model(dst, spec.make_config("book"), state, [(1, 1, SIZE, SIZE)])
-    with pytest.raises(Exception):  # fixed: another batch size is refused by onnxruntime
-        _runs_as_our_model(dst, spec.make_config("book"), state, [(2, 1, SIZE, SIZE)])
+    session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="invalid dimensions for input"):  # fixed: batch 2 refused
+        session.run(None, {"x": np.zeros((2, 1, SIZE, SIZE), np.float32)})
     mlp = spec.make_config("house_mlp", **TINY_MLP)
     files.save_state(random_state(mlp, 0), str(tmp_path / "mlp.safetensors"), mlp)
     code, _, err = run(capsys, "export", str(tmp_path / "mlp.safetensors"), str(tmp_path / "m.onnx"),
@@ -252,6 +253,9 @@ def test_a_broken_export_fails_the_proof(book_export, tmp_path, capsys, monkeypa
 @pytest.mark.parametrize("target, suffix", [("flax-nnx", ".msgpack"), ("mxnet", ".params")])
 def test_export_from_a_gluon_or_flax_file_is_proven_against_that_framework(tmp_path, capsys,
                                                                           target, suffix):
+    """The proof runs the file in each framework at both batch sizes. The exporter is the
+    TorchScript one (--opset 17: 0.2 s, where the dynamo one takes seconds): which exporter
+    wrote the file does not change the proof, and the dynamo one is proven on the book above."""
     if target == "mxnet":
         need_mxnet()
     cfg = spec.make_config("book")
@@ -259,7 +263,7 @@ def test_export_from_a_gluon_or_flax_file_is_proven_against_that_framework(tmp_p
     src = tmp_path / f"book{suffix}"
     formats.write(src, arrays, fmt)
     code, out, _ = run(capsys, "export", str(src), str(tmp_path / "book.onnx"), "--preset", "book",
-                       "--size", str(SIZE))
+                       "--size", str(SIZE), "--opset", "17")
     assert code == 0, out
     rows = [line.split() for line in out.splitlines() if line.startswith("  ") and "tolerance" in line]
     assert [(r[0], r[1]) for r in rows] == [(name, f"{b}x1x{SIZE}x{SIZE}") for name in
