@@ -129,12 +129,14 @@ def convert(argv: List[str]) -> int:
 
 def _export(src: str, dst: str, preset: Optional[str] = None, size: Optional[int] = None,
             batch: int = 1, seed: int = 0, opset: Optional[int] = None,
-            json_path: Optional[str] = None) -> int:
+            json_path: Optional[str] = None, fixed_batch: bool = False,
+            dynamic_size: bool = False) -> int:
     from densenet_parity import convert as converting
     from densenet_parity import export as engine
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
-        result = engine.export(src, dst, preset, size, batch, seed, opset, progress)
+        result = engine.export(src, dst, preset, size, batch, seed, opset, progress,
+                               fixed_batch=fixed_batch, dynamic_size=dynamic_size)
     except (engine.ExportError, converting.ConvertError, spec.DenseNetConfigError) as e:
         _error(str(e))
         return USAGE
@@ -152,26 +154,42 @@ def _export(src: str, dst: str, preset: Optional[str] = None, size: Optional[int
 
 
 def export(argv: List[str]) -> int:
-    ap = _parser("export", "Export a DenseNet to ONNX with torch.onnx's dynamo exporter and prove "
-                 "the file: SRC is any weights file `densenet convert` reads (PyTorch, Gluon, Flax, "
-                 "safetensors, ONNX; matched onto the preset by structure) or a preset's name "
-                 "(random weights). Every BatchNorm stays a BatchNormalization node; the weights "
-                 "go into DST.data beside DST (keep them together). The proof: onnxruntime's "
-                 "logits against our PyTorch model's and, for a Gluon or Flax file, that "
-                 "framework's own, with the same weights and input, to 1e-5. Exit status 0 "
-                 "proven, 1 the export differs (or the weights are not the preset's), 2 a usage "
-                 "error. `densenet convert SRC DST --to onnx` does the same.",
+    ap = _parser("export", "Export a DenseNet to ONNX with torch.onnx's dynamo exporter (opset 18 "
+                 "and later; its TorchScript exporter for --opset 13 to 17) and prove the file: SRC "
+                 "is any weights file `densenet convert` reads (PyTorch, Gluon, Flax, safetensors, "
+                 "Keras, ONNX; matched onto the preset by structure) or a preset's name (random "
+                 "weights). The file's batch axis is dynamic (--fixed-batch fixes it), height and "
+                 "width with --dynamic-size. Every BatchNorm stays a BatchNormalization node; the "
+                 "weights go into DST.data beside DST (keep them together). The proof: onnx's "
+                 "checker, then onnxruntime's logits at every input shape the file claims (the "
+                 "example batch and one more; a second size) against our PyTorch model's and, for "
+                 "a Gluon or Flax file, that framework's own, with the same weights and input, to "
+                 "1e-5. Exit status 0 proven, 1 the export differs (or the weights are not the "
+                 "preset's), 2 a usage error. `densenet convert SRC DST --to onnx` does the same "
+                 "with the defaults.",
                  "densenet export densenet121.pth densenet121.onnx --size 224")
     ap.add_argument("src", metavar="SRC", help="a weights file, or a preset's name "
                                                f"({', '.join(spec.preset_names())})")
     ap.add_argument("dst", metavar="DST", help="the .onnx file to write")
     ap.add_argument("--preset", help="the preset that built the weights (default: from the file)")
-    ap.add_argument("--size", type=int, help="input height and width, fixed in the file (default: "
-                                             "96 for the book, 32 for CIFAR presets, 224 for "
-                                             "ImageNet ones)")
-    ap.add_argument("--batch", type=int, default=1, help="batch size, fixed in the file (default 1)")
+    ap.add_argument("--size", type=int, help="input height and width, fixed in the file unless "
+                                             "--dynamic-size, where it is the example traced "
+                                             "(default: 96 for the book, 32 for CIFAR presets, "
+                                             "224 for ImageNet ones)")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="the example batch size the exporter traces and the proof runs (with "
+                         "one more); the file's batch axis stays dynamic unless --fixed-batch "
+                         "(default 1)")
+    ap.add_argument("--fixed-batch", action="store_true",
+                    help="fix the file's batch size at --batch (default: a dynamic batch axis)")
+    ap.add_argument("--dynamic-size", action="store_true",
+                    help="height and width dynamic in the file too (from the preset's smallest "
+                         "input up), proven at a second, non-square size")
     ap.add_argument("--seed", type=int, default=0, help="random weights and input (default 0)")
-    ap.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    ap.add_argument("--opset", type=int,
+                    help="ONNX opset: 13 to 17 (torch.onnx's TorchScript exporter: TensorRT 8.x, "
+                         "OpenVINO, converters back to PyTorch), 18 and later (the dynamo "
+                         "exporter; default: its own, 20 with torch 2.13)")
     ap.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-': stdout)")
     args = ap.parse_args(argv)
     for name in ("size", "batch"):
@@ -179,8 +197,22 @@ def export(argv: List[str]) -> int:
             ap.error(f"--{name} must be positive, got {getattr(args, name)}")
     if not os.path.exists(args.src) and args.src not in spec.preset_names():
         ap.error(f"no such file, and not a preset: {args.src}")
+    low, high = _export_opsets()
+    if args.opset is not None and not low <= args.opset <= high:
+        ap.error(f"--opset must be {low} to {high} (13-17: torch.onnx's TorchScript exporter; 18 "
+                 f"and later: its dynamo exporter), got {args.opset}")
     return _export(args.src, args.dst, args.preset, args.size, args.batch, args.seed, args.opset,
-                   args.json)
+                   args.json, args.fixed_batch, args.dynamic_size)
+
+
+def _export_opsets():
+    """(oldest, newest) opset `densenet export` writes (13, onnx's newest); (13, 99) without onnx,
+    whose absence the export itself then says."""
+    from densenet_parity import export as engine
+    try:
+        return engine.opset_range()
+    except ImportError:
+        return engine.MIN_OPSET, 99
 
 
 # --------------------------------------------------------------------------- summary

@@ -5,7 +5,9 @@ settings from its nodes, numbers in onnxruntime, the first diverging node) and O
 
 Small on purpose: the book at 32 px (64 px where the head's pooling kind matters), one export of
 it shared by most tests, and one DenseNet-121 (torchvision's, at 64 px) for the folding an
-exporter's optimizer does on a real network.
+exporter's optimizer does on a real network. The export's variants (dynamic size, old opsets,
+the MLP family) are one export each, of a tiny configuration (one layer per block: every stage)
+where the dynamo exporter's seconds go, of the book where the TorchScript exporter is cheap.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from densenet_cli.main import main
 from densenet_parity import convert
 from densenet_parity import export as exporting
 from densenet_parity.checking import check_weights, random_state
-from densenet_weights import formats
+from densenet_weights import files, formats
 from parity_tests.conftest import need_mxnet
 
 torch = pytest.importorskip("torch", reason="the ONNX tests need torch (main environment)")
@@ -41,6 +43,73 @@ def book_export(tmp_path_factory):
     dst = tmp_path_factory.mktemp("onnx") / "book.onnx"
     result = exporting.export("book", str(dst), size=SIZE)
     return dst, result
+
+
+TINY = {"block_config": (1, 1), "num_init_features": 8, "growth_rate": 4}   # every stage, small
+TINY_MLP = {"stem_widths": (16,), "block_config": (1, 1), "growth_rate": 8}
+#: variant -> (source, the export's options, the input shapes it must run at). "tiny"/"mlp" are
+#: canonical files of TINY/TINY_MLP; the shapes include ones the export's own proof did not run.
+VARIANTS = {
+    "dynamic-size": ("tiny", {"size": SIZE, "dynamic_size": True},
+                     [(1, 1, 32, 32), (3, 1, 32, 32), (2, 1, 48, 40), (1, 1, 40, 56)]),
+    "opset-13": ("book", {"size": SIZE, "opset": 13, "dynamic_size": True},
+                 [(1, 1, 32, 32), (3, 1, 32, 32), (2, 1, 40, 56)]),
+    "mlp": ("mlp", {}, [(1, 330), (5, 330)]),
+    "mlp-opset-17": ("mlp", {"opset": 17}, [(1, 330), (5, 330)]),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """variant -> (path, config, canonical state, ExportResult): each exported once, when a test
+    first asks for it."""
+    folder = tmp_path_factory.mktemp("variants")
+    sources = {"book": (spec.make_config("book"), None),
+               "tiny": (spec.make_config("book", **TINY), None),
+               "mlp": (spec.make_config("house_mlp", **TINY_MLP), None)}
+    done = {}
+
+    def get(variant):
+        if variant not in done:
+            source, options, _ = VARIANTS[variant]
+            cfg, _ = sources[source]
+            state = random_state(cfg, 0 if source == "book" else 3)
+            src = source
+            if source != "book":  # a canonical file records its configuration
+                src = str(folder / f"{source}.safetensors")
+                files.save_state(state, src, cfg)
+            dst = folder / f"{variant}.onnx"
+            done[variant] = (dst, cfg, state, exporting.export(src, str(dst), **options))
+        return done[variant]
+    return get
+
+
+def _runs_as_our_model(path, cfg, state, shapes):
+    """onnx's checker passes the file, and onnxruntime runs it at each shape and equals our
+    PyTorch model with the same weights (float32, the export's tolerance)."""
+    from densenet_torch import build
+    from densenet_torch.state import load_state
+    onnx.checker.check_model(str(path), full_check=True)
+    model = build(cfg)
+    load_state(model, state)
+    model.eval()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(11)
+    for shape in shapes:
+        x = rng.standard_normal(shape).astype(np.float32)
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
+        with torch.no_grad():
+            want = model(torch.from_numpy(x)).numpy()
+        assert got.shape == want.shape, (shape, got.shape)
+        rel = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        assert rel <= exporting.EXPORT_RTOL, (path.name, shape, rel)
+
+
+def _dims(path):
+    """The file's input and output shapes: ints, symbolic axes by name."""
+    m = onnx.load(str(path), load_external_data=False)
+    return [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (m.graph.input[0], m.graph.output[0])], m
 
 
 def _torch_onnx(model, path, size, channels=1):
@@ -85,11 +154,87 @@ def test_export_is_proven_and_writes_external_data(book_export, capsys):
             if g.op == "BatchNormalization"} == {(1e-5, 0.9)}
 
 
+def test_the_default_export_has_a_dynamic_batch_axis(book_export):
+    """An exported DenseNet serves any batch: the batch axis is symbolic (height and width stay
+    fixed), the proof ran at batch 1 and 2, and onnxruntime at batch 3 equals our model too."""
+    import json
+    dst, result = book_export
+    (inp, out), m = _dims(dst)
+    assert inp == ["batch", 1, SIZE, SIZE] and out == ["batch", 10], (inp, out)
+    assert result.dynamic == ["batch"] and result.exporter == "dynamo" and not result.checker
+    assert [(name, shape[0]) for name, shape, _ in result.proofs] == [("torch", 1), ("torch", 2)]
+    assert "input batch x 1 x 32 x 32 (NCHW; dynamic: batch), opset 20" in result.render()
+    meta = json.loads({p.key: p.value for p in m.metadata_props}["densenet_suite.export"])
+    assert meta == {"exporter": "dynamo", "opset": None, "dynamic": ["batch"],
+                    "example_input": [1, 1, SIZE, SIZE]}
+    _runs_as_our_model(dst, spec.make_config("book"), random_state(spec.make_config("book"), 0),
+                       [(1, 1, SIZE, SIZE), (3, 1, SIZE, SIZE)])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_export_variants_run_at_every_shape_they_claim(exported, variant):
+    """--dynamic-size (height and width symbolic), --opset 13 and 17 (the TorchScript exporter,
+    every BatchNorm still a node), the MLP family: onnx's checker passes, onnxruntime at two
+    batch sizes (and two sizes) equals our PyTorch model, the opset is the one asked, and
+    `densenet check` of the file says it is the same network."""
+    path, cfg, state, result = exported(variant)
+    _, options, shapes = VARIANTS[variant]
+    assert result.ok, result.render()
+    (inp, out), m = _dims(path)
+    opset = {o.domain or "ai.onnx": o.version for o in m.opset_import}["ai.onnx"]
+    assert opset == options.get("opset", result.opset) and (opset >= 18) == (result.exporter ==
+                                                                             "dynamo"), opset
+    if "opset" in options:
+        assert result.exporter == "torchscript" and result.opset == options["opset"]
+    want = (["batch", 1, "height", "width"] if options.get("dynamic_size") else
+            ["batch", cfg.in_features])
+    assert inp == want and out[0] == "batch", inp
+    n_bn = sum(1 for _, kind, _ in spec.canonical_modules(cfg) if kind == "bn")
+    assert result.ops["BatchNormalization"] == n_bn and not any("folded" in n for n in result.notes)
+    assert len({tuple(shape) for _, shape, _ in result.proofs}) == (3 if "dynamic_size" in options
+                                                                    else 2)
+    _runs_as_our_model(path, cfg, state, shapes)
+    report = check_weights(str(path), size=SIZE if cfg.family == "conv" else None)
+    text = report.render()
+    assert report.same and text.endswith("Verdict: same network."), text
+    assert "dynamic: batch" in text and "folded" not in text, text
+
+
+def test_keras_weights_export_and_every_format_has_a_source(tmp_path, capsys):
+    """A Keras weights file exports (it crashed: no source backend for Keras), proven in our
+    PyTorch model; here at opset 17 with a fixed batch (the TorchScript exporter: cheap).
+    Every format the weights read has a backend to prove it in."""
+    assert set(formats.FORMATS) <= set(exporting.SOURCE_BACKEND)
+    fmt, arrays = formats.native(random_state(spec.make_config("book"), 4), "keras")
+    src = tmp_path / "book.weights.h5"
+    formats.write(src, arrays, fmt)
+    dst = tmp_path / "book.onnx"
+    code, out, err = run(capsys, "export", str(src), str(dst), "--size", str(SIZE), "--opset",
+                         "17", "--fixed-batch")
+    assert code == 0, out + err
+    assert f"(weights: {src}, keras) -> {dst}, input 1x1x32x32 (NCHW; fixed), opset 17, torch.onnx " \
+           "TorchScript exporter" in out, out
+    assert "Keras has no mirror here: the file's weights are proven in our PyTorch model" in out
+    assert "Verdict: the export computes the same network." in out
+    assert _dims(dst)[0][0] == [1, 1, SIZE, SIZE]
+    state, _ = convert.read_checkpoint(str(src))
+    _runs_as_our_model(dst, spec.make_config("book"), state, [(1, 1, SIZE, SIZE)])
+    session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="invalid dimensions for input"):  # fixed: batch 2 refused
+        session.run(None, {"x": np.zeros((2, 1, SIZE, SIZE), np.float32)})
+    mlp = spec.make_config("house_mlp", **TINY_MLP)
+    files.save_state(random_state(mlp, 0), str(tmp_path / "mlp.safetensors"), mlp)
+    code, _, err = run(capsys, "export", str(tmp_path / "mlp.safetensors"), str(tmp_path / "m.onnx"),
+                       "--dynamic-size")
+    assert code == 2 and "--dynamic-size: DenseNet 'house_mlp' is an MLP DenseNet, its input is " \
+                         "(N, features) with 330 features: no height or width" in err, err
+
+
 def test_a_broken_export_fails_the_proof(book_export, tmp_path, capsys, monkeypatch):
     """The proof can fail: an export whose one initializer was patched exits 1, naming it."""
     src, _ = book_export
 
-    def patched(model, x, dst, cfg, opset=None):
+    def patched(model, x, dst, cfg, opset=None, dynamic=()):
         m = onnx.load(str(src))
         for t in m.graph.initializer:
             if t.name == "classifier.bias":
@@ -97,6 +242,7 @@ def test_a_broken_export_fails_the_proof(book_export, tmp_path, capsys, monkeypa
                 a[0] += 0.5
                 t.CopyFrom(onnx.numpy_helper.from_array(a, t.name))
         onnx.save(m, dst, save_as_external_data=True, location=f"{tmp_path.name}.data")
+        return "dynamo"
 
     monkeypatch.setattr(exporting, "write_onnx", patched)
     code, out, _ = run(capsys, "export", "book", str(tmp_path / "broken.onnx"), "--size", str(SIZE))
@@ -107,6 +253,9 @@ def test_a_broken_export_fails_the_proof(book_export, tmp_path, capsys, monkeypa
 @pytest.mark.parametrize("target, suffix", [("flax-nnx", ".msgpack"), ("mxnet", ".params")])
 def test_export_from_a_gluon_or_flax_file_is_proven_against_that_framework(tmp_path, capsys,
                                                                           target, suffix):
+    """The proof runs the file in each framework at both batch sizes. The exporter is the
+    TorchScript one (--opset 17: 0.2 s, where the dynamo one takes seconds): which exporter
+    wrote the file does not change the proof, and the dynamo one is proven on the book above."""
     if target == "mxnet":
         need_mxnet()
     cfg = spec.make_config("book")
@@ -114,11 +263,13 @@ def test_export_from_a_gluon_or_flax_file_is_proven_against_that_framework(tmp_p
     src = tmp_path / f"book{suffix}"
     formats.write(src, arrays, fmt)
     code, out, _ = run(capsys, "export", str(src), str(tmp_path / "book.onnx"), "--preset", "book",
-                       "--size", str(SIZE))
+                       "--size", str(SIZE), "--opset", "17")
     assert code == 0, out
     rows = [line.split() for line in out.splitlines() if line.startswith("  ") and "tolerance" in line]
-    assert [r[0] for r in rows] == ["torch", target] and all(r[-1] == "ok" for r in rows), out
-    assert all(float(r[1]) <= exporting.EXPORT_RTOL for r in rows)
+    assert [(r[0], r[1]) for r in rows] == [(name, f"{b}x1x{SIZE}x{SIZE}") for name in
+                                            ("torch", target) for b in (1, 2)], out
+    assert all(r[-1] == "ok" for r in rows), out  # both batch sizes, in each framework
+    assert all(float(r[2]) <= exporting.EXPORT_RTOL for r in rows)
     assert "Verdict: the export computes the same network." in out
 
 
@@ -129,6 +280,11 @@ def test_check_our_export_is_the_same_network(book_export, capsys):
     assert "against preset 'book'" in out and "Verdict: same network." in out
     assert "folded" not in out
     assert "book.onnx.data" in out  # weights read from the external data file
+    # its batch axis is symbolic: read as such, run at the check's batch
+    assert "the file's input is batch x 1 x 32 x 32 (dynamic: batch): checked at 2x1x32x32" in out
+    code, _, err = run(capsys, "check", str(dst), "--size", "48")
+    assert code == 2 and "the file's input is batch x 1 x 32 x 32, its height and width fixed: " \
+                         "--size 48 cannot run it" in err, err
 
 
 def test_onnx_converts_losslessly_into_every_framework(book_export, tmp_path, capsys):
@@ -179,8 +335,12 @@ def test_missing_external_data_is_a_clear_error(book_export, tmp_path, capsys):
                  ("export", cut, tmp_path / "x.onnx")):
         code, _, err = run(capsys, *map(str, argv))
         assert code == 2 and "not a readable ONNX model" in err, (argv, err)
-    code, _, err = run(capsys, "export", "book", str(tmp_path / "x.onnx"), "--opset", "3")
-    assert code == 2 and "opset 18 or later" in err
+    for opset in ("3", "12", str(onnx.defs.onnx_opset_version() + 1)):
+        code, _, err = run(capsys, "export", "book", str(tmp_path / "x.onnx"), "--opset", opset)
+        assert code == 2 and f"--opset must be 13 to {onnx.defs.onnx_opset_version()}" in err \
+            and f"got {opset}" in err and "Traceback" not in err, err
+    with pytest.raises(exporting.ExportError, match="--opset 12: the export writes opset 13 to"):
+        exporting.export("book", str(tmp_path / "x.onnx"), opset=12)
 
 
 def test_onnxruntime_optimized_model_is_recognised_as_folded(book_export, tmp_path, capsys):
@@ -313,7 +473,7 @@ def test_matmul_add_head_and_anonymous_initializers(book_export, tmp_path):
     g.node.insert(i + 1, helper.make_node("Add", ["mm", gemm.input[2]], [gemm.output[0]]))
     renamed = {}
     for k, t in enumerate(g.initializer):  # anonymous names, as folding exporters write them
-        renamed[t.name] = f"val_{k}"
+        renamed[t.name] = f"initializer_{k}"
         t.name = renamed[t.name]
     for n in g.node:
         n.input[:] = [renamed.get(x, x) for x in n.input]

@@ -81,9 +81,16 @@ def _input_shape(shape, config, size: Optional[int]):
         return fixed[0] or BATCH, 0, 0
     default = size or (96 if config.name == "book" else 16 if config.stem == "cifar" else 64)
     if size is not None and any(d is not None and d != size for d in fixed[2:]):
-        raise CheckError(f"the file's input is fixed at {'x'.join(str(d or '?') for d in fixed)}: "
+        raise CheckError(f"the file's input is {_dims(shape)}, its height and width fixed: "
                          f"--size {size} cannot run it (leave --size out)")
     return fixed[0] or BATCH, fixed[2] or default, fixed[3] or default
+
+
+def _dims(shape) -> str:
+    """The file's input shape in words: '1x1x96x96', 'batch x 1 x height x width' (symbolic
+    axes by their names, '?' for an unnamed one)."""
+    dims = [str(d) if isinstance(d, int) and d > 0 else str(d or "?") for d in shape]
+    return (" x " if any(not d.isdigit() for d in dims) else "x").join(dims)
 
 
 def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int = 0,
@@ -111,6 +118,11 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
     if info["external_data"]:
         report.notes.append(f"weights read from the external data file(s) "
                             f"{', '.join(info['external_data'])} beside the model")
+    symbolic = [str(d) for d in info["input_shape"] if not (isinstance(d, int) and d > 0)]
+    if symbolic:
+        report.notes.append(f"the file's input is {_dims(info['input_shape'])} (dynamic: "
+                            f"{', '.join(symbolic)}): checked at "
+                            f"{'x'.join(map(str, report.input_shape))}")
     report.notes.append(f"graph: {ops}")
     report.notes += loaded.notes  # the BatchNorms an exporter folded
     if not m.ok:
