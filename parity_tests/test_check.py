@@ -380,6 +380,25 @@ def test_a_layer_our_code_built_has_no_line(tmp_path):
     assert f"built at {shown(site)}" in r.render()
 
 
+def test_a_linen_module_given_with_its_variables_has_its_lines(tmp_path):
+    """linen builds its submodules as it runs: with the factory's own variables, the lines are
+    recorded by tracing an initialisation (never computed), named by their paths."""
+    from densenet_flax import adapter
+    source = ("import jax\nimport jax.numpy as jnp\nfrom flax import linen as nn\n\n\n"
+              "class Tiny(nn.Module):\n    @nn.compact\n    def __call__(self, x):\n"
+              "        x = nn.Conv(4, (3, 3))(x)\n"
+              "        return nn.Dense(2)(jnp.mean(x, axis=(1, 2)))\n\n\n"
+              "def with_variables():\n    m = Tiny()\n"
+              "    return m, m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))\n")
+    (tmp_path / "tiny_linen.py").write_text(source)
+    lines = source.splitlines()
+    at = {marker: f"{tmp_path / 'tiny_linen.py'}:{1 + next(i for i, t in enumerate(lines) if marker in t)}"
+          for marker in ("nn.Conv(4", "nn.Dense(2)", "m = Tiny()")}
+    model = adapter.user_model(factory="tiny_linen:with_variables", path=str(tmp_path), size=8)
+    assert adapter.model_sites(model) == {"": at["m = Tiny()"], "Conv_0": at["nn.Conv(4"],
+                                          "Dense_0": at["nn.Dense(2)"]}
+
+
 class _Layer:
     def __init__(self, *args):
         self.args = args
