@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 import densenet_spec as spec
+from densenet_spec import sites
 from densenet_flax import linen, model as nnx_model
 from densenet_flax.runtime import (_DROPOUT, abstract as _abstract, loss as _loss,
                                    device, from_config as _build, linen_loss as _linen_loss,
@@ -40,6 +41,16 @@ def _module(variant):
     if variant not in VARIANTS:
         raise ValueError(f"unknown Flax variant {variant!r}; variants: {', '.join(VARIANTS)}")
     return nnx_model if variant == "nnx" else linen
+
+
+def _site_hooks():
+    """Where the user's code builds a module (densenet_spec.sites): an NNX module when its
+    class is called (NNX modules need not call a base __init__), a linen module in its
+    __post_init__ (at the factory's call, or in setup / @nn.compact as it runs), a linen clone
+    keeping its original's site."""
+    from flax import linen as nn
+    return [(type(nnx.Module), "__call__", "returns"), (nn.Module, "__post_init__", "self"),
+            (nn.Module, "clone", "copies")]
 
 
 def versions() -> dict:
@@ -426,25 +437,44 @@ def user_model(factory: str = None, config: dict = None, size: int = 0, variant:
             return _build(config)
         module = _build(config, variant=variant)
         return module, _linen_init(module)
-    obj = spec.call_factory(factory, path)
+    with sites.recording(_site_hooks()) as built:  # where each module is built
+        obj = spec.call_factory(factory, path)
     module, variables = obj if isinstance(obj, tuple) and len(obj) == 2 else (obj, None)
     if isinstance(module, nnx.Module):
+        sites.remember(module, {p: built.of(node) for p, node in _named_modules(module)
+                                if built.of(node)})
         return module
     if not isinstance(module, nn.Module):
         raise TypeError(f"{factory} returned {type(module).__name__}, not a Flax NNX or linen module")
-    if variables is None:
-        errors = []
+    # linen builds its submodules as it runs (setup, @nn.compact): their sites are recorded
+    # while it initialises (named by their paths as they are called)
+    named = {}
+
+    def name(next_fun, args, kwargs, context):
+        named.setdefault("/".join(context.module.path), built.of(context.module))
+        return next_fun(*args, **kwargs)
+    with sites.recording(_site_hooks(), built), nn.intercept_methods(name):
+        errors, got = [], variables
         for c in ([in_channels] if in_channels else [1, 3]):
             x = jnp.zeros((1, size, size, c) if size else (1, c), jnp.float32)  # 0: features
             try:
+                named.clear()
                 m, kw = _linen_mode(module, False)
-                variables = jax.jit(lambda k, x: m.init(k, x, **kw))(jax.random.key(0), x)
+                init = (lambda k, x: m.init(k, x, **kw))
+                if variables is None:
+                    got = jax.jit(init)(jax.random.key(0), x)
+                else:  # its own variables: traced for the sites only, never computed
+                    jax.eval_shape(init, jax.random.key(0), x)
                 break
             except Exception as e:  # noqa: BLE001 - try the next channel count, then report all
                 errors.append(f"{c} input channel(s): {str(e).splitlines()[0]}")
         else:
-            raise ValueError(f"the model does not initialise on a {size}x{size} input: "
-                             + "; ".join(errors))
+            if variables is None:
+                raise ValueError(f"the model does not initialise on a {size}x{size} input: "
+                                 + "; ".join(errors))
+            named.clear()  # no sites: the check runs the model and says what fails
+    variables = got
+    sites.remember(module, {k: v for k, v in named.items() if v})
     return module, jax.tree.map(np.asarray, dict(variables))
 
 
@@ -545,6 +575,12 @@ def set_model_tensors(model, arrays: dict, variant: str = "nnx"):
             nnx.update(model, state)
         return model
     return model[0], jax.tree.map(_device_array, _unflat(new))
+
+
+def _named_modules(model):
+    """NNX: (path, module) for the model and every module under it."""
+    return [("/".join(map(str, path)), node) for path, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.Module)]
 
 
 def _paths(model):
@@ -727,3 +763,11 @@ def model_bn_settings(model, variant: str = "nnx", in_channels: int = 3, size: i
     with nn.intercept_methods(record):
         jax.eval_shape(lambda v, x: m.apply(v, x, **kw), variables, x)
     return found
+
+
+def model_sites(model, variant: str = "nnx") -> dict:
+    """The line of the user's code that built each of the model's modules (its path -> 'FILE:LINE',
+    densenet_spec.sites), for a model user_model built from a factory (linen: the modules its
+    initialisation called); {} for any other model, and no entry for a module this project's
+    code built."""
+    return sites.remembered(model[0] if isinstance(model, tuple) else model)

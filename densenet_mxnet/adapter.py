@@ -16,12 +16,18 @@ import numpy as np
 from mxnet import autograd, gluon
 
 import densenet_spec as spec
+from densenet_spec import sites
 from densenet_mxnet import model as model_lib
 from densenet_mxnet.model import DenseNet, DenseBlock, conv_block, transition_block
 from densenet_mxnet.runtime import _context, device, from_config as _build, loaded as _loaded
 
 BACKEND = "mxnet"
 VARIANTS = ("mxnet",)
+
+
+def _site_hooks():
+    """Where the user's code builds a block (densenet_spec.sites): every gluon.Block's __init__."""
+    return [(gluon.Block, "__init__", "self")]
 
 
 def versions() -> dict:
@@ -291,9 +297,12 @@ def user_model(factory: str = None, config: dict = None, size: int = 0, variant:
         if factory is None:
             model = _build(config)
         else:
-            model = spec.call_factory(factory, path)
+            with sites.recording(_site_hooks()) as built:  # where each block is built
+                model = spec.call_factory(factory, path)
             if not isinstance(model, gluon.Block):
                 raise TypeError(f"{factory} returned {type(model).__name__}, not a mxnet.gluon.Block")
+            sites.remember(model, {name: built.of(b) for name, b in _named_blocks(model)
+                                   if built.of(b)})
         if any(p._data is None for p in model.collect_params().values()):
             model.initialize(ctx=ctx)
         return model
@@ -457,13 +466,21 @@ def model_bn_settings(model, variant: str = "mxnet") -> dict:
     """Every BatchNorm of the model (its structural name, '0.net.1.0') -> {"epsilon",
     "momentum"} as the model has them (Gluon's momentum: the share of the running statistics
     kept per step)."""
-    out = {}
+    return {name: {"epsilon": float(block._kwargs["eps"]),
+                   "momentum": float(block._kwargs["momentum"])}
+            for name, block in _named_blocks(model) if isinstance(block, gluon.nn.BatchNorm)}
 
-    def walk(block, prefix):
-        if isinstance(block, gluon.nn.BatchNorm):
-            out[prefix] = {"epsilon": float(block._kwargs["eps"]),
-                           "momentum": float(block._kwargs["momentum"])}
-        for name, child in block._children.items():
-            walk(child, f"{prefix}.{name}" if prefix else name)
-    walk(model, "")
-    return out
+
+def _named_blocks(model, prefix=""):
+    """(structural name, block) for the model and every block under it ('' the model itself,
+    '0.net.1.0' as model_tensors names their parameters)."""
+    yield prefix, model
+    for name, child in model._children.items():
+        yield from _named_blocks(child, f"{prefix}.{name}" if prefix else name)
+
+
+def model_sites(model, variant: str = "mxnet") -> dict:
+    """The line of the user's code that built each of the model's blocks (its structural name
+    -> 'FILE:LINE', densenet_spec.sites), for a model user_model built from a factory; {} for
+    any other model, and no entry for a block this project's code built."""
+    return sites.remembered(model)

@@ -12,7 +12,9 @@ the chapter's exercise 5 (the forum's house-price model). One idea a module:
 * ``names``      the canonical tensor names (torchvision's DenseNet keys) with their
                  PyTorch-layout shapes, from which the analytic parameter and BatchNorm-state
                  counts follow; checks of a canonical state,
-* ``factory``    importing a user's own model factory.
+* ``factory``    importing a user's own model factory,
+* ``sites``      where the user's code built each layer while a factory ran (``built at
+                 FILE:LINE`` in the check's report; each mirror names its framework's hooks).
 
 ``import densenet_spec as spec`` gives all of it; the parity suite uses it as its oracle and
 the backends read their presets from it.

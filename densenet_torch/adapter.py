@@ -14,12 +14,18 @@ import numpy as np
 import torch
 
 import densenet_spec as spec
+from densenet_spec import sites
 from densenet_torch import model as model_lib
 from densenet_torch.model import DenseNet, DenseBlock, conv_block, transition_block
 from densenet_torch.runtime import device, from_config as _build, loaded as _loaded
 
 BACKEND = "torch"
 VARIANTS = ("torch",)
+
+
+def _site_hooks():
+    """Where the user's code builds a module (densenet_spec.sites): every nn.Module's __init__."""
+    return [(torch.nn.Module, "__init__", "self")]
 
 
 def versions() -> dict:
@@ -243,9 +249,12 @@ def user_model(factory: str = None, config: dict = None, size: int = 0, variant:
     ``path`` or the working directory), or ours for ``config`` (the reference)."""
     if factory is None:
         return _build(config)
-    model = spec.call_factory(factory, path)
+    with sites.recording(_site_hooks()) as built:  # where each module is built
+        model = spec.call_factory(factory, path)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{factory} returned {type(model).__name__}, not a torch.nn.Module")
+    sites.remember(model, {name: built.of(m) for name, m in model.named_modules()
+                           if built.of(m)})
     return model
 
 
@@ -355,3 +364,10 @@ def model_bn_settings(model, variant: str = "torch") -> dict:
                    else float(m.momentum)}
             for name, m in model.named_modules()
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+
+def model_sites(model, variant: str = "torch") -> dict:
+    """The line of the user's code that built each of the model's modules (its module name ->
+    'FILE:LINE', densenet_spec.sites), for a model user_model built from a factory; {} for any
+    other model, and no entry for a module this project's code built."""
+    return sites.remembered(model)

@@ -29,6 +29,25 @@ def factory(module, fn):
     return f"parity_tests.own_models.{module}:{fn}"
 
 
+def built_line(module, marker, after=None):
+    """'FILE:LINE' (absolute) of the first line of parity_tests/own_models/<module>.py that holds
+    ``marker`` (after the first line holding ``after``): read from the source, so that an edit of
+    the file moves the expected line with it."""
+    path = ROOT / "parity_tests" / "own_models" / f"{module}.py"
+    lines = path.read_text().splitlines()
+    start = next(i for i, text in enumerate(lines) if after in text) if after else 0
+    line = next(i for i, text in enumerate(lines) if i >= start and marker in text) + 1
+    return f"{path}:{line}"
+
+
+def shown(site):
+    """A site as the report prints it: relative to the working directory when under it."""
+    import os
+    path, line = site.rsplit(":", 1)
+    rel = os.path.relpath(path)
+    return f"{path if rel.startswith('..') else rel}:{line}"
+
+
 # ------------------------------------------------------------------ structure matching
 
 def test_the_books_sequential_matches_by_structure():
@@ -121,6 +140,8 @@ def test_a_missing_batchnorm_is_named_missing_at_its_place():
     from parity_tests.own_models import book_torch
     r = check(book_torch.transition_without_batchnorm(), preset="book")
     assert not r.same and r.numbers == {}, r.render()  # named before any number
+    # a model given as an object was built before the check ran: no line, and no words for it
+    assert r.built_at == {} and "built at" not in r.render() and "notes" not in r.render()
     assert r.structure.startswith(
         "first difference at features.transition1.norm (transition1): the model has no BatchNorm "
         "before transition1's 1x1 conv (the reference's transition1.norm: a BatchNorm over 192 "
@@ -145,18 +166,19 @@ def test_a_missing_batchnorm_is_named_missing_at_its_place():
 SAME = [("torch", "book_torch", "net", 32), ("mxnet", "book_gluon", "net", 32),
         ("flax", "book_linen", "net", 32)]
 #: (framework, module, function, size, where: 'structure' or the mode, canonical module, stage,
-#:  words of the likely cause)
+#:  words of the likely cause, (the function the layer is built in, words on its line))
 BUGS = [
     ("torch", "book_torch", "transition_keeps_block_input", 32, "structure",
-     "features.transition2.conv", "transition2", "num_convs x growth_rate"),
+     "features.transition2.conv", "transition2", "num_convs x growth_rate",
+     ("def transition_block", "nn.Conv2d(input_channels, num_channels, kernel_size=1)")),
     ("flax", "book_linen", "stem_same_padding", 32, "eval", "features.conv0", "stem",
-     "padding of the stem"),
+     "padding of the stem", ("class DenseNet", "nn.Conv(self.num_channels, kernel_size=(7, 7)")),
     ("torch", "book_torch", "head_max_pool", 64, "eval", "classifier", "head",
-     "global *average* pooling"),
+     "global *average* pooling", ("def net", "nn.Linear(num_channels, 10)")),
     ("mxnet", "book_gluon", "concat_reversed", 32, "eval", "features.denseblock1.denselayer2.norm1",
-     "denseblock1", "concatenation order"),
+     "denseblock1", "concatenation order", ("def conv_block", "nn.BatchNorm(momentum=momentum)")),
     ("flax", "book_linen", "head_pools_nchw_axes", 32, "structure", "classifier", "head",
-     "NHWC's axes 1 and 2"),
+     "NHWC's axes 1 and 2", ("class DenseNet", "nn.Dense(self.num_classes)")),
 ]
 
 
@@ -174,14 +196,18 @@ def test_the_books_listings_are_the_book_network(framework, module, fn, size):
         assert any("biased batch variance" in n for n in r.notes)
 
 
-@pytest.mark.parametrize("framework, module, fn, size, where, cmod, stage, words", BUGS,
+@pytest.mark.parametrize("framework, module, fn, size, where, cmod, stage, words, built", BUGS,
                          ids=[c[2] for c in BUGS])
-def test_a_porting_bug_is_named_where_it_is(framework, module, fn, size, where, cmod, stage, words):
+def test_a_porting_bug_is_named_where_it_is(framework, module, fn, size, where, cmod, stage, words,
+                                            built):
+    """... and the layer it names with the line of the user's code that built it: the first
+    frame in the user's file while the factory (linen: its initialisation) ran."""
     if framework == "mxnet":
         need_mxnet()
     r = check(framework=framework, factory=factory(module, fn), path=str(ROOT), size=size)
     text = r.render()
     assert not r.same and text.endswith("Verdict: different."), text
+    site = built_line(module, built[1], after=built[0])
     if where == "structure":
         assert r.structure and f"first difference at {cmod} ({stage})" in r.structure, text
         assert words in (r.cause or ""), text
@@ -191,29 +217,43 @@ def test_a_porting_bug_is_named_where_it_is(framework, module, fn, size, where, 
         assert all(row["params"] is not None for row in r.rows[:at + 1]), text
         assert all(row["params"] is None and not row["ok"] for row in r.rows[at + 1:]), text
         assert (not r.rows[at + 1:]) or "not matched" in text, text
+        foreign = r.structure_foreign
+        assert foreign and f"(its '{foreign}')" in r.structure and r.built_at == {foreign: site}
+        said = f"the model's '{foreign}' built at {shown(site)}"
+        assert f"\n  {said}\n  likely cause: " in text, text  # beside the difference
+        assert re.search(rf"^{stage} .* DIFFERENT +{re.escape(said)}$", text, re.M), text  # table
     else:
         assert r.first and (r.first["mode"], r.first["module"], r.first["stage"]) == \
             (where, cmod, stage), text
         assert words in r.first["convention"], text
+        assert r.built_at == {r.first["foreign"]: site}, (r.built_at, site)
+        assert (f"the model's '{r.first['foreign']}': largest difference" in text and
+                f"\n  built at {shown(site)}\n  likely cause: " in text), text
+        assert "notes" not in text.split("\n")[3], text  # no structural note: no notes column
 
 
 #: (framework, module, function, setting, the model's value in PyTorch's words, the reference's,
-#:  words of the report)
+#:  words of the report, (where and what the line that built the first BatchNorm, norm0, says))
 SETTINGS = [
-    ("torch", "book_torch", "bn_momentum_as_gluon", "momentum", 0.9, 0.1, "'keep 0.9' typed into"),
-    ("torch", "book_torch", "bn_eps_as_keras", "epsilon", 1.001e-5, 1e-5, "Keras applications'"),
-    ("flax", "book_nnx", "bn_momentum_default", "momentum", 0.01, 0.1, "PyTorch's 0.01"),
-    ("mxnet", "book_gluon", "bn_momentum_as_torch", "momentum", 0.9, 0.1, "keeps 0.1 of the"),
+    ("torch", "book_torch", "bn_momentum_as_gluon", "momentum", 0.9, 0.1, "'keep 0.9' typed into",
+     ("def net", "nn.BatchNorm2d(64, momentum=bn_momentum)")),
+    ("torch", "book_torch", "bn_eps_as_keras", "epsilon", 1.001e-5, 1e-5, "Keras applications'",
+     ("def net", "nn.BatchNorm2d(64, momentum=bn_momentum)")),
+    ("flax", "book_nnx", "bn_momentum_default", "momentum", 0.01, 0.1, "PyTorch's 0.01",
+     ("class DenseNet", "self.bn0 = nnx.BatchNorm(64, rngs=rngs)")),
+    ("mxnet", "book_gluon", "bn_momentum_as_torch", "momentum", 0.9, 0.1, "keeps 0.1 of the",
+     ("def net", "nn.BatchNorm(momentum=momentum)")),
 ]
 
 
-@pytest.mark.parametrize("framework, module, fn, setting, value, reference, words", SETTINGS,
-                         ids=[c[2] for c in SETTINGS])
+@pytest.mark.parametrize("framework, module, fn, setting, value, reference, words, built",
+                         SETTINGS, ids=[c[2] for c in SETTINGS])
 def test_batchnorm_settings_are_read_and_named(framework, module, fn, setting, value, reference,
-                                               words):
+                                               words, built):
     """Each BatchNorm's epsilon and momentum are read from the model's layers and every
-    difference named before any number; with the model's settings in the reference the
-    numbers agree: the same architecture, different BatchNorm settings."""
+    difference named before any number (the first with the line of the user's code that built
+    it); with the model's settings in the reference the numbers agree: the same architecture,
+    different BatchNorm settings."""
     if framework == "mxnet":
         need_mxnet()
     r = check(framework=framework, factory=factory(module, fn), path=str(ROOT), size=32)
@@ -228,6 +268,11 @@ def test_batchnorm_settings_are_read_and_named(framework, module, fn, setting, v
     assert r.adjusted and max(r.adjusted.values()) <= 1e-6 and r.adjusted_first is None, text
     assert max(r.numbers.values()) > 1e-6, text  # the settings change the numbers
     assert "dropout" not in text, text
+    norm0 = r.bn_settings[0]["foreign"]
+    site = built_line(module, built[1], after=built[0])
+    assert r.built_at[norm0] == site, (r.built_at, site)
+    assert f"features.norm0 (the model's '{norm0}', built at {shown(site)}) and 20 more " \
+           "BatchNorms: " in text, text
 
 
 def test_batchnorm_settings_do_not_excuse_another_bug():
@@ -308,6 +353,80 @@ def test_assert_same_densenet_in_a_users_tests():
     assert "FIRST DIFFERENCE (eval): classifier (head)" in str(e.value)
     with pytest.raises(ValueError, match="but the model is a torch model"):
         assert_same_densenet(book_torch.net(), framework="flax")
+
+
+def test_a_layer_our_code_built_has_no_line(tmp_path):
+    """The user's line is the first frame in the user's files. A layer this project's own code
+    built (our model, given back by a factory) has none: the user's line would be the call of
+    our builder, the same for every layer, and the layer is the reference's own. A layer the
+    user's factory put into our model has the user's line."""
+    from densenet_torch import adapter
+    (tmp_path / "own_and_ours.py").write_text(
+        "from torch import nn\nfrom densenet_torch.model import book\n\n\n"
+        "def plain():\n    return book()\n\n\n"
+        "def patched():\n    model = book()\n"
+        "    model.features.transition2.conv = nn.Conv2d(224, 96, kernel_size=1)  # the user's\n"
+        "    return model\n")
+    line = 1 + (tmp_path / "own_and_ours.py").read_text().splitlines().index(
+        "    model.features.transition2.conv = nn.Conv2d(224, 96, kernel_size=1)  # the user's")
+    site = f"{tmp_path / 'own_and_ours.py'}:{line}"
+    plain = adapter.user_model(factory="own_and_ours:plain", path=str(tmp_path))
+    assert adapter.model_sites(plain) == {}
+    patched = adapter.user_model(factory="own_and_ours:patched", path=str(tmp_path))
+    assert adapter.model_sites(patched) == {"features.transition2.conv": site}
+    r = check(framework="torch", factory="own_and_ours:patched", path=str(tmp_path), size=32)
+    assert r.structure_foreign == "features.transition2.conv" and r.built_at == {
+        "features.transition2.conv": site}, r.render()
+    assert f"built at {shown(site)}" in r.render()
+
+
+def test_a_linen_module_given_with_its_variables_has_its_lines(tmp_path):
+    """linen builds its submodules as it runs: with the factory's own variables, the lines are
+    recorded by tracing an initialisation (never computed), named by their paths."""
+    from densenet_flax import adapter
+    source = ("import jax\nimport jax.numpy as jnp\nfrom flax import linen as nn\n\n\n"
+              "class Tiny(nn.Module):\n    @nn.compact\n    def __call__(self, x):\n"
+              "        x = nn.Conv(4, (3, 3))(x)\n"
+              "        return nn.Dense(2)(jnp.mean(x, axis=(1, 2)))\n\n\n"
+              "def with_variables():\n    m = Tiny()\n"
+              "    return m, m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))\n")
+    (tmp_path / "tiny_linen.py").write_text(source)
+    lines = source.splitlines()
+    at = {marker: f"{tmp_path / 'tiny_linen.py'}:{1 + next(i for i, t in enumerate(lines) if marker in t)}"
+          for marker in ("nn.Conv(4", "nn.Dense(2)", "m = Tiny()")}
+    model = adapter.user_model(factory="tiny_linen:with_variables", path=str(tmp_path), size=8)
+    assert adapter.model_sites(model) == {"": at["m = Tiny()"], "Conv_0": at["nn.Conv(4"],
+                                          "Dense_0": at["nn.Dense(2)"]}
+
+
+class _Layer:
+    def __init__(self, *args):
+        self.args = args
+
+
+class _Users(_Layer):
+    def __init__(self):
+        super().__init__(1)  # a method of the object being built: not the line wanted
+
+
+class _Bare(_Layer):
+    pass
+
+
+def test_construction_sites_are_the_users_frames_and_every_hook_is_undone():
+    from densenet_spec import sites
+    original = _Layer.__init__
+    with pytest.raises(RuntimeError, match="the factory failed"):
+        with sites.recording([(_Layer, "__init__", "self"), (_Bare, "__init__", "self")]) as rec:
+            users, line = _Users(), sys._getframe().f_lineno
+            bare, line_bare = _Bare(), sys._getframe().f_lineno
+            raise RuntimeError("the factory failed")
+    assert vars(_Layer)["__init__"] is original and "__init__" not in vars(_Bare)  # undone
+    assert rec.of(users) == f"{__file__}:{line}" and rec.of(bare) == f"{__file__}:{line_bare}"
+    assert rec.of(_Layer()) is None  # built after the recording
+    assert (sites.whose(__file__), sites.whose(spec.__file__), sites.whose(np.__file__),
+            sites.whose(re.__file__), sites.whose("<string>")) == (
+                "user", "ours", "library", "library", "library")
 
 
 def test_the_check_command(tmp_path):

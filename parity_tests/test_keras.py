@@ -11,6 +11,7 @@ symbolic build on a loaded machine) and shared; inputs are 64 px for it (its las
 from __future__ import annotations
 
 import functools
+import os
 import re
 
 import numpy as np
@@ -77,6 +78,13 @@ def test_a_keras_porting_bug_is_named_at_its_layer():
         "eval", "features.conv0", "stem"), text
     assert re.search(r"conv2d(_\d+)?$", r.first["foreign"]), text
     assert "Keras' padding='same'" in r.first["convention"], text
+    # the line of the user's code that built that layer (the first frame in the user's file)
+    path = ROOT / "parity_tests" / "own_models" / "book_keras.py"
+    line = 1 + path.read_text().splitlines().index(
+        '        stem = [layers.Conv2D(64, kernel_size=7, strides=2, padding="same"), bn(), '
+        'layers.ReLU(),')
+    assert r.built_at == {r.first["foreign"]: f"{path}:{line}"}, r.built_at
+    assert f"\n  built at {os.path.relpath(path)}:{line}\n  likely cause: " in text, text
 
 
 def test_our_weights_into_keras_applications_and_back_bit_for_bit(tmp_path):

@@ -395,6 +395,8 @@ def test_porting_bugs_exported_by_torch_onnx_are_named(tmp_path):
     report = check_weights(str(trans), preset="book")
     assert report.structure and "transition2" in report.structure, report.render()
     assert "transition" in (report.cause or "")
+    # an ONNX graph has no construction site: nothing is said of one
+    assert report.built_at == {} and "built at" not in report.render()
 
 
 def test_a_batchnorm_dropped_after_a_conv_without_bias_is_missing_not_folded(tmp_path):

@@ -12,6 +12,13 @@ of a preset, and if not, where does it first differ, in the book's words?
    in Flax) name the first layer whose output differs, its largest difference, and the
    convention most likely behind it.
 
+Where the check builds the model (MODULE:FUNCTION), the line of the user's code that built each
+layer is recorded while the factory runs (densenet_spec.sites: the first frame in the user's
+files); the report prints ``built at FILE:LINE`` beside the layer it names (the first
+difference, the structural one and its stage's note in the structure table, the first BatchNorm
+of each setting that differs). A model given as an object, a weights or ONNX file, and a layer
+this project's own code built have no line, and nothing is said of one.
+
 Accepted as the same network: each framework's own BatchNorm running-variance convention (Gluon
 and Flax update it with the biased batch variance, PyTorch with the unbiased one; the report
 notes it). Everything else that changes a number is a difference.
@@ -82,6 +89,9 @@ A Subject (subjects.Subject) has ``variant``, ``notes`` (said in the report) and
                      {"epsilon", "momentum" (PyTorch's words: the share of the batch statistic
                      taken per step, None for a cumulative average), "as_written" (the
                      framework's own words)}; read from the layers, never guessed
+    sites()       -> the model's module (as tensors() names it) -> 'FILE:LINE' of the user's
+                     code that built it, recorded while user() ran the factory (the mirrors'
+                     adapter.model_sites; {} for a model given to wrap())
     close()
 """
 from densenet_parity.checking.causes import convention

@@ -85,9 +85,15 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
                         list(x.shape), rows, totals, weights=weights or f"random (seed {seed})")
         report.notes += user.notes
         report.reference = getattr(sub, "REFERENCE", report.reference)
+        built = user.sites()  # where the user's code built each layer ({}: not known)
         if not m.ok:
             report.structure = str(m.difference)
             report.cause = likely_structural_cause(config, m.difference)
+            report.structure_foreign = m.difference.foreign
+            for row in report.rows:  # the structure table's note names it at its stage
+                if row["stage"] == m.difference.stage:
+                    row["foreign"] = m.difference.foreign
+            _built_at(report, built, [m.difference.foreign])
             return report
         spec.check_input(config, x.shape)
         last = spec.stage_shapes(config, BATCH, size, size)[-2][1]
@@ -142,6 +148,8 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
             numbers.pop("output_shape")
             report.adjusted, report.adjusted_first = numbers, first
             report.notes += [n for n in more if n not in report.notes]
+        _built_at(report, built, [f["foreign"] for f in (report.first, report.adjusted_first)
+                                  if f] + [d["foreign"] for d in report.bn_settings])
         return report
     except (CheckError, spec.DenseNetConfigError):
         raise
@@ -201,12 +209,15 @@ def factory_error(e: BaseException, factory: str, path: Optional[str]) -> Option
 
 def _is_users(filename: str) -> bool:
     """A traceback frame's file is the user's (not Python's, a library's or this project's)."""
-    import os
-    from densenet_parity.backends import ROOT
-    if filename.startswith("<") or "site-packages" in filename or "/lib/python3" in filename:
-        return False
-    rel = os.path.relpath(os.path.abspath(filename), ROOT)
-    return not rel.split(os.sep)[0].startswith("densenet_")
+    from densenet_spec import sites
+    return sites.whose(filename) == "user"
+
+
+def _built_at(report: Report, built: Dict[str, str], named: List[str]) -> None:
+    """The report keeps where the user's code built each layer it names (the model's module ->
+    'FILE:LINE'); a layer with no known site (a model given as an object, an ONNX graph, a layer
+    our own code built) has none, and the report says nothing of it."""
+    report.built_at.update({n: built[n] for n in named if n and built.get(n)})
 
 
 def factory_location(factory: str, path: Optional[str]) -> Optional[str]:

@@ -33,6 +33,11 @@ class Report:
     adjusted_first: Optional[dict] = None
     #: what the numbers are compared with (a subject module's REFERENCE)
     reference: str = "same framework"
+    #: the model's module named by the first structural difference ('' none)
+    structure_foreign: str = ""
+    #: the line of the user's code that built each layer the report names (the model's module
+    #: -> 'FILE:LINE'; only layers the check saw built: densenet_spec.sites)
+    built_at: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def same(self) -> bool:
@@ -74,45 +79,58 @@ class Report:
         for r in self.rows:
             rows.append([r["stage"], _n(r["spec_params"]), _n(r["spec_state"]),
                          _n(r["params"]), _n(r["state"]),
-                         "ok" if r["ok"] else "not matched" if r["params"] is None else "DIFFERENT"])
+                         "ok" if r["ok"] else "not matched" if r["params"] is None else "DIFFERENT",
+                         self._built(r.get("foreign"))])
         t = self.totals
         rows.append(["total", _n(t["spec_params"]), _n(t["spec_state"]), _n(t["params"]),
-                     _n(t["state"]), "ok" if t["ok"] else "DIFFERENT"])
-        lines.append(table(["stage", "spec params", "spec BN", "model params", "model BN", "verdict"],
-                           rows, "Structure (trainable parameters, BatchNorm running mean+var "
-                                 "values; the model's counted from its own tensors; '-': not "
-                                 "matched, after the first difference)"))
+                     _n(t["state"]), "ok" if t["ok"] else "DIFFERENT", ""])
+        head = ["stage", "spec params", "spec BN", "model params", "model BN", "verdict", "notes"]
+        if not any(r[-1] for r in rows):  # a notes column only where there is a note
+            head, rows = head[:-1], [r[:-1] for r in rows]
+        lines.append(table(head, rows, "Structure (trainable parameters, BatchNorm running "
+                                       "mean+var values; the model's counted from its own "
+                                       "tensors; '-': not matched, after the first difference)"))
         if self.output_shape is not None:
             lines.append(f"output shape {list(self.output_shape)} (expected "
                          f"[{self.input_shape[0]}, "
                          f"{self.config.get('num_classes', self.config.get('num_outputs'))}])")
         if self.structure:
             lines += ["", f"STRUCTURE: {self.structure}"]
+            if self._built(self.structure_foreign):
+                lines.append(f"  {self._built(self.structure_foreign)}")
             if self.cause:
                 lines.append(f"  likely cause: {self.cause}")
         if self.bn_settings:
             from densenet_parity.checking.settings import summary
+            from densenet_spec.sites import shown
             lines += ["", "BATCHNORM SETTINGS (read from the model's layers) that differ from the "
                           "reference's:"]
-            lines += [f"  {line}" for line in summary(self.bn_settings)]
+            lines += [f"  {line}" for line in summary(self.bn_settings, {
+                k: shown(v) for k, v in self.built_at.items()})]
         if self.numbers:
             lines += ["", f"Numbers (same canonical weights in the model and the reference, "
                           f"{self.reference}): largest relative difference"]
             lines += _number_lines(self.numbers)
         if self.first:
-            lines += _first_lines(self.first)
+            lines += _first_lines(self.first, self.built_at)
         if self.adjusted:
             lines += ["", "Numbers against the reference (PyTorch) given the model's BatchNorm "
                           "settings:"]
             lines += _number_lines(self.adjusted)
             if self.adjusted_first:
-                lines += _first_lines(self.adjusted_first)
+                lines += _first_lines(self.adjusted_first, self.built_at)
         if self.error:
             lines += ["", f"ERROR: {self.error}"]
         for n in self.notes:
             lines.append(f"note: {n}")
         lines += ["", f"Verdict: {self.verdict}."]
         return "\n".join(lines)
+
+    def _built(self, foreign: Optional[str]) -> str:
+        """"the model's 'X' built at FILE:LINE" where the check saw that layer built, else ''."""
+        from densenet_spec.sites import shown
+        site = self.built_at.get(foreign or "")
+        return f"the model's '{foreign}' built at {shown(site)}" if site else ""
 
 
 
@@ -152,15 +170,18 @@ def _not_a_number(value) -> str:
     return "not comparable (the model's or the reference's values are not finite numbers)"
 
 
-def _first_lines(f: dict) -> List[str]:
+def _first_lines(f: dict, built_at: Optional[Dict[str, str]] = None) -> List[str]:
     if _finite(f["max_abs"]) and _finite(f["rel"]):
         size = f"largest difference {f['max_abs']:.3g} ({f['rel']:.2e} relative)"
     elif _finite(f["max_abs"]):
         size = f"largest difference {f['max_abs']:.3g} (the reference's values are all 0 here)"
     else:
         size = _not_a_number(f["max_abs"] if not _finite(f["max_abs"]) else f["rel"])
+    from densenet_spec.sites import shown
+    site = (built_at or {}).get(f["foreign"])
     return ["", f"FIRST DIFFERENCE ({f['mode']}): {f['module']} ({f['stage']}), the "
-                f"model's '{f['foreign']}': {size}",
+                f"model's '{f['foreign']}': {size}"] + (
+        [f"  built at {shown(site)}"] if site else []) + [
             f"  likely cause: {f['convention']}"]
 
 

@@ -78,16 +78,19 @@ def for_reference(user: Dict[str, dict]) -> Dict[str, dict]:
     return {cmod: {"epsilon": s["epsilon"], "momentum": s["momentum"]} for cmod, s in user.items()}
 
 
-def summary(diffs: List[dict]) -> List[str]:
+def summary(diffs: List[dict], built_at: Optional[Dict[str, str]] = None) -> List[str]:
     """Report lines: one per distinct difference (a setting, the model's value, the
-    reference's), naming the first BatchNorm that has it and how many more do."""
+    reference's), naming the first BatchNorm that has it (and the line that built it, where
+    ``built_at``, the model's module -> 'FILE:LINE', knows it) and how many more do."""
     groups: Dict[tuple, List[dict]] = {}
     for d in diffs:
         groups.setdefault((d["setting"], d["model"], d["reference"]), []).append(d)
     lines = []
     for (setting, model, reference), ds in groups.items():
         d = ds[0]
-        where = f"{d['module']} (the model's '{d['foreign']}')" + (
+        site = (built_at or {}).get(d["foreign"])
+        where = f"{d['module']} (the model's '{d['foreign']}'" + (
+            f", built at {site})" if site else ")") + (
             f" and {len(ds) - 1} more BatchNorm{'s' if len(ds) > 2 else ''}" if len(ds) > 1 else "")
         if setting == "unread":
             lines.append(f"{where}: {d['words']}")

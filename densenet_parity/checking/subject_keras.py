@@ -54,6 +54,7 @@ class KerasSubject(Subject):
 
     def __init__(self, model):
         super().__init__("keras", model, None)
+        self.built_at: Dict[str, str] = {}  # set by user(): the factory ran while recording
         self.keras = import_keras()
         last = model.layers[-1] if getattr(model, "layers", None) else None
         self.softmax = last if getattr(last, "activation", None) is \
@@ -96,6 +97,9 @@ class KerasSubject(Subject):
                 raw[v.path.rsplit("/", 1)[0]] = {"epsilon": float(layer.epsilon),
                                                  "momentum": float(layer.momentum)}
         return keep_share_in_torch_words(raw, "Keras")
+
+    def sites(self) -> Dict[str, str]:
+        return dict(self.built_at)
 
     # ------------------------------------------------------------------ running
     def _layers_by_module(self) -> dict:
@@ -251,11 +255,16 @@ def wrap(model, variant: str = "keras") -> Subject:
 def user(factory: str, path: Optional[str], size: int, in_channels: Optional[int],
          variant: str = "keras") -> Subject:
     import densenet_spec as spec
+    from densenet_spec import sites
     keras = import_keras()
+    record = []
+
     def build():
-        model = spec.call_factory(factory, path)
+        with sites.recording([(keras.layers.Layer, "__init__", "self")]) as built:
+            model = spec.call_factory(factory, path)  # where each layer is built, recorded
         if not isinstance(model, keras.Model):
             raise TypeError(f"{factory} returned {type(model).__name__}, not a keras.Model")
+        record[:] = [built]
         return model
     model = build()
     if not model.built:  # a subclassed model without an input shape: built by a first call,
@@ -272,7 +281,10 @@ def user(factory: str, path: Optional[str], size: int, in_channels: Optional[int
         else:
             raise ValueError(f"the model does not build on a {size}x{size} input: "
                              + "; ".join(errors))
-    return KerasSubject(model)
+    subject = KerasSubject(model)
+    subject.built_at = {name: record[0].of(layer) for name, layer in
+                        subject._layers_by_module().items() if record[0].of(layer)}
+    return subject
 
 
 APPLICATIONS = {"densenet121": "DenseNet121", "densenet169": "DenseNet169",

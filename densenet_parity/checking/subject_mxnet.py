@@ -49,6 +49,9 @@ class RemoteSubject(Subject):
         return keep_share_in_torch_words(self.backend.call("model_bn_settings", model=self.model),
                                          "Gluon")
 
+    def sites(self) -> Dict[str, str]:
+        return self.backend.call("model_sites", model=self.model)
+
     def close(self):
         if self.owner:
             self.backend.close()

@@ -56,6 +56,8 @@ class Subject:
         module -> NCHW output; with labels: "loss", "grads", "state" (BatchNorm statistics)}
     bn_settings() -> the model's module -> {"epsilon", "momentum" (PyTorch's words: the share
         of the batch statistic taken per step; None: a cumulative average), "as_written"}
+    sites() -> the model's module -> 'FILE:LINE' of the user's code that built it (recorded
+        while the factory ran, densenet_spec.sites; {} for a model given as an object)
     notes                     what the check must say about running this model (a list)
     close()
     """
@@ -77,6 +79,9 @@ class Subject:
 
     def bn_settings(self) -> Dict[str, dict]:
         return {}
+
+    def sites(self) -> Dict[str, str]:
+        return self.adapter.model_sites(self.model, variant=self.variant)
 
     def close(self):
         pass
