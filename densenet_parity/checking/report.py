@@ -33,6 +33,9 @@ class Report:
     adjusted_first: Optional[dict] = None
     #: what the numbers are compared with (a subject module's REFERENCE)
     reference: str = "same framework"
+    #: the input's layout where it is not NCHW (an ONNX file's NHWC input: ``input_shape`` is
+    #: then in that layout); "" for NCHW (or the MLP's (N, features))
+    layout: str = ""
 
     @property
     def same(self) -> bool:
@@ -68,7 +71,7 @@ class Report:
         fw = self.framework + (f" ({self.variant})" if self.framework == "flax" else "")
         lines = [f"densenet check: {self.model} ({fw}) against preset '{self.preset}', input "
                  f"{'x'.join(map(str, self.input_shape))} "
-                 f"({'NCHW' if len(self.input_shape) == 4 else '(N, features)'}), "
+                 f"({self.layout or ('NCHW' if len(self.input_shape) == 4 else '(N, features)')}), "
                  f"weights: {self.weights}", ""]
         rows = []
         for r in self.rows:

@@ -73,17 +73,32 @@ def _session(model_proto, outputs: List[str]):
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _input_shape(shape, config, size: Optional[int]):
+def _input_shape(shape, config, size: Optional[int], perm=None):
     """(batch, height, width) to run the file at: its input's own where fixed (a different
-    ``size`` is a usage error), else the check's defaults."""
-    fixed = [d if isinstance(d, int) and d > 0 else None for d in (list(shape) + [None] * 4)[:4]]
+    ``size`` is a usage error), else the check's defaults. ``perm``: how the file's input axes
+    reach NCHW (``formats.format_onnx``'s ``input_perm``: ``[0, 3, 1, 2]`` for an NHWC input),
+    None or the identity for an NCHW one."""
+    dims = [d if isinstance(d, int) and d > 0 else None for d in (list(shape) + [None] * 4)[:4]]
+    fixed = [dims[k] for k in perm] if perm and len(shape) == 4 else dims  # NCHW order
     if config.family == "mlp":  # (N, features): no height or width
         return fixed[0] or BATCH, 0, 0
     default = size or (96 if config.name == "book" else 16 if config.stem == "cifar" else 64)
     if size is not None and any(d is not None and d != size for d in fixed[2:]):
-        raise CheckError(f"the file's input is fixed at {'x'.join(str(d or '?') for d in fixed)}: "
-                         f"--size {size} cannot run it (leave --size out)")
+        layout = formats.format_onnx.layout_name(perm) or "NCHW"
+        raise CheckError(f"the file's input is fixed at {'x'.join(str(d or '?') for d in dims)} "
+                         f"({layout}: {fixed[2] or '?'}x{fixed[3] or '?'} pixels): --size {size} "
+                         f"cannot run it (leave --size out)")
     return fixed[0] or BATCH, fixed[2] or default, fixed[3] or default
+
+
+def layout_note(perm) -> Optional[str]:
+    """What the check says of an input that is not NCHW (None for an NCHW one)."""
+    layout = formats.format_onnx.layout_name(perm)
+    if not layout or layout == "NCHW":
+        return None
+    return (f"input layout {layout} (a Transpose to NCHW at the input, perm {list(perm)}): "
+            f"onnxruntime is fed our model's NCHW input transposed to {layout}; the weights and "
+            "every compared output are NCHW (ONNX's Conv and BatchNormalization are)")
 
 
 def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int = 0,
@@ -102,12 +117,19 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
     m = loaded.match
     config = m.config
     rows, totals = structure._structure_rows(config, m, structure.file_tensors(loaded.tensors))
-    batch, height, width = _input_shape(info["input_shape"], config, size)
+    perm = info.get("input_perm")
+    batch, height, width = _input_shape(info["input_shape"], config, size, perm)
+    nchw = list(spec.input_shape(config, batch, height, width))
+    to_file = [int(k) for k in np.argsort(perm)] if layout_note(perm) else None
     ops = ", ".join(f"{n} {k}" for k, n in sorted(info["ops"].items(), key=lambda kv: -kv[1]))
     report = Report(FRAMEWORK, "", f"{path} ({info['producer'] or 'unknown producer'}, "
                     f"opset {info['opset'].get('ai.onnx', '?')})", config.name, config.to_dict(),
-                    list(spec.input_shape(config, batch, height, width)), rows, totals,
-                    weights="the file's own", reference="onnxruntime against our PyTorch model")
+                    [nchw[k] for k in to_file] if to_file else nchw, rows, totals,
+                    weights="the file's own", reference="onnxruntime against our PyTorch model",
+                    layout=(f"{formats.format_onnx.layout_name(perm)}, a Transpose to NCHW at the "
+                            "input") if to_file else "")
+    if layout_note(perm):
+        report.notes.append(layout_note(perm))
     if info["external_data"]:
         report.notes.append(f"weights read from the external data file(s) "
                             f"{', '.join(info['external_data'])} beside the model")
@@ -143,7 +165,8 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
     try:  # the graph as read (external data loaded), with the matched nodes' outputs added
         session = _session(loaded.model, list(outputs_u.values()))
         names = [o.name for o in session.get_outputs()]
-        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x})))
+        feed = np.ascontiguousarray(x.transpose(to_file)) if to_file else x
+        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: feed})))
     except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: say, not a traceback
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         report.error = (f"onnxruntime {ort.__version__} cannot run the file: "

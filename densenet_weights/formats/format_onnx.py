@@ -159,10 +159,17 @@ def _graph(path):
                     consts[node.output[0]] = (node.output[0], np.array(numpy_helper.to_array(a.t)))
         elif node.op_type == "Identity" and node.input and node.input[0] in consts:
             consts[node.output[0]] = consts[node.input[0]]
+        elif node.op_type == "Transpose" and node.input and node.input[0] in consts:
+            # an unoptimised tf2onnx graph: a Conv's OIHW kernel is Transpose(HWIO constant)
+            name, a = consts[node.input[0]]
+            consts[node.output[0]] = (name, np.transpose(a, _perm(node, a.ndim)))
     consumers: Dict[str, list] = {}
+    producer: Dict[str, object] = {}
     for node in g.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
+        for o in node.output:
+            producer[o] = node
     layers: List[OnnxLayer] = []
     used: set = set()
     for index, node in enumerate(g.node):
@@ -198,8 +205,9 @@ def _graph(path):
                 attrs.setdefault(k, v)
         module = _module_of(node, index, [n for n, _ in tensors.values()], used)
         used.add(module)
+        inputs = (_through_transposes(node.input[0], producer),) + tuple(node.input[1:])
         layers.append(OnnxLayer(node.name or f"{node.op_type}_{index}", node.op_type, module,
-                                tensors, attrs, output, tuple(node.input)))
+                                tensors, attrs, output, inputs))
     ops: Dict[str, int] = {}
     for node in g.node:
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
@@ -209,13 +217,97 @@ def _graph(path):
     if inputs:
         for d in inputs[0].type.tensor_type.shape.dim:
             shape.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?"))
+    perm = _input_perm(path, inputs[0].name, len(shape), consumers) if inputs else None
     info = {"producer": f"{model.producer_name} {model.producer_version}".strip(),
             "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
             "external_data": files, "ops": ops,
             "input": inputs[0].name if inputs else "", "input_shape": shape,
+            "input_perm": perm, "input_layout": layout_name(perm),
             "outputs": [o.name for o in g.output],
             "metadata": {p.key: p.value for p in model.metadata_props}}
     return model, layers, info
+
+
+#: Operators that keep their input's layout (elementwise, or padding every axis as the layout
+#: it is in): a path from the graph's input to its first convolution may pass them (Keras'
+#: ZeroPadding2D is a Pad in NHWC before tf2onnx's Transpose; preprocessing is a Mul or Sub).
+LAYOUT_KEEPING = frozenset({"Identity", "Cast", "Pad", "Relu", "Clip", "Add", "Sub", "Mul",
+                            "Div", "Neg", "Abs", "Sqrt", "Exp", "Sigmoid", "Tanh", "LeakyRelu"})
+#: The input layouts read: PyTorch's (no Transpose) and TensorFlow's (a Transpose to NCHW first).
+READ_LAYOUTS = ("NCHW", "NHWC")
+
+
+def _perm(node, ndim: int) -> List[int]:
+    """A Transpose node's perm (ONNX's default: the axes reversed)."""
+    for a in node.attribute:
+        if a.name == "perm":
+            return [int(v) for v in a.ints]
+    return list(range(ndim))[::-1]
+
+
+def _compose(first: List[int], then: List[int]) -> List[int]:
+    """The perm of Transpose(Transpose(x, first), then): output axis i is x's axis
+    first[then[i]]."""
+    return [first[i] for i in then]
+
+
+def _through_transposes(value: str, producer: Dict[str, object]) -> str:
+    """The value a chain of Transpose (and Identity) nodes ending at ``value`` starts from,
+    where the chain's perms compose to no change at all (tf2onnx's pair around a Conv: a
+    Transpose to NHWC after it, one back to NCHW before the BatchNorm that follows), else
+    ``value`` itself: so a Conv feeding a BatchNorm through such a pair still feeds it."""
+    chain, v = [], value
+    while v in producer and producer[v].op_type in ("Transpose", "Identity") and producer[v].input:
+        chain.append(producer[v])
+        v = producer[v].input[0]
+    best, perm = value, None
+    for k, node in enumerate(chain):  # from ``value`` back towards the source
+        if node.op_type == "Transpose":
+            p = _perm(node, len(perm) if perm else 4)
+            perm = p if perm is None else _compose(p, perm)
+        if perm is None or perm == sorted(perm):
+            best = node.input[0]
+    return best
+
+
+def _input_perm(path, name: str, ndim: int, consumers: Dict[str, list]) -> Optional[List[int]]:
+    """How the graph's input reaches its first convolution: the perm of the Transposes on the
+    way (composed; ``[0, 1, 2, 3]``: none, the input is NCHW; ``[0, 3, 1, 2]``: the input is
+    NHWC, as tf2onnx writes a Keras model's), following only ops that keep the layout
+    (``LAYOUT_KEEPING``). None where no convolution is reached that way (an MLP, or a graph
+    this does not follow: read as NCHW). An input whose layout is neither NCHW nor NHWC is
+    refused: its weights would compute another network in ours."""
+    seen, todo = set(), [(name, list(range(ndim)))]
+    while todo:
+        value, perm = todo.pop(0)
+        for node in consumers.get(value, []):
+            if node.op_type in ("Conv", "FusedConv") and node.input[0] == value:
+                if len(perm) != 4:
+                    return None
+                layout = layout_name(perm)
+                if layout not in READ_LAYOUTS:
+                    raise WeightsFormatError(
+                        f"{path}: its input reaches the first convolution ('{node.name or 'Conv'}')"
+                        f" through Transpose perm {perm}: an input laid out {layout}; read are "
+                        f"NCHW (no Transpose) and NHWC (a Transpose with perm [0, 3, 1, 2] first, "
+                        f"as tf2onnx writes a Keras model)")
+                return perm
+            if node.output[0] in seen:
+                continue
+            if node.op_type == "Transpose":
+                seen.add(node.output[0])
+                todo.append((node.output[0], _compose(perm, _perm(node, len(perm)))))
+            elif node.op_type in LAYOUT_KEEPING and node.input[0] == value:
+                seen.add(node.output[0])
+                todo.append((node.output[0], perm))
+    return None
+
+
+def layout_name(perm: Optional[List[int]]) -> str:
+    """The input's layout a perm from ``_input_perm`` says: "NCHW", "NHWC", ...; "" for None."""
+    if perm is None:
+        return ""
+    return "".join("NCHW"[k] for k in np.argsort(perm))
 
 
 def no_weights(path) -> str:
