@@ -441,6 +441,7 @@ def test_nhwc_file_is_the_same_network_with_its_layout_said(nhwc_export, capsys)
     assert "Verdict: same network." in out and "too small" not in out + err
     assert f"input 1x{SIZE}x{SIZE}x1 (NHWC, a Transpose to NCHW at the input)" in out
     assert "note: input layout NHWC (a Transpose to NCHW at the input" in out
+    assert "the file is fed our model's NCHW input transposed to NHWC" in out
     assert "(norm0)" in out  # torch.onnx's optimizer folded it; still found
     code, out, _ = run(capsys, "check", str(path), "--size", str(SIZE))
     assert code == 0 and "Verdict: same network." in out, out
@@ -457,7 +458,7 @@ def test_nhwc_file_converts_to_the_source_models_numbers(nhwc_export, tmp_path, 
     path, model = nhwc_export
     dst = tmp_path / "from_nhwc.pth"
     code, out, err = run(capsys, "convert", str(path), str(dst), "--to", "torch")
-    assert code == 0, out + err
+    assert code == 0 and "note: input layout NHWC (a Transpose to NCHW at the input" in out, out
     net = build("book").eval()
     net.load_state_dict(torch.load(dst, weights_only=True))
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 1, SIZE, SIZE))

@@ -22,6 +22,13 @@ calls for an ONNX file) against our PyTorch model (subject_torch.reference), in 
    run again with the file's settings: if that agrees, the verdict is "same architecture,
    different BatchNorm settings".
 
+The input's layout is the graph's: where it reaches the first convolution through a Transpose
+to NCHW (perm [0, 3, 1, 2], as tf2onnx writes a Keras model, whether its optimizer left one
+Transpose at the input or a pair around every Conv and BatchNormalization), the file's input is
+NHWC: its fixed shape is read as such, onnxruntime is fed the reference's NCHW input transposed,
+and the report says the layout. Every compared output is NCHW whatever the layout around it
+(ONNX's Conv and BatchNormalization compute in NCHW).
+
 An ONNX file is an inference graph: there is no train step to compare.
 """
 from __future__ import annotations
@@ -91,16 +98,6 @@ def _input_shape(shape, config, size: Optional[int], perm=None):
     return fixed[0] or BATCH, fixed[2] or default, fixed[3] or default
 
 
-def layout_note(perm) -> Optional[str]:
-    """What the check says of an input that is not NCHW (None for an NCHW one)."""
-    layout = formats.format_onnx.layout_name(perm)
-    if not layout or layout == "NCHW":
-        return None
-    return (f"input layout {layout} (a Transpose to NCHW at the input, perm {list(perm)}): "
-            f"onnxruntime is fed our model's NCHW input transposed to {layout}; the weights and "
-            "every compared output are NCHW (ONNX's Conv and BatchNormalization are)")
-
-
 def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int = 0,
                progress=None) -> Report:
     """The check's Report for an ONNX file, read once (``formats.load``: its graph's layers
@@ -120,21 +117,19 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
     perm = info.get("input_perm")
     batch, height, width = _input_shape(info["input_shape"], config, size, perm)
     nchw = list(spec.input_shape(config, batch, height, width))
-    to_file = [int(k) for k in np.argsort(perm)] if layout_note(perm) else None
+    layout = formats.format_onnx.layout_name(perm)
+    to_file = [int(k) for k in np.argsort(perm)] if layout not in ("", "NCHW") else None
     ops = ", ".join(f"{n} {k}" for k, n in sorted(info["ops"].items(), key=lambda kv: -kv[1]))
     report = Report(FRAMEWORK, "", f"{path} ({info['producer'] or 'unknown producer'}, "
                     f"opset {info['opset'].get('ai.onnx', '?')})", config.name, config.to_dict(),
                     [nchw[k] for k in to_file] if to_file else nchw, rows, totals,
                     weights="the file's own", reference="onnxruntime against our PyTorch model",
-                    layout=(f"{formats.format_onnx.layout_name(perm)}, a Transpose to NCHW at the "
-                            "input") if to_file else "")
-    if layout_note(perm):
-        report.notes.append(layout_note(perm))
+                    layout=f"{layout}, a Transpose to NCHW at the input" if to_file else "")
     if info["external_data"]:
         report.notes.append(f"weights read from the external data file(s) "
                             f"{', '.join(info['external_data'])} beside the model")
     report.notes.append(f"graph: {ops}")
-    report.notes += loaded.notes  # the BatchNorms an exporter folded
+    report.notes += loaded.notes  # an NHWC input, the BatchNorms an exporter folded
     if not m.ok:
         report.structure = str(m.difference)
         report.cause = likely_structural_cause(config, m.difference)
@@ -208,7 +203,8 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
                                               {c: v["foreign"] for c, v in read_u.items()}, FRAMEWORK)
     report.notes.append(f"numbers: onnxruntime {ort.__version__} (CPU), the file's weights in "
                         "our PyTorch model, eval mode (an ONNX file is an inference graph: no "
-                        "train step)")
+                        "train step)" + (f"; the file is fed our model's NCHW input transposed "
+                                         f"to {layout}" if to_file else ""))
     eps = {d["module"]: d for d in report.bn_settings if d["setting"] == "epsilon"}
     if report.first and report.first["module"] in eps:  # the difference is the setting's
         d = eps[report.first["module"]]

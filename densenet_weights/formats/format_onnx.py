@@ -14,7 +14,9 @@ the file's folder.
 
 ``load`` reads the file once and matches it (``match_onnx``): BatchNorms an exporter folded into
 the convolution before them are put back as identity BatchNorms (``unfold_batchnorm``) and said
-in the notes (``folded_words``); the preset our exports record (``onnx_preset``) is used when
+in the notes (``folded_words``), as is an input that is NHWC (a Transpose to NCHW before the
+first convolution, as tf2onnx writes a Keras model: ``info["input_layout"]``, ``layout_words``;
+another layout is refused); the preset our exports record (``onnx_preset``) is used when
 none is given; each matched BatchNormalization node's settings are kept. ONNX is read only:
 ``densenet_parity.export`` writes it, with torch.onnx.
 """
@@ -310,6 +312,13 @@ def layout_name(perm: Optional[List[int]]) -> str:
     return "".join("NCHW"[k] for k in np.argsort(perm))
 
 
+def layout_words(perm: List[int]) -> str:
+    """The note for an input that is not NCHW (``_input_perm``'s perm)."""
+    return (f"input layout {layout_name(perm)} (a Transpose to NCHW at the input, perm "
+            f"{list(perm)}): the weights are those of the NCHW network after it (ONNX's Conv and "
+            "BatchNormalization are NCHW); our models take the same images as NCHW")
+
+
 def no_weights(path) -> str:
     """What an ONNX file with no weight-carrying node is told."""
     return (f"{path}: an ONNX model without Conv, BatchNormalization or Gemm weights (not a "
@@ -479,9 +488,10 @@ def load(path, preset=None, **options) -> Loaded:
     recorded = onnx_preset(info)
     m, folded, mine = match_onnx(layers, preset if preset is not None else recorded, **options)
     tensors = OrderedDict((n, a) for g in mine for n, a in g.tensors.values())
+    notes = ([layout_words(info["input_perm"])] if info["input_layout"] not in ("", "NCHW")
+             else []) + ([folded_words(folded)] if folded else [])
     return Loaded(path, FORMAT, LAYOUT, tensors, m, recorded, folded,
-                  node_settings(layers, m.mapping), [folded_words(folded)] if folded else [],
-                  info, layers, model)
+                  node_settings(layers, m.mapping), notes, info, layers, model)
 
 
 def node_settings(layers: List[OnnxLayer], mapping: Dict[str, str]) -> Dict[str, dict]:
