@@ -358,12 +358,15 @@ def nhwc_export(tmp_path_factory):
     return path, model
 
 
-def _unoptimised_tf2onnx(src, dst):
+def _unoptimised_tf2onnx(src, dst, keras3=False):
     """(b) an unoptimised tf2onnx graph, from our NCHW export: the input NHWC; a Transpose to
     NCHW before every Conv, BatchNormalization and pool and one back to NHWC after it (a conv
     feeding its BatchNorm through the pair); Relu in NHWC, Concat on axis 3, ReduceMean over
     axes [1, 2] without keepdims; each conv kernel a Transpose of an HWIO constant; Keras' head,
-    MatMul with an [in, out] kernel + Add. Returns the rewritten file."""
+    MatMul with an [in, out] kernel + Add. ``keras3``: as Keras 3's ONNX export (torch backend)
+    writes it: every BatchNorm but norm0 elementwise on the NHWC tensor, Sub(mean),
+    Mul(scale / sqrt(var + eps)), Add(shift), a Cast after each, and a Softmax after the logits.
+    Returns the rewritten file."""
     from onnx import helper, numpy_helper
     m = onnx.load(str(src))
     g = m.graph
@@ -376,8 +379,22 @@ def _unoptimised_tf2onnx(src, dst):
     g.input.insert(0, helper.make_tensor_value_info(x_name, onnx.TensorProto.FLOAT,
                                                     [n_, h_, w_, c_]))
     nodes, nchw_ops = [], ("Conv", "BatchNormalization", "MaxPool", "AveragePool")
+    def cast(value):  # Keras 3's torch export puts a Cast (to float) after most ops
+        nodes.append(helper.make_node("Cast", [value], [f"{value}_cast"], to=1))
+        return f"{value}_cast"
+
+    first_bn = next(n for n in g.node if n.op_type == "BatchNormalization")
     for k, node in enumerate(g.node):
-        if node.op_type in nchw_ops:
+        if keras3 and node.op_type == "BatchNormalization" and node is not first_bn:
+            scale, shift, mean, var = (numpy_helper.to_array(inits[i]) for i in node.input[1:])
+            eps = next(a.f for a in node.attribute if a.name == "epsilon")
+            for name, a in ((f"bn{k}_mean", mean), (f"bn{k}_scale", scale / np.sqrt(var + eps)),
+                            (f"bn{k}_shift", shift)):
+                g.initializer.append(numpy_helper.from_array(a.astype(np.float32), name))
+            nodes.append(helper.make_node("Sub", [node.input[0], f"bn{k}_mean"], [f"bn{k}_c"]))
+            nodes.append(helper.make_node("Mul", [cast(f"bn{k}_c"), f"bn{k}_scale"], [f"bn{k}_s"]))
+            nodes.append(helper.make_node("Add", [cast(f"bn{k}_s"), f"bn{k}_shift"], node.output))
+        elif node.op_type in nchw_ops:
             inner_in, inner_out = f"t{k}_in", f"t{k}_out"
             nodes.append(helper.make_node("Transpose", [node.input[0]], [inner_in],
                                           perm=[0, 3, 1, 2]))
@@ -402,8 +419,12 @@ def _unoptimised_tf2onnx(src, dst):
         elif node.op_type == "Gemm":
             w = numpy_helper.to_array(inits[node.input[1]])  # [out, in] (transB=1)
             g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), "dense_kernel"))
-            nodes += [helper.make_node("MatMul", [node.input[0], "dense_kernel"], ["dense_mm"]),
-                      helper.make_node("Add", ["dense_mm", node.input[2]], node.output)]
+            nodes.append(helper.make_node("MatMul", [node.input[0], "dense_kernel"], ["dense_mm"]))
+            if keras3:
+                nodes += [helper.make_node("Add", [cast("dense_mm"), node.input[2]], ["dense"]),
+                          helper.make_node("Softmax", [cast("dense")], node.output, axis=-1)]
+            else:
+                nodes.append(helper.make_node("Add", ["dense_mm", node.input[2]], node.output))
         else:
             assert node.op_type in ("Relu", "Reshape", "Constant"), node.op_type
             nodes.append(node)
@@ -415,20 +436,27 @@ def _unoptimised_tf2onnx(src, dst):
     return dst
 
 
-@pytest.fixture(scope="module")
-def tf2onnx_style(book_export, tmp_path_factory):
-    """(b), proven first: the rewritten file computes in onnxruntime what our export does on
-    the same input transposed to NHWC."""
-    src, _ = book_export
-    dst = _unoptimised_tf2onnx(src, tmp_path_factory.mktemp("tf2onnx") / "keras_like.onnx")
+def _proven_rewrite(src, dst, keras3=False):
+    """The rewrite, proven first: it computes in onnxruntime what our export does on the same
+    input transposed to NHWC (``keras3``: the softmax of it)."""
+    dst = _unoptimised_tf2onnx(src, dst, keras3)
     x = np.random.default_rng(5).standard_normal((1, 1, SIZE, SIZE)).astype(np.float32)
     run_file = lambda p, a: ort.InferenceSession(  # noqa: E731
         str(p), providers=["CPUExecutionProvider"]).run(None, {"x": a})[0]
     want, got = run_file(src, x), run_file(dst, np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    if keras3:
+        want = np.exp(want - want.max()) / np.exp(want - want.max()).sum()
     assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want)), "the rewrite is wrong"
     ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
     assert {"Transpose", "MatMul"} <= ops and "Gemm" not in ops
+    assert (ops >= {"Sub", "Mul", "Cast", "Softmax"}) == keras3
     return dst
+
+
+@pytest.fixture(scope="module")
+def tf2onnx_style(book_export, tmp_path_factory):
+    """(b), proven in onnxruntime."""
+    return _proven_rewrite(book_export[0], tmp_path_factory.mktemp("tf2onnx") / "tf2onnx.onnx")
 
 
 def test_nhwc_file_is_the_same_network_with_its_layout_said(nhwc_export, capsys):
@@ -497,3 +525,30 @@ def test_an_input_transpose_to_another_layout_is_one_clear_error(nhwc_export, tm
         assert code == 2 and "Traceback" not in err, (argv, out + err)
         assert "through Transpose perm [0, 3, 2, 1]: an input laid out NWHC" in err, err
         assert "NHWC (a Transpose with perm [0, 3, 1, 2] first" in err, err
+
+
+def test_keras3_export_style_elementwise_batchnorms_and_softmax(book_export, tmp_path):
+    """Keras 3's ONNX export (torch backend; docs/onnx.md has a real DenseNet-121's): BatchNorms
+    as Sub, Mul, Add on the NHWC tensor (their epsilon and variance in the scale) are read as
+    BatchNorms, the logits before the Softmax are compared: the same network. One
+    concatenation's order swapped is named at the (elementwise) BatchNorm after it: its NHWC
+    output is compared as NCHW."""
+    src, _ = book_export
+    path = _proven_rewrite(src, tmp_path / "keras3.onnx", keras3=True)
+    report = check_weights(str(path))
+    text = report.render()
+    assert report.same and report.preset == "book", text
+    assert "the file ends in a Softmax" in text and "input layout NHWC" in text
+    state, _ = convert.read_checkpoint(str(path))
+    want = random_state(spec.make_config("book"), 0)
+    convs = [k for k in want if ".conv" in k or k.startswith("classifier")]
+    assert all(np.array_equal(state[k], want[k]) for k in convs)
+    m = onnx.load(str(path))  # a porting bug: one concatenation's order swapped
+    concat = [n for n in m.graph.node if n.op_type == "Concat"][5]  # denseblock2.denselayer2's
+    concat.input[:] = list(concat.input)[::-1]
+    onnx.save(m, str(tmp_path / "keras3_bad.onnx"))
+    report = check_weights(str(tmp_path / "keras3_bad.onnx"))
+    first = report.first
+    assert report.verdict == "different", report.render()
+    assert first["module"] == "features.denseblock2.denselayer3.norm1", report.render()
+    assert "Sub+Mul+Add" in first["foreign"] and 0 < first["rel"] < 10, report.render()

@@ -157,8 +157,12 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
         conv = spec.canonical_modules(config)[i - 1][0]
         if conv in outputs_u:
             outputs_u[bn] = outputs_u.pop(conv)
+    logits_name = info.get("softmax_of") or info["outputs"][0]
+    if info.get("softmax_of"):
+        report.notes.append(f"the file ends in a Softmax (Keras' classifier_activation="
+                            f"'softmax'): its input '{logits_name}', the logits, is compared")
     try:  # the graph as read (external data loaded), with the matched nodes' outputs added
-        session = _session(loaded.model, list(outputs_u.values()))
+        session = _session(loaded.model, list(outputs_u.values()) + [logits_name])
         names = [o.name for o in session.get_outputs()]
         feed = np.ascontiguousarray(x.transpose(to_file)) if to_file else x
         got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: feed})))
@@ -167,7 +171,10 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
         report.error = (f"onnxruntime {ort.__version__} cannot run the file: "
                         f"{lines[0] if lines else type(e).__name__}")
         return report
-    logits = got[info["outputs"][0]]
+    for g in layers:  # a BatchNorm written as elementwise ops on an NHWC tensor
+        if g.output_perm and g.output in got and np.ndim(got[g.output]) == 4:
+            got[g.output] = np.ascontiguousarray(np.transpose(got[g.output], g.output_perm))
+    logits = got[logits_name]
     report.output_shape = list(np.shape(logits))
     order = [c for c, _, _ in spec.canonical_modules(config)]
     reference_modules = [c for c in order if c in outputs_u]
@@ -185,7 +192,7 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
                 config, order, outputs_u, {c: c for c in reference_modules}, got,
                 out["outputs"], EVAL_RTOL, "eval") or {
                 "mode": "eval", "module": "classifier", "stage": "head",
-                "foreign": info["outputs"][0], "rel": rel,
+                "foreign": logits_name, "rel": rel,
                 "max_abs": float(np.max(np.abs(np.asarray(logits, np.float64) - out["logits"]))),
                 "convention": convention(config, "classifier", "dense", logits,
                                          out["logits"], "eval")}
@@ -199,6 +206,15 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
         if cmod in read_r:
             read_u.setdefault(cmod, dict(read_r[cmod], foreign="", training_mode=0,
                                          as_written="folded into the convolution before it"))
+    elementwise = {g.module for g in layers if g.op in (formats.format_onnx.DECOMPOSED_BN,
+                                                        formats.format_onnx.SCALE_SHIFT_BN)}
+    for cmod, fname in m.mapping.items():  # no epsilon or momentum in the file: none differ
+        if cmod.endswith(".running_mean") and fname.rsplit(".", 1)[0] in elementwise:
+            cmod = cmod.rsplit(".", 1)[0]
+            if cmod in read_r:
+                read_u.setdefault(cmod, dict(
+                    read_r[cmod], foreign=fname.rsplit(".", 1)[0], training_mode=0,
+                    as_written="elementwise ops: its epsilon and variance are in the scale"))
     report.bn_settings = bn_words.differences(config, read_u, read_r,
                                               {c: v["foreign"] for c, v in read_u.items()}, FRAMEWORK)
     report.notes.append(f"numbers: onnxruntime {ort.__version__} (CPU), the file's weights in "
