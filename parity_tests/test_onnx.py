@@ -539,6 +539,7 @@ def test_keras3_export_style_elementwise_batchnorms_and_softmax(book_export, tmp
     text = report.render()
     assert report.same and report.preset == "book", text
     assert "the file ends in a Softmax" in text and "input layout NHWC" in text
+    assert "20 BatchNorm(s) (denseblock1.denselayer1.norm1, " in text, text
     state, _ = convert.read_checkpoint(str(path))
     want = random_state(spec.make_config("book"), 0)
     convs = [k for k in want if ".conv" in k or k.startswith("classifier")]

@@ -586,8 +586,12 @@ def load(path, preset=None, **options) -> Loaded:
     recorded = onnx_preset(info)
     m, folded, mine = match_onnx(layers, preset if preset is not None else recorded, **options)
     tensors = OrderedDict((n, a) for g in mine for n, a in g.tensors.values())
+    elementwise = {g.module for g in layers if g.op in (DECOMPOSED_BN, SCALE_SHIFT_BN)}
+    written = [c.rsplit(".", 1)[0] for c, f in m.mapping.items()
+               if c.endswith(".running_var") and f.rsplit(".", 1)[0] in elementwise]
     notes = ([layout_words(info["input_perm"])] if info["input_layout"] not in ("", "NCHW")
-             else []) + ([folded_words(folded)] if folded else [])
+             else []) + ([folded_words(folded)] if folded else []) + (
+        [elementwise_words(written)] if written else [])
     return Loaded(path, FORMAT, LAYOUT, tensors, m, recorded, folded,
                   node_settings(layers, m.mapping), notes, info, layers, model)
 
@@ -607,6 +611,16 @@ def node_settings(layers: List[OnnxLayer], mapping: Dict[str, str]) -> Dict[str,
                     "momentum": float(g.attributes["momentum"]), "node": g.node,
                     "training_mode": int(g.attributes.get("training_mode", 0))}
     return out
+
+
+def elementwise_words(modules: List[str]) -> str:
+    """The note for BatchNorms written as elementwise ops (canonical names)."""
+    short = [f[len("features."):] if f.startswith("features.") else f for f in modules]
+    listed = ", ".join(short[:3]) + (f" and {len(short) - 3} more" if len(short) > 3 else "")
+    return (f"BatchNorm written as elementwise ops (Sub, Mul, Add) by the exporter: "
+            f"{len(modules)} BatchNorm(s) ({listed}) are read with the file's scale "
+            "(gamma / sqrt(variance + eps)) as their weight and variance 1 - eps: eval mode "
+            "computes the same; their own variance and epsilon are not in the file")
 
 
 def folded_words(folded: List[str]) -> str:
