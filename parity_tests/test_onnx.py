@@ -112,15 +112,16 @@ def _dims(path):
             for v in (m.graph.input[0], m.graph.output[0])], m
 
 
-def _torch_onnx(model, path, size, channels=1):
-    """What a user does: torch.onnx.export(..., dynamo=True) with its defaults (optimizer on)."""
+def _torch_onnx(model, path, size, channels=1, nhwc=False):
+    """What a user does: torch.onnx.export(..., dynamo=True) with its defaults (optimizer on);
+    ``nhwc``: the model takes (N, H, W, C) (a Transpose to NCHW at the input)."""
     import contextlib
     import io
     import warnings
+    shape = (1, size, size, channels) if nhwc else (1, channels, size, size)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.zeros(1, channels, size, size),), str(path),
-                          dynamo=True)
+        torch.onnx.export(model.eval(), (torch.zeros(*shape),), str(path), dynamo=True)
     return path
 
 
@@ -283,8 +284,8 @@ def test_check_our_export_is_the_same_network(book_export, capsys):
     # its batch axis is symbolic: read as such, run at the check's batch
     assert "the file's input is batch x 1 x 32 x 32 (dynamic: batch): checked at 2x1x32x32" in out
     code, _, err = run(capsys, "check", str(dst), "--size", "48")
-    assert code == 2 and "the file's input is batch x 1 x 32 x 32, its height and width fixed: " \
-                         "--size 48 cannot run it" in err, err
+    assert code == 2 and "the file's input is batch x 1 x 32 x 32, its height and width fixed " \
+                         "(NCHW: 32x32 pixels): --size 48 cannot run it" in err, err
 
 
 def test_onnx_converts_losslessly_into_every_framework(book_export, tmp_path, capsys):
@@ -489,3 +490,243 @@ def test_matmul_add_head_and_anonymous_initializers(book_export, tmp_path):
     state, _ = convert.read_checkpoint(str(path))
     want = random_state(spec.make_config("book"), 0)
     assert all(np.array_equal(state[k], want[k]) for k in want)
+
+
+# --- NHWC files: TensorFlow's layout, as tf2onnx writes a Keras model ---------------------------
+
+class _ChannelsLast(torch.nn.Module):
+    """A model that takes NHWC input: ``x.permute(0, 3, 1, 2)``, then the NCHW network."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def nhwc_export(tmp_path_factory):
+    """(a) what tf2onnx's optimizer leaves of a conv net: one Transpose at the input, then an
+    NCHW body. The book (random_state seed 0) behind a permute, torch.onnx's defaults (its
+    optimizer folds norm0); the source model too."""
+    from densenet_torch import build
+    from densenet_torch.state import load_state
+    cfg = spec.make_config("book")
+    net = build(cfg)
+    load_state(net, random_state(cfg, 0))
+    model = _ChannelsLast(net).eval()
+    path = _torch_onnx(model, tmp_path_factory.mktemp("nhwc") / "nhwc.onnx", SIZE, nhwc=True)
+    return path, model
+
+
+def _unoptimised_tf2onnx(src, dst, keras3=False):
+    """(b) an unoptimised tf2onnx graph, from our NCHW export: the input NHWC; a Transpose to
+    NCHW before every Conv, BatchNormalization and pool and one back to NHWC after it (a conv
+    feeding its BatchNorm through the pair); Relu in NHWC, Concat on axis 3, ReduceMean over
+    axes [1, 2] without keepdims; each conv kernel a Transpose of an HWIO constant; Keras' head,
+    MatMul with an [in, out] kernel + Add. ``keras3``: as Keras 3's ONNX export (torch backend)
+    writes it: every BatchNorm but norm0 elementwise on the NHWC tensor, Sub(mean),
+    Mul(scale / sqrt(var + eps)), Add(shift), a Cast after each, and a Softmax after the logits.
+    Returns the rewritten file."""
+    from onnx import helper, numpy_helper
+    m = onnx.load(str(src))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    # our export's batch axis is dynamic: its flatten reads the batch from Shape nodes. tf2onnx
+    # writes a constant shape, [-1, features]: so here, and the Shape nodes go unused.
+    features = next(numpy_helper.to_array(inits[n.input[1]]).shape[1] for n in g.node
+                    if n.op_type == "Gemm")
+    g.initializer.append(numpy_helper.from_array(np.array([-1, features], np.int64), "flat_shape"))
+    for node in g.node:
+        if node.op_type == "Reshape":
+            node.input[1] = "flat_shape"
+    used, live = {o.name for o in g.output}, []
+    for node in reversed(list(g.node)):
+        if any(o in used for o in node.output):
+            live.append(node)
+            used.update(node.input)
+    del g.node[:]
+    g.node.extend(reversed(live))
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    x = g.input[0]
+    n_, c_, h_, w_ = (d.dim_value or d.dim_param for d in x.type.tensor_type.shape.dim)
+    x_name = x.name
+    g.input.remove(x)
+    g.input.insert(0, helper.make_tensor_value_info(x_name, onnx.TensorProto.FLOAT,
+                                                    [n_, h_, w_, c_]))
+    nodes, nchw_ops = [], ("Conv", "BatchNormalization", "MaxPool", "AveragePool")
+    def cast(value):  # Keras 3's torch export puts a Cast (to float) after most ops
+        nodes.append(helper.make_node("Cast", [value], [f"{value}_cast"], to=1))
+        return f"{value}_cast"
+
+    first_bn = next(n for n in g.node if n.op_type == "BatchNormalization")
+    for k, node in enumerate(g.node):
+        if keras3 and node.op_type == "BatchNormalization" and node is not first_bn:
+            scale, shift, mean, var = (numpy_helper.to_array(inits[i]) for i in node.input[1:])
+            eps = next(a.f for a in node.attribute if a.name == "epsilon")
+            for name, a in ((f"bn{k}_mean", mean), (f"bn{k}_scale", scale / np.sqrt(var + eps)),
+                            (f"bn{k}_shift", shift)):
+                g.initializer.append(numpy_helper.from_array(a.astype(np.float32), name))
+            nodes.append(helper.make_node("Sub", [node.input[0], f"bn{k}_mean"], [f"bn{k}_c"]))
+            nodes.append(helper.make_node("Mul", [cast(f"bn{k}_c"), f"bn{k}_scale"], [f"bn{k}_s"]))
+            nodes.append(helper.make_node("Add", [cast(f"bn{k}_s"), f"bn{k}_shift"], node.output))
+        elif node.op_type in nchw_ops:
+            inner_in, inner_out = f"t{k}_in", f"t{k}_out"
+            nodes.append(helper.make_node("Transpose", [node.input[0]], [inner_in],
+                                          perm=[0, 3, 1, 2]))
+            if node.op_type == "Conv":
+                w = numpy_helper.to_array(inits[node.input[1]])
+                g.initializer.remove(inits[node.input[1]])
+                g.initializer.append(numpy_helper.from_array(
+                    np.ascontiguousarray(w.transpose(2, 3, 1, 0)), f"{node.input[1]}_hwio"))
+                nodes.append(helper.make_node("Transpose", [f"{node.input[1]}_hwio"],
+                                              [node.input[1]], perm=[3, 2, 0, 1]))
+            out = node.output[0]
+            node.input[0], node.output[0] = inner_in, inner_out
+            nodes += [node, helper.make_node("Transpose", [inner_out], [out], perm=[0, 2, 3, 1])]
+        elif node.op_type == "Concat":
+            node.attribute.remove(next(a for a in node.attribute if a.name == "axis"))
+            node.attribute.append(helper.make_attribute("axis", 3))
+            nodes.append(node)
+        elif node.op_type == "ReduceMean":
+            g.initializer.append(numpy_helper.from_array(np.array([1, 2], np.int64), "axes_hw"))
+            nodes.append(helper.make_node("ReduceMean", [node.input[0], "axes_hw"],
+                                          node.output, keepdims=0))
+        elif node.op_type == "Gemm":
+            w = numpy_helper.to_array(inits[node.input[1]])  # [out, in] (transB=1)
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), "dense_kernel"))
+            nodes.append(helper.make_node("MatMul", [node.input[0], "dense_kernel"], ["dense_mm"]))
+            if keras3:
+                nodes += [helper.make_node("Add", [cast("dense_mm"), node.input[2]], ["dense"]),
+                          helper.make_node("Softmax", [cast("dense")], node.output, axis=-1)]
+            else:
+                nodes.append(helper.make_node("Add", ["dense_mm", node.input[2]], node.output))
+        else:
+            assert node.op_type in ("Relu", "Reshape", "Constant"), node.op_type
+            nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    assert not consts or all(c in {i for n in nodes for i in n.input} for c in consts)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def _proven_rewrite(src, dst, keras3=False):
+    """The rewrite, proven first: it computes in onnxruntime what our export does on the same
+    input transposed to NHWC (``keras3``: the softmax of it)."""
+    dst = _unoptimised_tf2onnx(src, dst, keras3)
+    x = np.random.default_rng(5).standard_normal((1, 1, SIZE, SIZE)).astype(np.float32)
+    run_file = lambda p, a: ort.InferenceSession(  # noqa: E731
+        str(p), providers=["CPUExecutionProvider"]).run(None, {"x": a})[0]
+    want, got = run_file(src, x), run_file(dst, np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    if keras3:
+        want = np.exp(want - want.max()) / np.exp(want - want.max()).sum()
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want)), "the rewrite is wrong"
+    ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert {"Transpose", "MatMul"} <= ops and "Gemm" not in ops
+    assert (ops >= {"Sub", "Mul", "Cast", "Softmax"}) == keras3
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tf2onnx_style(book_export, tmp_path_factory):
+    """(b), proven in onnxruntime."""
+    return _proven_rewrite(book_export[0], tmp_path_factory.mktemp("tf2onnx") / "tf2onnx.onnx")
+
+
+def test_nhwc_file_is_the_same_network_with_its_layout_said(nhwc_export, capsys):
+    """(a) The check reads the layout from the graph, runs the file at its own NHWC shape (not
+    "64x3 is too small"), feeds onnxruntime NHWC data and says so; --size as the file's works,
+    another is one clear usage error naming the layout."""
+    path, _ = nhwc_export
+    code, out, err = run(capsys, "check", str(path))
+    assert code == 0, out + err
+    assert "Verdict: same network." in out and "too small" not in out + err
+    assert f"input 1x{SIZE}x{SIZE}x1 (NHWC, a Transpose to NCHW at the input)" in out
+    assert "note: input layout NHWC (a Transpose to NCHW at the input" in out
+    assert "the file is fed our model's NCHW input transposed to NHWC" in out
+    assert "(norm0)" in out  # torch.onnx's optimizer folded it; still found
+    code, out, _ = run(capsys, "check", str(path), "--size", str(SIZE))
+    assert code == 0 and "Verdict: same network." in out, out
+    code, out, err = run(capsys, "check", str(path), "--size", str(2 * SIZE))
+    assert code == 2 and "Traceback" not in err, out + err
+    assert f"input is 1x{SIZE}x{SIZE}x1, its height and width fixed (NHWC: {SIZE}x{SIZE} pixels): --size {2 * SIZE}" in err
+
+
+def test_nhwc_file_converts_to_the_source_models_numbers(nhwc_export, tmp_path, capsys):
+    """`densenet convert` of the NHWC file: our PyTorch model with the weights it wrote (norm0
+    put back as an identity BatchNorm) computes on NCHW input what the source model computes on
+    the same input as NHWC."""
+    from densenet_torch import build
+    path, model = nhwc_export
+    dst = tmp_path / "from_nhwc.pth"
+    code, out, err = run(capsys, "convert", str(path), str(dst), "--to", "torch")
+    assert code == 0 and "note: input layout NHWC (a Transpose to NCHW at the input" in out, out
+    net = build("book").eval()
+    net.load_state_dict(torch.load(dst, weights_only=True))
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 1, SIZE, SIZE))
+                         .astype(np.float32))
+    with torch.no_grad():
+        want, got = model(x.permute(0, 2, 3, 1)).numpy(), net(x).numpy()
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+
+
+def test_unoptimised_tf2onnx_graph_is_the_same_network(tf2onnx_style, capsys):
+    """(b) Transposes around every Conv, BatchNorm and pool, NHWC Concat and ReduceMean, kernels
+    transposed from HWIO, a MatMul head: the same network, norm0 found behind the conv's
+    Transpose pair (not "folded"), and every weight back in PyTorch's layout bit for bit."""
+    report = check_weights(str(tf2onnx_style))
+    text = report.render()
+    assert report.same and report.preset == "book", text
+    assert "folded" not in text and "input layout NHWC (a Transpose to NCHW" in text
+    assert report.input_shape[1:] == [SIZE, SIZE, 1]  # the batch axis is dynamic
+    state, _ = convert.read_checkpoint(str(tf2onnx_style))
+    want = random_state(spec.make_config("book"), 0)
+    assert set(state) == set(want) and all(np.array_equal(state[k], want[k]) for k in want)
+
+
+def test_an_input_transpose_to_another_layout_is_one_clear_error(nhwc_export, tmp_path, capsys):
+    """A Transpose at the input whose perm makes neither NCHW nor NHWC (here the input's height
+    and width swapped: NWHC) is refused by check and convert, naming what it found and what is
+    read."""
+    src, _ = nhwc_export
+    m = onnx.load(str(src))
+    [t] = [n for n in m.graph.node if n.op_type == "Transpose"]
+    t.attribute[0].ints[:] = [0, 3, 2, 1]
+    bad = tmp_path / "nwhc.onnx"
+    onnx.save(m, str(bad))
+    for argv in (("check", bad), ("convert", bad, tmp_path / "x.pth", "--to", "torch")):
+        code, out, err = run(capsys, *map(str, argv))
+        assert code == 2 and "Traceback" not in err, (argv, out + err)
+        assert "through Transpose perm [0, 3, 2, 1]: an input laid out NWHC" in err, err
+        assert "NHWC (a Transpose with perm [0, 3, 1, 2] first" in err, err
+
+
+def test_keras3_export_style_elementwise_batchnorms_and_softmax(book_export, tmp_path):
+    """Keras 3's ONNX export (torch backend; docs/onnx.md has a real DenseNet-121's): BatchNorms
+    as Sub, Mul, Add on the NHWC tensor (their epsilon and variance in the scale) are read as
+    BatchNorms, the logits before the Softmax are compared: the same network. One
+    concatenation's order swapped is named at the (elementwise) BatchNorm after it: its NHWC
+    output is compared as NCHW."""
+    src, _ = book_export
+    path = _proven_rewrite(src, tmp_path / "keras3.onnx", keras3=True)
+    report = check_weights(str(path))
+    text = report.render()
+    assert report.same and report.preset == "book", text
+    assert "the file ends in a Softmax" in text and "input layout NHWC" in text
+    assert "20 BatchNorm(s) (denseblock1.denselayer1.norm1, " in text, text
+    state, _ = convert.read_checkpoint(str(path))
+    want = random_state(spec.make_config("book"), 0)
+    convs = [k for k in want if ".conv" in k or k.startswith("classifier")]
+    assert all(np.array_equal(state[k], want[k]) for k in convs)
+    m = onnx.load(str(path))  # a porting bug: one concatenation's order swapped
+    concat = [n for n in m.graph.node if n.op_type == "Concat"][5]  # denseblock2.denselayer2's
+    concat.input[:] = list(concat.input)[::-1]
+    onnx.save(m, str(tmp_path / "keras3_bad.onnx"))
+    report = check_weights(str(tmp_path / "keras3_bad.onnx"))
+    first = report.first
+    assert report.verdict == "different", report.render()
+    assert first["module"] == "features.denseblock2.denselayer3.norm1", report.render()
+    assert "Sub+Mul+Add" in first["foreign"] and 0 < first["rel"] < 10, report.render()

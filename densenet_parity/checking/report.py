@@ -38,6 +38,9 @@ class Report:
     #: the line of the user's code that built each layer the report names (the model's module
     #: -> 'FILE:LINE'; only layers the check saw built: densenet_spec.sites)
     built_at: Dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the input's layout where it is not NCHW (an ONNX file's NHWC input: ``input_shape`` is
+    #: then in that layout); "" for NCHW (or the MLP's (N, features))
+    layout: str = ""
 
     @property
     def same(self) -> bool:
@@ -73,7 +76,7 @@ class Report:
         fw = self.framework + (f" ({self.variant})" if self.framework == "flax" else "")
         lines = [f"densenet check: {self.model} ({fw}) against preset '{self.preset}', input "
                  f"{'x'.join(map(str, self.input_shape))} "
-                 f"({'NCHW' if len(self.input_shape) == 4 else '(N, features)'}), "
+                 f"({self.layout or ('NCHW' if len(self.input_shape) == 4 else '(N, features)')}), "
                  f"weights: {self.weights}", ""]
         rows = []
         for r in self.rows:

@@ -22,6 +22,13 @@ calls for an ONNX file) against our PyTorch model (subject_torch.reference), in 
    run again with the file's settings: if that agrees, the verdict is "same architecture,
    different BatchNorm settings".
 
+The input's layout is the graph's: where it reaches the first convolution through a Transpose
+to NCHW (perm [0, 3, 1, 2], as tf2onnx writes a Keras model, whether its optimizer left one
+Transpose at the input or a pair around every Conv and BatchNormalization), the file's input is
+NHWC: its fixed shape is read as such, onnxruntime is fed the reference's NCHW input transposed,
+and the report says the layout. Every compared output is NCHW whatever the layout around it
+(ONNX's Conv and BatchNormalization compute in NCHW).
+
 An ONNX file is an inference graph: there is no train step to compare.
 """
 from __future__ import annotations
@@ -73,16 +80,21 @@ def _session(model_proto, outputs: List[str]):
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _input_shape(shape, config, size: Optional[int]):
+def _input_shape(shape, config, size: Optional[int], perm=None):
     """(batch, height, width) to run the file at: its input's own where fixed (a different
-    ``size`` is a usage error), else the check's defaults."""
-    fixed = [d if isinstance(d, int) and d > 0 else None for d in (list(shape) + [None] * 4)[:4]]
+    ``size`` is a usage error), else the check's defaults. ``perm``: how the file's input axes
+    reach NCHW (``formats.format_onnx``'s ``input_perm``: ``[0, 3, 1, 2]`` for an NHWC input),
+    None or the identity for an NCHW one."""
+    dims = [d if isinstance(d, int) and d > 0 else None for d in (list(shape) + [None] * 4)[:4]]
+    fixed = [dims[k] for k in perm] if perm and len(shape) == 4 else dims  # NCHW order
     if config.family == "mlp":  # (N, features): no height or width
         return fixed[0] or BATCH, 0, 0
     default = size or (96 if config.name == "book" else 16 if config.stem == "cifar" else 64)
     if size is not None and any(d is not None and d != size for d in fixed[2:]):
-        raise CheckError(f"the file's input is {_dims(shape)}, its height and width fixed: "
-                         f"--size {size} cannot run it (leave --size out)")
+        layout = formats.format_onnx.layout_name(perm) or "NCHW"
+        raise CheckError(f"the file's input is {_dims(shape)}, its height and width fixed "
+                         f"({layout}: {fixed[2] or '?'}x{fixed[3] or '?'} pixels): --size {size} "
+                         f"cannot run it (leave --size out)")
     return fixed[0] or BATCH, fixed[2] or default, fixed[3] or default
 
 
@@ -109,12 +121,17 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
     m = loaded.match
     config = m.config
     rows, totals = structure._structure_rows(config, m, structure.file_tensors(loaded.tensors))
-    batch, height, width = _input_shape(info["input_shape"], config, size)
+    perm = info.get("input_perm")
+    batch, height, width = _input_shape(info["input_shape"], config, size, perm)
+    nchw = list(spec.input_shape(config, batch, height, width))
+    layout = formats.format_onnx.layout_name(perm)
+    to_file = [int(k) for k in np.argsort(perm)] if layout not in ("", "NCHW") else None
     ops = ", ".join(f"{n} {k}" for k, n in sorted(info["ops"].items(), key=lambda kv: -kv[1]))
     report = Report(FRAMEWORK, "", f"{path} ({info['producer'] or 'unknown producer'}, "
                     f"opset {info['opset'].get('ai.onnx', '?')})", config.name, config.to_dict(),
-                    list(spec.input_shape(config, batch, height, width)), rows, totals,
-                    weights="the file's own", reference="onnxruntime against our PyTorch model")
+                    [nchw[k] for k in to_file] if to_file else nchw, rows, totals,
+                    weights="the file's own", reference="onnxruntime against our PyTorch model",
+                    layout=f"{layout}, a Transpose to NCHW at the input" if to_file else "")
     if info["external_data"]:
         report.notes.append(f"weights read from the external data file(s) "
                             f"{', '.join(info['external_data'])} beside the model")
@@ -124,7 +141,7 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
                             f"{', '.join(symbolic)}): checked at "
                             f"{'x'.join(map(str, report.input_shape))}")
     report.notes.append(f"graph: {ops}")
-    report.notes += loaded.notes  # the BatchNorms an exporter folded
+    report.notes += loaded.notes  # an NHWC input, the BatchNorms an exporter folded
     if not m.ok:
         report.structure = str(m.difference)
         report.cause = likely_structural_cause(config, m.difference)
@@ -152,16 +169,24 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
         conv = spec.canonical_modules(config)[i - 1][0]
         if conv in outputs_u:
             outputs_u[bn] = outputs_u.pop(conv)
+    logits_name = info.get("softmax_of") or info["outputs"][0]
+    if info.get("softmax_of"):
+        report.notes.append(f"the file ends in a Softmax (Keras' classifier_activation="
+                            f"'softmax'): its input '{logits_name}', the logits, is compared")
     try:  # the graph as read (external data loaded), with the matched nodes' outputs added
-        session = _session(loaded.model, list(outputs_u.values()))
+        session = _session(loaded.model, list(outputs_u.values()) + [logits_name])
         names = [o.name for o in session.get_outputs()]
-        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x})))
+        feed = np.ascontiguousarray(x.transpose(to_file)) if to_file else x
+        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: feed})))
     except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: say, not a traceback
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         report.error = (f"onnxruntime {ort.__version__} cannot run the file: "
                         f"{lines[0] if lines else type(e).__name__}")
         return report
-    logits = got[info["outputs"][0]]
+    for g in layers:  # a BatchNorm written as elementwise ops on an NHWC tensor
+        if g.output_perm and g.output in got and np.ndim(got[g.output]) == 4:
+            got[g.output] = np.ascontiguousarray(np.transpose(got[g.output], g.output_perm))
+    logits = got[logits_name]
     report.output_shape = list(np.shape(logits))
     order = [c for c, _, _ in spec.canonical_modules(config)]
     reference_modules = [c for c in order if c in outputs_u]
@@ -179,7 +204,7 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
                 config, order, outputs_u, {c: c for c in reference_modules}, got,
                 out["outputs"], EVAL_RTOL, "eval") or {
                 "mode": "eval", "module": "classifier", "stage": "head",
-                "foreign": info["outputs"][0], "rel": rel,
+                "foreign": logits_name, "rel": rel,
                 "max_abs": float(np.max(np.abs(np.asarray(logits, np.float64) - out["logits"]))),
                 "convention": convention(config, "classifier", "dense", logits,
                                          out["logits"], "eval")}
@@ -193,11 +218,21 @@ def check_file(loaded: "formats.Loaded", size: Optional[int] = None, seed: int =
         if cmod in read_r:
             read_u.setdefault(cmod, dict(read_r[cmod], foreign="", training_mode=0,
                                          as_written="folded into the convolution before it"))
+    elementwise = {g.module for g in layers if g.op in (formats.format_onnx.DECOMPOSED_BN,
+                                                        formats.format_onnx.SCALE_SHIFT_BN)}
+    for cmod, fname in m.mapping.items():  # no epsilon or momentum in the file: none differ
+        if cmod.endswith(".running_mean") and fname.rsplit(".", 1)[0] in elementwise:
+            cmod = cmod.rsplit(".", 1)[0]
+            if cmod in read_r:
+                read_u.setdefault(cmod, dict(
+                    read_r[cmod], foreign=fname.rsplit(".", 1)[0], training_mode=0,
+                    as_written="elementwise ops: its epsilon and variance are in the scale"))
     report.bn_settings = bn_words.differences(config, read_u, read_r,
                                               {c: v["foreign"] for c, v in read_u.items()}, FRAMEWORK)
     report.notes.append(f"numbers: onnxruntime {ort.__version__} (CPU), the file's weights in "
                         "our PyTorch model, eval mode (an ONNX file is an inference graph: no "
-                        "train step)")
+                        "train step)" + (f"; the file is fed our model's NCHW input transposed "
+                                         f"to {layout}" if to_file else ""))
     eps = {d["module"]: d for d in report.bn_settings if d["setting"] == "epsilon"}
     if report.first and report.first["module"] in eps:  # the difference is the setting's
         d = eps[report.first["module"]]

@@ -14,7 +14,9 @@ the file's folder.
 
 ``load`` reads the file once and matches it (``match_onnx``): BatchNorms an exporter folded into
 the convolution before them are put back as identity BatchNorms (``unfold_batchnorm``) and said
-in the notes (``folded_words``); the preset our exports record (``onnx_preset``) is used when
+in the notes (``folded_words``), as is an input that is NHWC (a Transpose to NCHW before the
+first convolution, as tf2onnx writes a Keras model: ``info["input_layout"]``, ``layout_words``;
+another layout is refused); the preset our exports record (``onnx_preset``) is used when
 none is given; each matched BatchNormalization node's settings are kept. ONNX is read only:
 ``densenet_parity.export`` writes it, with torch.onnx.
 """
@@ -69,6 +71,19 @@ class OnnxLayer:
     attributes: Dict[str, object]
     output: str
     inputs: Tuple[str, ...]
+    #: the perm that puts ``output`` in NCHW where it is not (a BatchNorm written as elementwise
+    #: ops on an NHWC tensor: [0, 3, 1, 2]), else None
+    output_perm: Optional[List[int]] = None
+
+
+#: A BatchNorm written as elementwise operators with per-channel constants, as Keras 3's
+#: exporters and tf2onnx write an inference-mode BatchNormalization: (x - mean) * scale + shift,
+#: or x * scale + shift (the mean folded into the shift). Its epsilon and variance are folded
+#: into the scale.
+DECOMPOSED_BN = "Sub+Mul+Add"
+SCALE_SHIFT_BN = "Mul+Add"
+#: Operators a value passes unchanged in meaning (what a Conv feeds its BatchNorm through).
+_PASS = ("Identity", "Cast")
 
 
 def _onnx_model(path):
@@ -159,13 +174,32 @@ def _graph(path):
                     consts[node.output[0]] = (node.output[0], np.array(numpy_helper.to_array(a.t)))
         elif node.op_type == "Identity" and node.input and node.input[0] in consts:
             consts[node.output[0]] = consts[node.input[0]]
+        elif node.op_type == "Transpose" and node.input and node.input[0] in consts:
+            # an unoptimised tf2onnx graph: a Conv's OIHW kernel is Transpose(HWIO constant)
+            name, a = consts[node.input[0]]
+            consts[node.output[0]] = (name, np.transpose(a, _perm(node, a.ndim)))
     consumers: Dict[str, list] = {}
+    producer: Dict[str, object] = {}
     for node in g.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
+        for o in node.output:
+            producer[o] = node
     layers: List[OnnxLayer] = []
     used: set = set()
+    has_conv = any(n.op_type in ("Conv", "FusedConv") for n in g.node)
+    claimed: set = set()
     for index, node in enumerate(g.node):
+        decomposed = _decomposed_bn(node, consts, consumers, producer, has_conv, claimed)
+        if decomposed is not None:
+            module = _module_of(node, index, [], used)
+            used.add(module)
+            tensors, inputs, output, perm, mine = decomposed
+            claimed |= mine
+            op = DECOMPOSED_BN if node.op_type == "Sub" else SCALE_SHIFT_BN
+            layers.append(OnnxLayer(node.name or f"{op}_{index}", op, module, tensors,
+                                    {"epsilon": None, "momentum": None}, output, inputs, perm))
+            continue
         roles = ONNX_WEIGHT_INPUTS.get(node.op_type)
         if roles is None or node.input[:1] == [] or node.input[0] in consts:
             continue
@@ -187,19 +221,20 @@ def _graph(path):
                                                             if attrs.get("alpha", 1.0) != 1.0 else w))
             if "bias" in tensors and attrs.get("beta", 1.0) != 1.0:
                 tensors["bias"] = (tensors["bias"][0], tensors["bias"][1] * attrs["beta"])
-            nxt = consumers.get(output, [])
-            if node.op_type == "MatMul" and len(nxt) == 1 and nxt[0].op_type == "Add":
-                other = [i for i in nxt[0].input if i != output]
+            nxt, via = _next(output, consumers)  # Keras 3's torch export: MatMul, Cast, Add
+            if node.op_type == "MatMul" and nxt is not None and nxt.op_type == "Add":
+                other = [i for i in nxt.input if i != via]
                 if other and other[0] in consts:
                     tensors["bias"] = consts[other[0]]
-                    output = nxt[0].output[0]
+                    output = nxt.output[0]
         if node.op_type == "BatchNormalization":
             for k, v in ONNX_BN_DEFAULTS.items():
                 attrs.setdefault(k, v)
         module = _module_of(node, index, [n for n, _ in tensors.values()], used)
         used.add(module)
+        inputs = (_through_transposes(node.input[0], producer),) + tuple(node.input[1:])
         layers.append(OnnxLayer(node.name or f"{node.op_type}_{index}", node.op_type, module,
-                                tensors, attrs, output, tuple(node.input)))
+                                tensors, attrs, output, inputs))
     ops: Dict[str, int] = {}
     for node in g.node:
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
@@ -209,13 +244,177 @@ def _graph(path):
     if inputs:
         for d in inputs[0].type.tensor_type.shape.dim:
             shape.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?"))
+    perm = _input_perm(path, inputs[0].name, len(shape), consumers) if inputs else None
+    # a head that ends in a Softmax (Keras' classifier_activation): its input is the logits
+    last = producer.get(g.output[0].name) if g.output else None
+    while last is not None and last.op_type in _PASS:
+        last = producer.get(last.input[0])
+    logits = last.input[0] if last is not None and last.op_type == "Softmax" else None
     info = {"producer": f"{model.producer_name} {model.producer_version}".strip(),
             "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
             "external_data": files, "ops": ops,
             "input": inputs[0].name if inputs else "", "input_shape": shape,
+            "input_perm": perm, "input_layout": layout_name(perm), "softmax_of": logits,
             "outputs": [o.name for o in g.output],
             "metadata": {p.key: p.value for p in model.metadata_props}}
     return model, layers, info
+
+
+#: Operators that keep their input's layout (elementwise, or padding every axis as the layout
+#: it is in): a path from the graph's input to its first convolution may pass them (Keras'
+#: ZeroPadding2D is a Pad in NHWC before tf2onnx's Transpose; preprocessing is a Mul or Sub).
+LAYOUT_KEEPING = frozenset({"Identity", "Cast", "Pad", "Relu", "Clip", "Add", "Sub", "Mul",
+                            "Div", "Neg", "Abs", "Sqrt", "Exp", "Sigmoid", "Tanh", "LeakyRelu"})
+#: The input layouts read: PyTorch's (no Transpose) and TensorFlow's (a Transpose to NCHW first).
+READ_LAYOUTS = ("NCHW", "NHWC")
+
+
+def _perm(node, ndim: int) -> List[int]:
+    """A Transpose node's perm (ONNX's default: the axes reversed)."""
+    for a in node.attribute:
+        if a.name == "perm":
+            return [int(v) for v in a.ints]
+    return list(range(ndim))[::-1]
+
+
+def _compose(first: List[int], then: List[int]) -> List[int]:
+    """The perm of Transpose(Transpose(x, first), then): output axis i is x's axis
+    first[then[i]]."""
+    return [first[i] for i in then]
+
+
+def _next(value: str, consumers: Dict[str, list]):
+    """(the one node that consumes ``value``, past Identity and Cast; the value it reads), or
+    (None, value) where not exactly one does."""
+    for _ in range(8):
+        nxt = consumers.get(value, [])
+        if len(nxt) != 1:
+            return None, value
+        if nxt[0].op_type not in _PASS:
+            return nxt[0], value
+        value = nxt[0].output[0]
+    return None, value
+
+
+def _channel_const(node, consts, data: str):
+    """(the constant input's name, its values as a vector, its original rank) of a binary
+    elementwise node whose other input is ``data``, where the constant holds one value per
+    channel (a vector, or [C, 1, 1] / [1, C, 1, 1]); else None."""
+    if len(node.input) != 2 or data not in node.input:
+        return None
+    other = node.input[1] if node.input[0] == data else node.input[0]
+    if other not in consts or other == data:
+        return None
+    name, a = consts[other]
+    a = np.asarray(a)
+    if a.ndim == 0 or sum(d != 1 for d in a.shape) != 1 or a.size < 2:
+        return None
+    return name, np.ascontiguousarray(a.reshape(-1), dtype=np.float32), a.ndim
+
+
+def _decomposed_bn(node, consts, consumers, producer, has_conv, claimed=frozenset()):
+    """A BatchNorm written as per-channel elementwise ops starting at ``node``: Sub(x, mean),
+    Mul(scale), Add(shift), or Mul(x, scale), Add(shift) (``DECOMPOSED_BN``, ``SCALE_SHIFT_BN``;
+    Identity and Cast between them). Returns (tensors: weight = the scale, bias = the shift,
+    running_mean = the mean or 0, running_var = 1 - eps: the same function in eval mode; the
+    layer's inputs (its data traced back through Transposes, Identity and Cast); the Add's
+    output; the perm that makes that output NCHW) or None."""
+    if (node.op_type not in ("Sub", "Mul") or not node.input or node.input[0] in consts
+            or id(node) in claimed):  # the Mul of a Sub, Mul, Add already read
+        return None
+    data, steps, claimed = node.input[0], [], set()
+    current, reads = node, data
+    for op in (("Sub", "Mul", "Add") if node.op_type == "Sub" else ("Mul", "Add")):
+        if current is None or current.op_type != op:
+            return None
+        c = _channel_const(current, consts, reads)
+        if c is None or (op == "Sub" and current.input[0] != reads):
+            return None
+        steps.append(c)
+        claimed.add(id(current))
+        out = current.output[0]
+        current, reads = _next(out, consumers)
+    if len({len(c[1]) for c in steps}) != 1:
+        return None
+    ch = len(steps[0][1])
+    eps = ONNX_BN_DEFAULTS["epsilon"]
+    mean = steps[0] if node.op_type == "Sub" else None
+    scale, shift = steps[-2], steps[-1]
+    tensors: "OrderedDict[str, Tuple[str, np.ndarray]]" = OrderedDict([
+        ("weight", scale[:2]), ("bias", shift[:2]),
+        ("running_mean", mean[:2] if mean else (f"{scale[0]}.mean", np.zeros(ch, np.float32))),
+        ("running_var", (f"{scale[0]}.var", np.full(ch, 1 - eps, np.float32)))])
+    # a vector constant broadcasts over the last axis: in a conv net the data is NHWC there
+    perm = [0, 3, 1, 2] if has_conv and scale[2] == 1 else None
+    return tensors, (_through_transposes(data, producer, any_perm=True),), out, perm, claimed
+
+
+def _through_transposes(value: str, producer: Dict[str, object], any_perm: bool = False) -> str:
+    """The value a chain of Transpose (and Identity) nodes ending at ``value`` starts from,
+    where the chain's perms compose to no change at all (tf2onnx's pair around a Conv: a
+    Transpose to NHWC after it, one back to NCHW before the BatchNorm that follows), else
+    ``value`` itself: so a Conv feeding a BatchNorm through such a pair still feeds it.
+    ``any_perm``: through any Transposes (a BatchNorm written as per-channel elementwise ops
+    reads its conv's output in NHWC, one Transpose after the conv)."""
+    chain, v = [], value
+    while v in producer and producer[v].op_type in ("Transpose",) + _PASS and producer[v].input:
+        chain.append(producer[v])
+        v = producer[v].input[0]
+    best, perm = value, None
+    for k, node in enumerate(chain):  # from ``value`` back towards the source
+        if node.op_type == "Transpose":
+            p = _perm(node, len(perm) if perm else 4)
+            perm = p if perm is None else _compose(p, perm)
+        if any_perm or perm is None or perm == sorted(perm):
+            best = node.input[0]
+    return best
+
+
+def _input_perm(path, name: str, ndim: int, consumers: Dict[str, list]) -> Optional[List[int]]:
+    """How the graph's input reaches its first convolution: the perm of the Transposes on the
+    way (composed; ``[0, 1, 2, 3]``: none, the input is NCHW; ``[0, 3, 1, 2]``: the input is
+    NHWC, as tf2onnx writes a Keras model's), following only ops that keep the layout
+    (``LAYOUT_KEEPING``). None where no convolution is reached that way (an MLP, or a graph
+    this does not follow: read as NCHW). An input whose layout is neither NCHW nor NHWC is
+    refused: its weights would compute another network in ours."""
+    seen, todo = set(), [(name, list(range(ndim)))]
+    while todo:
+        value, perm = todo.pop(0)
+        for node in consumers.get(value, []):
+            if node.op_type in ("Conv", "FusedConv") and node.input[0] == value:
+                if len(perm) != 4:
+                    return None
+                layout = layout_name(perm)
+                if layout not in READ_LAYOUTS:
+                    raise WeightsFormatError(
+                        f"{path}: its input reaches the first convolution ('{node.name or 'Conv'}')"
+                        f" through Transpose perm {perm}: an input laid out {layout}; read are "
+                        f"NCHW (no Transpose) and NHWC (a Transpose with perm [0, 3, 1, 2] first, "
+                        f"as tf2onnx writes a Keras model)")
+                return perm
+            if node.output[0] in seen:
+                continue
+            if node.op_type == "Transpose":
+                seen.add(node.output[0])
+                todo.append((node.output[0], _compose(perm, _perm(node, len(perm)))))
+            elif node.op_type in LAYOUT_KEEPING and node.input[0] == value:
+                seen.add(node.output[0])
+                todo.append((node.output[0], perm))
+    return None
+
+
+def layout_name(perm: Optional[List[int]]) -> str:
+    """The input's layout a perm from ``_input_perm`` says: "NCHW", "NHWC", ...; "" for None."""
+    if perm is None:
+        return ""
+    return "".join("NCHW"[k] for k in np.argsort(perm))
+
+
+def layout_words(perm: List[int]) -> str:
+    """The note for an input that is not NCHW (``_input_perm``'s perm)."""
+    return (f"input layout {layout_name(perm)} (a Transpose to NCHW at the input, perm "
+            f"{list(perm)}): the weights are those of the NCHW network after it (ONNX's Conv and "
+            "BatchNormalization are NCHW); our models take the same images as NCHW")
 
 
 def no_weights(path) -> str:
@@ -241,7 +440,7 @@ FOLDABLE = (".norm0", ".norm2")
 
 
 def _layer_kind(layer: OnnxLayer) -> str:
-    if layer.op == "BatchNormalization":
+    if layer.op in ("BatchNormalization", DECOMPOSED_BN, SCALE_SHIFT_BN):
         return "bn"
     return "conv" if layer.tensors["weight"][1].ndim == 4 else "dense"
 
@@ -387,9 +586,14 @@ def load(path, preset=None, **options) -> Loaded:
     recorded = onnx_preset(info)
     m, folded, mine = match_onnx(layers, preset if preset is not None else recorded, **options)
     tensors = OrderedDict((n, a) for g in mine for n, a in g.tensors.values())
+    elementwise = {g.module for g in layers if g.op in (DECOMPOSED_BN, SCALE_SHIFT_BN)}
+    written = [c.rsplit(".", 1)[0] for c, f in m.mapping.items()
+               if c.endswith(".running_var") and f.rsplit(".", 1)[0] in elementwise]
+    notes = ([layout_words(info["input_perm"])] if info["input_layout"] not in ("", "NCHW")
+             else []) + ([folded_words(folded)] if folded else []) + (
+        [elementwise_words(written)] if written else [])
     return Loaded(path, FORMAT, LAYOUT, tensors, m, recorded, folded,
-                  node_settings(layers, m.mapping), [folded_words(folded)] if folded else [],
-                  info, layers, model)
+                  node_settings(layers, m.mapping), notes, info, layers, model)
 
 
 def node_settings(layers: List[OnnxLayer], mapping: Dict[str, str]) -> Dict[str, dict]:
@@ -407,6 +611,16 @@ def node_settings(layers: List[OnnxLayer], mapping: Dict[str, str]) -> Dict[str,
                     "momentum": float(g.attributes["momentum"]), "node": g.node,
                     "training_mode": int(g.attributes.get("training_mode", 0))}
     return out
+
+
+def elementwise_words(modules: List[str]) -> str:
+    """The note for BatchNorms written as elementwise ops (canonical names)."""
+    short = [f[len("features."):] if f.startswith("features.") else f for f in modules]
+    listed = ", ".join(short[:3]) + (f" and {len(short) - 3} more" if len(short) > 3 else "")
+    return (f"BatchNorm written as elementwise ops (Sub, Mul, Add) by the exporter: "
+            f"{len(modules)} BatchNorm(s) ({listed}) are read with the file's scale "
+            "(gamma / sqrt(variance + eps)) as their weight and variance 1 - eps: eval mode "
+            "computes the same; their own variance and epsilon are not in the file")
 
 
 def folded_words(folded: List[str]) -> str:
