@@ -76,7 +76,7 @@ class Report:
         fw = self.framework + (f" ({self.variant})" if self.framework == "flax" else "")
         lines = [f"densenet check: {self.model} ({fw}) against preset '{self.preset}', input "
                  f"{'x'.join(map(str, self.input_shape))} "
-                 f"({self.layout or ('NCHW' if len(self.input_shape) == 4 else '(N, features)')}), "
+                 f"({self.layout or ('NCHW' if len(self.input_shape) == 4 else 'N, features')}), "
                  f"weights: {self.weights}", ""]
         rows = []
         for r in self.rows:
