@@ -14,7 +14,9 @@ the file's folder.
 
 ``load`` reads the file once and matches it (``match_onnx``): BatchNorms an exporter folded into
 the convolution before them are put back as identity BatchNorms (``unfold_batchnorm``) and said
-in the notes (``folded_words``), as is an input that is NHWC (a Transpose to NCHW before the
+in the notes (``folded_words``; a conv with neither a BatchNorm after it nor a bias is a fold
+whose zero bias the exporter dropped only where ``zero_shift_folds`` says so, else a missing
+BatchNorm, its evidence said by ``missing_words``), as is an input that is NHWC (a Transpose to NCHW before the
 first convolution, as tf2onnx writes a Keras model: ``info["input_layout"]``, ``layout_words``;
 another layout is refused); the preset our exports record (``onnx_preset``) is used when
 none is given; each matched BatchNormalization node's settings are kept. ONNX is read only:
