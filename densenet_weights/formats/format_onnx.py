@@ -568,6 +568,9 @@ def match_onnx(layers: List[OnnxLayer], preset=None, **options):
                     m.difference, m.matched_layers = matching.missing_difference(p, missing[0]), at
                     score = (at, score[1])
                     m.difference.arithmetic += missing_words(positions, layers)
+                    # the folds the note says: the positions with a bias (the walk without
+                    # the missing BatchNorm in place is out of step with the graph after it)
+                    folded = [name for name, state in positions if state == "bias"]
             if m.ok and (best is None or not best.ok or len(folded) < len(best_folded)):
                 best, best_folded, best_layers, best_score, best_zero = (
                     m, folded, mine, score, zero)
