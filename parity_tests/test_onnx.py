@@ -421,8 +421,94 @@ def test_a_batchnorm_dropped_after_a_conv_without_bias_is_missing_not_folded(tmp
     assert report.structure.startswith(
         "first difference at features.norm0 (stem): the model has no BatchNorm after the stem's "
         "7x7 conv (the reference's norm0: a BatchNorm over 8 channels)"), text
-    assert "not folded by an exporter" in report.structure, text
+    # its one conv -> BatchNorm position shows no fold to go by: read as missing, and said why
+    assert report.structure.endswith(
+        "not folded by an exporter: folding leaves the BatchNorm's shift as the conv's bias, and "
+        "this conv has none (an exporter drops a bias only where it is zero, as folding an "
+        "identity BatchNorm leaves it; with one conv -> BatchNorm position in the network the "
+        "file shows no fold to go by)"), text
     assert report.cause.startswith("a BatchNorm left out of the port (the stem is"), text
+
+
+#: a bottleneck DenseNet (DenseNet-121's kind: norm0 and every layer's norm2 follow a conv), one
+#: layer per block: three conv -> BatchNorm positions
+TINY_BC = {"block_config": (1, 1), "num_init_features": 8, "growth_rate": 4, "bn_size": 2,
+           "num_classes": 5}
+
+
+@pytest.fixture(scope="module")
+def default_init_bc(tmp_path_factory):
+    """TINY_BC at PyTorch's default init (every BatchNorm an identity: scale 1, shift 0, mean 0,
+    variance 1) through torch.onnx's defaults: its optimizer folds norm0 and both norm2s into
+    the convs before them, each fold's shift is zero, and it drops the zero biases: three
+    bias-less convs with no BatchNorm after them, as torchvision's default DenseNet-121 gives."""
+    from densenet_torch.model import DenseNet
+    cfg = spec.make_config("densenet121", **TINY_BC)
+    torch.manual_seed(0)
+    path = _torch_onnx(DenseNet.from_preset(cfg), tmp_path_factory.mktemp("bc") / "bc.onnx",
+                       SIZE, channels=3)
+    m = onnx.load(str(path))
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    assert all(len(n.input) == 2 for n in convs)  # no conv has a bias: the case this is about
+    assert sum(n.op_type == "BatchNormalization" for n in m.graph.node) == 4  # 7 less 3 folded
+    return path, cfg, m
+
+
+def test_uniform_folds_with_dropped_zero_biases_are_the_same_network(default_init_bc):
+    """Every conv -> BatchNorm position has neither a BatchNorm node nor a bias, and every
+    BatchNorm left is an identity: the exporter folded them all (it folds all or none) and
+    dropped the zero biases. Read as folded, said so, and the numbers agree in onnxruntime."""
+    path, cfg, _ = default_init_bc
+    report = check_weights(str(path), preset=cfg)
+    text = report.render()
+    assert report.same and report.verdict == "same network", text
+    assert "BatchNorm folded into the convolutions by the exporter: 3 BatchNorm(s) (norm0, " \
+        "denseblock1.denselayer1.norm2, denseblock2.denselayer1.norm2)" in text, text
+    assert "their folded biases were zero and the exporter dropped them" in text
+    assert "indistinguishable from identity BatchNorms left out" in text
+    assert "not folded by an exporter" not in text and report.numbers["eval_logits"] <= 1e-5
+
+
+def test_a_bias_less_conv_among_kept_batchnorms_is_missing(default_init_bc, tmp_path):
+    """The same file edited as a port's bugs would leave it, each still named "missing" with
+    the evidence that applies: (a) denselayer1's conv1 carries a bias (its norm2 folded with a
+    shift) while norm0's and the other norm2's convs have neither: an exporter folds all or
+    none, so those are missing; (b) no conv has a bias but a BatchNorm left in the file is not
+    an identity: a folded shift is zero in every channel only for an identity BatchNorm."""
+    from onnx import numpy_helper
+    _, cfg, m = default_init_bc
+    mixed = onnx.ModelProto()
+    mixed.CopyFrom(m)
+    conv1 = [n for n in mixed.graph.node if n.op_type == "Conv"][1]  # denselayer1.conv1
+    mixed.graph.initializer.append(numpy_helper.from_array(np.full(8, 0.25, np.float32), "b1"))
+    conv1.input.append("b1")
+    trained = onnx.ModelProto()
+    trained.CopyFrom(m)
+    scale = next(n for n in trained.graph.node if n.op_type == "BatchNormalization").input[1]
+    t = next(t for t in trained.graph.initializer if t.name == scale)
+    t.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(t).shape, 2, np.float32),
+                                       scale))
+    for model, name, folds, why in (
+            (mixed, "mixed.onnx", "1 BatchNorm(s) (denseblock1.denselayer1.norm2) are in the",
+             "not folded by an exporter: an exporter folds every conv -> "
+             "BatchNorm of a network or none, and 1 of this file's 3 keep theirs (a "
+             "BatchNormalization node, or a folded bias on the conv) where this conv has "
+             "neither"),
+            (trained, "trained.onnx", None, "not folded by an exporter: folding leaves the BatchNorm's "
+             "shift as the conv's bias, and this conv has none (an exporter drops a bias only "
+             "where it is zero, as folding an identity BatchNorm leaves it, and this file's "
+             "other BatchNorms are not identities)")):
+        onnx.save(model, str(tmp_path / name))
+        report = check_weights(str(tmp_path / name), preset=cfg)
+        text = report.render()
+        assert not report.same and "their folded biases were zero" not in text, text
+        # the folds said are those with a bias, the only ones the file shows
+        assert (folds in text) if folds else "BatchNorm folded into" not in text, text
+        assert report.structure.startswith(
+            "first difference at features.norm0 (stem): the model has no BatchNorm after the "
+            "stem's 7x7 conv"), text
+        assert report.structure.endswith(why), text
+        assert report.cause.startswith("a BatchNorm left out of the port"), text
 
 
 def test_torchvision_densenet121_exported_by_torch_onnx(tmp_path):

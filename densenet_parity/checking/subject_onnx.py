@@ -9,7 +9,9 @@ calls for an ONNX file) against our PyTorch model (subject_torch.reference), in 
    BatchNorm an exporter folded into the convolution before it (torch.onnx's optimizer, the
    TorchScript exporter's eval mode, onnxruntime's saved optimized model all fold the stem's
    norm0, and a bottleneck's norm2) is recognised from the graph (the convolution, now with a
-   bias, feeds no BatchNormalization) and said, not reported as a different network: it is put
+   bias, feeds no BatchNormalization; without a bias too where every such position is so and
+   every BatchNorm left is an identity: a default-initialised network, whose zero folded biases
+   torch.onnx's optimizer drops) and said, not reported as a different network: it is put
    back as an identity BatchNorm, which computes the same in eval mode.
 2. *BatchNorm settings*, read from each BatchNormalization node's attributes: epsilon, and
    momentum in ONNX's words (the share of the running statistics kept, like Gluon's, Flax's and

@@ -14,7 +14,9 @@ the file's folder.
 
 ``load`` reads the file once and matches it (``match_onnx``): BatchNorms an exporter folded into
 the convolution before them are put back as identity BatchNorms (``unfold_batchnorm``) and said
-in the notes (``folded_words``), as is an input that is NHWC (a Transpose to NCHW before the
+in the notes (``folded_words``; a conv with neither a BatchNorm after it nor a bias is a fold
+whose zero bias the exporter dropped only where ``zero_shift_folds`` says so, else a missing
+BatchNorm, its evidence said by ``missing_words``), as is an input that is NHWC (a Transpose to NCHW before the
 first convolution, as tf2onnx writes a Keras model: ``info["input_layout"]``, ``layout_words``;
 another layout is refused); the preset our exports record (``onnx_preset``) is used when
 none is given; each matched BatchNormalization node's settings are kept. ONNX is read only:
@@ -446,7 +448,7 @@ def _layer_kind(layer: OnnxLayer) -> str:
 
 
 def unfold_batchnorm(config, layers: List[OnnxLayer], missing: Optional[List[str]] = None,
-                     bias_required: bool = True):
+                     bias_required: bool = True, positions: Optional[List[Tuple[str, str]]] = None):
     """The ONNX layers as ``match.Layer``s against preset ``config``, with every BatchNorm an
     exporter folded into the convolution before it (where the preset has conv -> BatchNorm, the
     graph's conv feeds no BatchNormalization and has a bias: folding always leaves the folded
@@ -459,7 +461,11 @@ def unfold_batchnorm(config, layers: List[OnnxLayer], missing: Optional[List[str
     bias where the preset has one gets a zero bias, and a zero bias where it has none is dropped
     (the same function in ONNX: optimizers drop zero biases) (scale 1, mean 0, variance 1 - eps, and the folded bias as its shift when the preset's
     convolution has none): the same function, so the weights load into our model and compute
-    what the file computes. Returns (layers, the canonical names of the folded BatchNorms)."""
+    what the file computes. ``positions``, if given, gets (canonical BatchNorm, what the graph
+    has there) for every conv -> BatchNorm position the walk reached: "bn" (a BatchNorm node on
+    the conv's output), "bias" (folded: the conv has a bias) or "none" (neither: missing, or
+    folded with a zero shift whose bias the exporter dropped; ``match_onnx`` tells which).
+    Returns (layers, the canonical names of the folded BatchNorms)."""
     from densenet_weights import match as matching
     ref = matching.canonical_layers(config)
     out, folded, j = [], [], 0
@@ -468,9 +474,13 @@ def unfold_batchnorm(config, layers: List[OnnxLayer], missing: Optional[List[str
         g = layers[j] if j < len(layers) else None
         prev = out[-1] if out else None
         last = layers[j - 1] if j else None  # the ONNX node behind ``prev``
-        if (r.kind == "bn" and r.name.endswith(FOLDABLE) and prev is not None
-                and prev.kind == "conv" and ("bias" in last.tensors or not bias_required)
-                and (g is None or _layer_kind(g) != "bn" or g.inputs[0] != last.output)):
+        at_position = (r.kind == "bn" and r.name.endswith(FOLDABLE) and prev is not None
+                       and prev.kind == "conv")
+        fed = at_position and g is not None and _layer_kind(g) == "bn" and g.inputs[0] == last.output
+        if at_position and positions is not None:
+            positions.append((r.name, "bn" if fed else "bias" if "bias" in last.tensors
+                              else "none"))
+        if at_position and not fed and ("bias" in last.tensors or not bias_required):
             c = r.shapes()["weight"][0]
             bias = np.zeros(c, np.float32)
             if ("bias" in prev.tensors and "bias" not in ref[i - 1].tensors
@@ -484,9 +494,7 @@ def unfold_batchnorm(config, layers: List[OnnxLayer], missing: Optional[List[str
                 ("running_var", (f"{name}.running_var", np.full(c, 1 - eps, np.float32)))])))
             folded.append(r.name)
             continue
-        if (missing is not None and r.kind == "bn" and r.name.endswith(FOLDABLE)
-                and prev is not None and prev.kind == "conv"
-                and (g is None or _layer_kind(g) != "bn" or g.inputs[0] != last.output)):
+        if missing is not None and at_position and not fed:
             missing.append(r.name)  # a conv without a bias and no BatchNorm on its output
         if g is None:
             break
@@ -508,8 +516,10 @@ def unfold_batchnorm(config, layers: List[OnnxLayer], missing: Optional[List[str
 def match_onnx(layers: List[OnnxLayer], preset=None, **options):
     """Match an ONNX model's layers (``onnx_layers``) onto ``preset`` (None: every preset, with
     the input channels and classes the model shows, and conv biases or none), folded
-    BatchNorms put back (``unfold_batchnorm``). Returns (match.Match, folded BatchNorms, the
-    layers matched): the full match with the fewest folded BatchNorms, else the closest."""
+    BatchNorms put back (``unfold_batchnorm``; a conv -> BatchNorm with neither a BatchNorm node
+    nor a bias is folded where ``zero_shift_folds`` says so, else missing). Returns (match.Match,
+    folded BatchNorms, the layers matched, whether the folds' zero biases were dropped): the full
+    match with the fewest folded BatchNorms, else the closest."""
     import densenet_spec as spec
     from densenet_weights import match as matching
     convs = [g for g in layers if _layer_kind(g) == "conv"]
@@ -524,7 +534,7 @@ def match_onnx(layers: List[OnnxLayer], preset=None, **options):
         seen["num_outputs"] = int(dense[-1].tensors["weight"][1].shape[0])
     seen.update(options)
     names = [preset] if preset is not None else spec.preset_names("conv" if convs else "mlp")
-    best, best_folded, best_layers, best_score = None, [], [], (0, 0)
+    best, best_folded, best_layers, best_score, best_zero = None, [], [], (0, 0), False
     for name in names:
         default = getattr(spec.get_preset(name), "conv_bias", None)  # the MLP family: none
         biases = ([options["conv_bias"]] if "conv_bias" in options else
@@ -539,12 +549,17 @@ def match_onnx(layers: List[OnnxLayer], preset=None, **options):
                 continue
             missing: List[str] = []
             mine, folded = unfold_batchnorm(p, layers, missing)
+            zero, positions, loose = False, [], []
+            if missing:  # every position read as folded: the walk stays in step with the graph
+                loose, loose_folded = unfold_batchnorm(p, layers, bias_required=False,
+                                                       positions=positions)
+                if zero_shift_folds(positions, layers):
+                    mine, folded, missing, zero = loose, loose_folded, [], True
             m = matching.match_layers(p, mine)
             score = (m.matched_layers, 0)
             if missing and not m.ok:  # the graph names the missing BatchNorm, shapes may not
                 # the closest preset: the one the graph matches furthest with them in place
-                score = (0, matching.match_layers(
-                    p, unfold_batchnorm(p, layers, bias_required=False)[0]).matched_layers)
+                score = (0, matching.match_layers(p, loose).matched_layers)
                 order = [r.name for r in matching.canonical_layers(p)]
                 at = order.index(missing[0])
                 if at <= m.matched_layers:  # nothing from there on is matched
@@ -552,15 +567,59 @@ def match_onnx(layers: List[OnnxLayer], preset=None, **options):
                                  if order.index(c.rsplit(".", 1)[0]) < at}
                     m.difference, m.matched_layers = matching.missing_difference(p, missing[0]), at
                     score = (at, score[1])
-                    m.difference.arithmetic += (
-                        "; not folded by an exporter: folding leaves the BatchNorm's shift as "
-                        "the conv's bias, and this conv has none")
+                    m.difference.arithmetic += missing_words(positions, layers)
+                    # the folds the note says: the positions with a bias (the walk without
+                    # the missing BatchNorm in place is out of step with the graph after it)
+                    folded = [name for name, state in positions if state == "bias"]
             if m.ok and (best is None or not best.ok or len(folded) < len(best_folded)):
-                best, best_folded, best_layers, best_score = m, folded, mine, score
+                best, best_folded, best_layers, best_score, best_zero = (
+                    m, folded, mine, score, zero)
             elif best is None or (not best.ok and (max(score), score[0]) > (
                     max(best_score), best_score[0])):
-                best, best_folded, best_layers, best_score = m, folded, mine, score
-    return best, best_folded, best_layers
+                best, best_folded, best_layers, best_score, best_zero = (
+                    m, folded, mine, score, zero)
+    return best, best_folded, best_layers, best_zero
+
+
+def _identity_bn(layer: OnnxLayer) -> bool:
+    """A BatchNorm node that computes (nearly) nothing: scale 1, shift 0, mean 0, variance 1 (as
+    PyTorch, Keras and Gluon initialise one; a scale of 1/sqrt(1 + eps) where the exporter
+    folded the variance into it)."""
+    t = {role: np.asarray(a, np.float64) for role, (_, a) in layer.tensors.items()}
+    return (all(not np.any(t[k]) for k in ("bias", "running_mean") if k in t)
+            and all(np.allclose(t[k], 1.0, rtol=0, atol=1e-4)
+                    for k in ("weight", "running_var") if k in t))
+
+
+def zero_shift_folds(positions: List[Tuple[str, str]], layers: List[OnnxLayer]) -> bool:
+    """Whether the conv -> BatchNorm positions with neither a BatchNorm node nor a bias
+    (``unfold_batchnorm``'s ``positions``) are BatchNorms an exporter folded whose zero shift it
+    then dropped (torch.onnx's optimizer drops a zero bias), not BatchNorms a port left out. An
+    exporter folds uniformly, every conv -> BatchNorm or none, and a folded shift is zero in every
+    channel only where the BatchNorm was an identity (default-initialised): so every position
+    has neither, there are at least two (one alone shows no pattern to go by), and every
+    BatchNorm left in the file is an identity one too."""
+    return (len(positions) >= 2 and all(state == "none" for _, state in positions)
+            and all(_identity_bn(g) for g in layers if _layer_kind(g) == "bn"))
+
+
+def missing_words(positions: List[Tuple[str, str]], layers: List[OnnxLayer]) -> str:
+    """Why a conv -> BatchNorm position with neither a BatchNorm node nor a bias is read as a
+    missing BatchNorm (appended to the difference's arithmetic): the evidence that applies."""
+    kept = [name for name, state in positions if state != "none"]
+    if kept:
+        return (f"; not folded by an exporter: an exporter folds every conv -> BatchNorm of a "
+                f"network or none, and {len(kept)} of this file's {len(positions)} keep theirs "
+                "(a BatchNormalization node, or a folded bias on the conv) where this conv has "
+                "neither")
+    words = ("; not folded by an exporter: folding leaves the BatchNorm's shift as the conv's "
+             "bias, and this conv has none")
+    if len(positions) < 2:
+        return words + (" (an exporter drops a bias only where it is zero, as folding an "
+                        "identity BatchNorm leaves it; with one conv -> BatchNorm position in "
+                        "the network the file shows no fold to go by)")
+    return words + (" (an exporter drops a bias only where it is zero, as folding an identity "
+                    "BatchNorm leaves it, and this file's other BatchNorms are not identities)")
 
 
 def onnx_preset(info: Dict[str, object]):
@@ -584,13 +643,14 @@ def load(path, preset=None, **options) -> Loaded:
     nodes loads (its match says what is missing; ``layers`` is empty)."""
     model, layers, info = _graph(path)
     recorded = onnx_preset(info)
-    m, folded, mine = match_onnx(layers, preset if preset is not None else recorded, **options)
+    m, folded, mine, zero = match_onnx(layers, preset if preset is not None else recorded,
+                                       **options)
     tensors = OrderedDict((n, a) for g in mine for n, a in g.tensors.values())
     elementwise = {g.module for g in layers if g.op in (DECOMPOSED_BN, SCALE_SHIFT_BN)}
     written = [c.rsplit(".", 1)[0] for c, f in m.mapping.items()
                if c.endswith(".running_var") and f.rsplit(".", 1)[0] in elementwise]
     notes = ([layout_words(info["input_perm"])] if info["input_layout"] not in ("", "NCHW")
-             else []) + ([folded_words(folded)] if folded else []) + (
+             else []) + ([folded_words(folded, zero)] if folded else []) + (
         [elementwise_words(written)] if written else [])
     return Loaded(path, FORMAT, LAYOUT, tensors, m, recorded, folded,
                   node_settings(layers, m.mapping), notes, info, layers, model)
@@ -623,11 +683,18 @@ def elementwise_words(modules: List[str]) -> str:
             "computes the same; their own variance and epsilon are not in the file")
 
 
-def folded_words(folded: List[str]) -> str:
-    """The note for BatchNorms an exporter folded (canonical names)."""
+def folded_words(folded: List[str], zero_bias: bool = False) -> str:
+    """The note for BatchNorms an exporter folded (canonical names); ``zero_bias``: their folded
+    shift was zero and the exporter dropped the bias (``zero_shift_folds``)."""
     short = [f[len("features."):] if f.startswith("features.") else f for f in folded]
     listed = ", ".join(short[:4]) + (f" and {len(short) - 4} more" if len(short) > 4 else "")
-    return (f"BatchNorm folded into the convolutions by the exporter: {len(folded)} BatchNorm(s) "
-            f"({listed}) are in the convolution before them and are written as identity "
-            "BatchNorms (scale 1, mean 0, variance 1 - eps, the folded bias as the shift): eval "
-            "mode computes the same; their running statistics are not in the file")
+    words = (f"BatchNorm folded into the convolutions by the exporter: {len(folded)} BatchNorm(s) "
+             f"({listed}) are in the convolution before them and are written as identity "
+             "BatchNorms (scale 1, mean 0, variance 1 - eps, the folded bias as the shift): eval "
+             "mode computes the same; their running statistics are not in the file")
+    if zero_bias:
+        words += ("; their folded biases were zero and the exporter dropped them (none of those "
+                  "convolutions has a bias, every BatchNorm left in the file is an identity): "
+                  "what folding default-initialised BatchNorms (identities) gives, and from the "
+                  "file indistinguishable from identity BatchNorms left out")
+    return words
