@@ -365,7 +365,7 @@ def main(argv=None):
     if args.check:
         from benchmarks import check_speed
         try:
-            return check_speed.main(args, argv_list)
+            return check_speed.main(args, argv_list, gpu_name())
         except ValueError as e:
             print(f"densenet bench: {e}", file=sys.stderr)
             sys.exit(2)

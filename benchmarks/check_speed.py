@@ -137,7 +137,9 @@ def run_case(model: Dict[str, str], size: int, folder: Path, timeout: float) -> 
     return out
 
 
-def main(args, argv_list: List[str]) -> dict:
+def main(args, argv_list: List[str], gpu=None) -> dict:
+    """Run the cases ``args.check`` x ``args.sizes`` (bench.py's options; ``gpu``: the GPU's
+    name, None for none)."""
     from benchmarks import common
     models = parse_models(args.check)
     sizes = args.sizes or [64, 224]
@@ -145,7 +147,7 @@ def main(args, argv_list: List[str]) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {"command": "densenet bench " + shlex.join(argv_list),
             "started": _dt.datetime.now().isoformat(timespec="seconds"),
-            "machine": dict(common.machine(), memory_gb=_memory_gb(), gpu=_gpu()),
+            "machine": dict(common.machine(), memory_gb=_memory_gb(), gpu=gpu or "no GPU"),
             "targets_s": TARGETS, "results": []}
     print(f"densenet bench --check: {len(models) * len(sizes)} check(s); machine: "
           f"{data['machine']['cpu']}, {data['machine']['cores']} cores", file=sys.stderr)
@@ -170,11 +172,6 @@ def _memory_gb():
             return round(int(f.readline().split()[1]) / 2**20)
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _gpu() -> str:
-    from benchmarks.bench import gpu_name
-    return gpu_name() or "no GPU"
 
 
 def summary(r: dict) -> str:
