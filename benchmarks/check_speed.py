@@ -159,6 +159,7 @@ def main(args, argv_list: List[str], gpu=None) -> dict:
                 data["results"].append(r)
                 print(f"    {summary(r)}", file=sys.stderr, flush=True)
                 Path(str(out) + ".json").write_text(json.dumps(data, indent=1))
+                Path(str(out) + ".md").write_text(markdown(data, args.title))  # so far
     data["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     Path(str(out) + ".json").write_text(json.dumps(data, indent=1))
     Path(str(out) + ".md").write_text(markdown(data, args.title))
