@@ -334,9 +334,18 @@ def parse_args(argv=None):
     ap.add_argument("--only-group", type=_csv(("main", "fast", "reference", "memory")), default=None,
                     help="run only these groups (e.g. to add a suite to an earlier JSON with --merge)")
     ap.add_argument("--merge", default=None, help="an earlier JSON whose results are kept unless re-run")
+    ap.add_argument("--check", metavar="MODELS", default=None,
+                    help="instead: how long `densenet check` takes on these models, phase by "
+                         "phase (benchmarks/check_speed.py): torchvision:NAME, keras:NAME, "
+                         "torch:PRESET, comma-separated")
+    ap.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",") if v.strip()],
+                    default=None, help="with --check: input sizes (default 64,224)")
     ap.add_argument("--title", default=None)
-    ap.add_argument("--out", default="docs/performance/bench", help="output path without extension")
+    ap.add_argument("--out", default=None, help="output path without extension (default "
+                    "docs/performance/bench; with --check docs/performance/check-speed)")
     args = ap.parse_args(argv)
+    args.out = args.out or ("docs/performance/check-speed" if args.check else
+                            "docs/performance/bench")
     if args.all:
         args.fast_paths = args.reference = args.memory = True
     if args.quick:
@@ -353,6 +362,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
+    if args.check:
+        from benchmarks import check_speed
+        try:
+            return check_speed.main(args, argv_list, gpu_name())
+        except ValueError as e:
+            print(f"densenet bench: {e}", file=sys.stderr)
+            sys.exit(2)
     command = "python -m benchmarks.bench " + shlex.join(argv_list)
     gpu = gpu_name()
     cases = plan(args, gpu is not None)

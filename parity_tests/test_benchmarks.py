@@ -217,6 +217,30 @@ def test_data_parallel_scaling_benchmark_runs(tmp_path):
     assert "python -m benchmarks.data_parallel --backends torch" in md and "| torch |" in md
 
 
+def test_check_speed_benchmark_runs_the_check_command(tmp_path):
+    """densenet bench --check: each case the real `densenet check` in a fresh process, its
+    phases from the report's timings adding up to the check's time, the table naming the
+    command and the machine; a model it does not know is a usage error naming the forms."""
+    out = tmp_path / "cs"
+    r = subprocess.run([sys.executable, "-m", "densenet_cli", "bench", "--check", "torch:book",
+                        "--sizes", "32", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.with_suffix(".json").read_text())
+    (row,) = data["results"]
+    assert row["status"] == "ok" and row["verdict"] == "same network", row
+    assert row["size"] == 32 and "target_s" not in row and len(row["load_before"]) == 3
+    assert abs(sum(row["groups"].values()) - row["wall_s"]) < 0.05, row
+    assert row["groups"]["float64 step"] > 0 and row["check_s"] < row["wall_s"]
+    md = out.with_suffix(".md").read_text()
+    assert "densenet bench --check torch:book --sizes 32" in md and "| torch:book | 32 |" in md
+    assert data["machine"]["cores"] and data["machine"]["gpu"]
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--check", "tf:DenseNet121",
+                          "--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "'tf:DenseNet121' is not KIND:NAME" in bad.stderr, bad.stderr
+
+
 def test_exercises_params_tables_add_up(tmp_path):
     """benchmarks.exercises params (docs/exercises.md, exercises 2 and 4), its cheapest path:
     DenseNet-121's parameters per stage and per kind add up to the spec's total and to

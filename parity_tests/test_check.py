@@ -438,7 +438,15 @@ def test_the_check_command(tmp_path):
     same = run("--framework", "torch", factory("book_torch", "net"), "--size", "32", "--json", str(out))
     assert same.returncode == 0, same.stderr
     assert "Verdict: same network." in same.stdout and "denseblock4" in same.stdout
-    assert json.loads(out.read_text())["verdict"] == "same network"
+    report = json.loads(out.read_text())
+    assert report["verdict"] == "same network"
+    # where the time went: every phase of the check, summing to its total (the rest: "other")
+    t = report["timings"]
+    assert {"model", "structure", "reference", "bn_settings", "weights", "eval_model",
+            "eval_reference", "train_model", "train_reference", "other"} == set(t["phases"])
+    assert all(v >= 0 for v in t["phases"].values()) and t["compilation"] == 0  # torch: none
+    assert abs(sum(t["phases"].values()) - t["total"]) < 0.01 + 1e-3 * len(t["phases"])
+    assert t["phases"]["model"] > 0 and t["phases"]["train_model"] > 0
     bad = run("--framework", "torch", factory("book_torch", "transition_keeps_block_input"))
     assert bad.returncode == 1 and "STRUCTURE: first difference at features.transition2.conv" \
         in bad.stdout
@@ -449,6 +457,38 @@ def test_the_check_command(tmp_path):
                         (("--framework", "jax", "m:f"), "invalid choice")]:
         r = run(*args)
         assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+
+
+def test_the_step_runs_at_the_default_size_and_a_fixed_size_model_at_its_own(tmp_path):
+    """Above the preset's default size the train-mode step runs at that default (the eval-mode
+    comparison at the size asked for; the report says so); a model that runs at one size only
+    has its step rerun there, and is the same network."""
+    from densenet_parity.checking.engine import step_size
+    cfg121, book = spec.make_config("densenet121"), spec.make_config("book")
+    assert [step_size(cfg121, s) for s in (224, 64, 40)] == [64, 64, 40]
+    assert [step_size(book, s) for s in (200, 96, 32)] == [96, 96, 32]
+    assert step_size(spec.make_config("house_mlp"), 0) == 0
+    assert min(spec.stage_shapes(cfg121, 1, 64, 64)[-2][1][2:]) == 2  # every stage runs
+    (tmp_path / "fixed_book.py").write_text(
+        "from densenet_torch import model\n\n\n"
+        "def net():\n"
+        "    n = model.book()\n\n"
+        "    class OnlyAt104(type(n)):\n"
+        "        def forward(self, x):\n"
+        "            if x.shape[-1] != 104:\n"
+        "                raise ValueError(f'runs on 104x104 only, got {x.shape[-1]}')\n"
+        "            return super().forward(x)\n"
+        "    n.__class__ = OnlyAt104\n"
+        "    return n\n\n\n"
+        "def plain():\n"
+        "    return model.book()\n")
+    r = check(framework="torch", factory="fixed_book:plain", path=str(tmp_path), size=104)
+    assert r.same and r.input_shape == [2, 1, 104, 104], r.render()
+    assert any("train-mode step ran at 96x96" in n and "eval-mode comparison at 104x104" in n
+               for n in r.notes), r.notes
+    r = check(framework="torch", factory="fixed_book:net", path=str(tmp_path), size=104)
+    assert r.same, r.render()
+    assert not any("train-mode step ran at" in n for n in r.notes), r.notes
 
 
 def test_checking_a_weights_file(tmp_path):

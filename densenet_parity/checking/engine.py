@@ -1,7 +1,9 @@
 """The check itself: structure, BatchNorm settings, numbers; and the weights-file check."""
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -40,6 +42,48 @@ def _inputs(config, size, seed):
     return x, rng.integers(0, config.num_classes, BATCH).astype(np.int64)
 
 
+class Clock:
+    """Seconds per phase of a check, in the order first entered (a phase entered twice adds
+    up); ``done()`` adds "other" (what no phase covered) and "total", so the phases sum to the
+    total."""
+
+    def __init__(self):
+        self.start, self.phases = time.perf_counter(), {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t
+
+    def done(self, *subjects) -> Dict[str, object]:
+        """{"phases": phase -> seconds (with "other"), "total": seconds, "compilation": seconds
+        of the phases spent compiling (the subjects' own ``compile_s``; 0 where nothing is
+        compiled)}."""
+        total = time.perf_counter() - self.start
+        phases = {k: round(v, 3) for k, v in self.phases.items()}
+        phases["other"] = round(max(total - sum(self.phases.values()), 0.0), 3)
+        return {"phases": phases, "total": round(total, 3), "compilation": round(sum(
+            getattr(s, "compile_s", 0.0) for s in subjects if s is not None), 3)}
+
+
+def step_size(config, size: int) -> int:
+    """The input size the train-mode step runs at: ``size``, or where that is larger than the
+    preset's default check size, that default (or the smallest size at which the last dense
+    block still runs at 2x2 or more, if larger). The step compares loss, every gradient and
+    every BatchNorm statistic layer by layer, which no larger input exercises further, at a
+    twelfth of the float64 work for 224 px; the eval-mode comparison keeps ``size``, so what
+    depends on the input size (padding, pooling, a fixed-size layer) is compared there."""
+    if config.family == "mlp" or not size:
+        return size
+    least = default_size(config)
+    while min(spec.stage_shapes(config, 1, least, least)[-2][1][2:]) < 2 and least < size:
+        least += 1
+    return min(size, least)
+
+
 def _width(cfg) -> Optional[int]:
     """What a model that infers its input is probed with: channels, or an MLP's features."""
     if cfg is None:
@@ -56,6 +100,7 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
     network, ``report.same_architecture`` whether it is at least its architecture (the
     BatchNorm settings, named in ``report.bn_settings``, being the only difference)."""
     say = progress or (lambda msg: None)
+    clock = Clock()
     if model is not None:
         framework, variant = framework_of(model)
     sub = subject_module(framework)
@@ -65,22 +110,27 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
     user = ref = adjusted = None
     try:
         say(f"[{framework}] building the model ...")
-        if model is not None:
-            user = sub.wrap(model, variant)
-        elif factory is None:
-            raise CheckError("give a model, or MODULE:FUNCTION that builds one")
-        else:
-            user = sub.user(factory, path, size, in_channels or _width(cfg0), variant)
-        variant = user.variant
-        tensors = user.tensors()
-        natural = not tensors.get("ordered", True)
-        m = matching.match(tensors["arrays"], preset, layout=tensors["layout"], natural=natural)
-        config = m.config
-        name = factory or type(model[0] if isinstance(model, tuple) else model).__name__
-        rows, totals = structure._structure_rows(config, m, tensors)
+        with clock("model"):
+            if model is not None:
+                user = sub.wrap(model, variant)
+            elif factory is None:
+                raise CheckError("give a model, or MODULE:FUNCTION that builds one")
+            else:
+                user = sub.user(factory, path, size, in_channels or _width(cfg0), variant)
+            variant = user.variant
+            tensors = user.tensors()
+        with clock("structure"):
+            natural = not tensors.get("ordered", True)
+            m = matching.match(tensors["arrays"], preset, layout=tensors["layout"],
+                               natural=natural)
+            config = m.config
+            name = factory or type(model[0] if isinstance(model, tuple) else model).__name__
+            rows, totals = structure._structure_rows(config, m, tensors)
         mlp = config.family == "mlp"
         size = 0 if mlp else (size or default_size(config))
         x, labels = _inputs(config, size, seed)
+        small = step_size(config, size)
+        step = (x, labels) if small == size else _inputs(config, small, seed)
         report = Report(framework, variant, name, config.name, config.to_dict(),
                         list(x.shape), rows, totals, weights=weights or f"random (seed {seed})")
         report.notes += user.notes
@@ -94,6 +144,7 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
                 if row["stage"] == m.difference.stage:
                     row["foreign"] = m.difference.foreign
             _built_at(report, built, [m.difference.foreign])
+            report.timings = clock.done(user)
             return report
         spec.check_input(config, x.shape)
         last = spec.stage_shapes(config, BATCH, size, size)[-2][1]
@@ -104,25 +155,29 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
                                 f"global max and average pooling are the same function there "
                                 f"(--size {bigger} or more tells them apart)")
         say(f"[{framework}] building the reference ...")
-        ref = sub.reference(config, size, user)
-        order = [c for c, _, _ in spec.canonical_modules(config)]
-        modules_u = structure._module_names(m.mapping, order)
-        user.in_channels = ref.in_channels = _width(config)
-        user.size = ref.size = size
-        rt = ref.tensors()
-        rm = matching.match(rt["arrays"], config, layout=rt["layout"], natural=natural)
-        modules_r = structure._module_names(rm.mapping, order)
-        # the BatchNorm settings, read from the layers before any number
-        read_u = bn_settings.canonical(user.bn_settings(), modules_u)
-        read_r = bn_settings.canonical(ref.bn_settings(), modules_r)
-        report.bn_settings = bn_settings.differences(config, read_u, read_r, modules_u, framework)
-        state = _weights(weights, config) if weights else random_state(config, seed)
-        user.load(_to_model(state, m.mapping, tensors["layout"]))
+        with clock("reference"):
+            ref = sub.reference(config, size, user)
+            order = [c for c, _, _ in spec.canonical_modules(config)]
+            modules_u = structure._module_names(m.mapping, order)
+            user.in_channels = ref.in_channels = _width(config)
+            user.size = ref.size = size
+            rt = ref.tensors()
+            rm = matching.match(rt["arrays"], config, layout=rt["layout"], natural=natural)
+            modules_r = structure._module_names(rm.mapping, order)
+        with clock("bn_settings"):  # the BatchNorm settings, read from the layers before any number
+            read_u = bn_settings.canonical(user.bn_settings(), modules_u)
+            read_r = bn_settings.canonical(ref.bn_settings(), modules_r)
+            report.bn_settings = bn_settings.differences(config, read_u, read_r, modules_u,
+                                                         framework)
+        with clock("weights"):
+            state = _weights(weights, config) if weights else random_state(config, seed)
+            user.load(_to_model(state, m.mapping, tensors["layout"]))
         runs = {}
-        numbers, first, notes = _numbers(config, state, x, labels, user, m.mapping, modules_u,
+        numbers, first, notes = _numbers(config, state, x, step, user, m.mapping, modules_u,
                                          tensors["layout"], ref, rm.mapping, modules_r,
                                          rt["layout"], framework, say,
-                                         {k: v["momentum"] for k, v in read_r.items()}, runs)
+                                         {k: v["momentum"] for k, v in read_r.items()}, runs,
+                                         clock)
         report.output_shape = numbers.pop("output_shape")
         report.numbers, report.first = numbers, first
         report.notes += notes
@@ -135,21 +190,24 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
                     "below" + ("" if first.get("fallback") else
                                f" (otherwise most likely: {first['convention']})"))
             say(f"[{framework}] the reference (PyTorch) with the model's BatchNorm settings ...")
-            torch_sub = subject_module("torch")
-            adjusted = torch_sub.reference(config, size, user, settings=bn_settings.for_reference(
-                read_u))
-            at = adjusted.tensors()
-            am = matching.match(at["arrays"], config, layout=at["layout"])
-            numbers, first, more = _numbers(config, state, x, labels, user, m.mapping, modules_u,
+            with clock("probe_reference"):
+                torch_sub = subject_module("torch")
+                adjusted = torch_sub.reference(config, size, user,
+                                               settings=bn_settings.for_reference(read_u))
+                at = adjusted.tensors()
+                am = matching.match(at["arrays"], config, layout=at["layout"])
+            numbers, first, more = _numbers(config, state, x, step, user, m.mapping, modules_u,
                                          tensors["layout"], adjusted, am.mapping,
                                          structure._module_names(am.mapping, order),
                                          at["layout"], framework, lambda msg: None,
-                                         {k: v["momentum"] for k, v in read_u.items()}, runs)
+                                         {k: v["momentum"] for k, v in read_u.items()}, runs,
+                                         clock, "probe_")
             numbers.pop("output_shape")
             report.adjusted, report.adjusted_first = numbers, first
             report.notes += [n for n in more if n not in report.notes]
         _built_at(report, built, [f["foreign"] for f in (report.first, report.adjusted_first)
                                   if f] + [d["foreign"] for d in report.bn_settings])
+        report.timings = clock.done(user, ref, adjusted)
         return report
     except (CheckError, spec.DenseNetConfigError):
         raise
@@ -166,6 +224,7 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
                            "ok": False})
         fail.error = f"{type(e).__name__ if not isinstance(e, BackendError) else e.error_type}: " \
                      f"{msg.strip().splitlines()[0] if msg.strip() else ''}"
+        fail.timings = clock.done(user, ref, adjusted)
         return fail
     finally:
         for s in (user, ref, adjusted):
@@ -240,21 +299,27 @@ def factory_location(factory: str, path: Optional[str]) -> Optional[str]:
     return None
 
 
-def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref, mapping_r,
-             modules_r, layout_r, framework, say, momenta, runs=None):
-    """Eval-mode logits (float32), then one train-mode step (float64): (numbers, the first
-    difference or None, notes). ``momenta``: the reference's BatchNorm momenta (canonical
+def _numbers(config, state, x, step, user, mapping_u, modules_u, layout_u, ref, mapping_r,
+             modules_r, layout_r, framework, say, momenta, runs=None, clock=None, prefix=""):
+    """Eval-mode logits (float32) on ``x``, then one train-mode step (float64) on ``step`` (its
+    input and labels: engine.step_size; the model's step reruns on ``x`` if it fails there, and
+    the reference's step runs on the input the model's ran on): (numbers, the first difference
+    or None, notes). ``momenta``: the reference's BatchNorm momenta (canonical
     module -> PyTorch's words). ``runs``: a dict keeping the model's own runs, reused when the
-    same model is compared again (with another reference)."""
+    same model is compared again (with another reference). ``clock``: an engine Clock, given
+    the phases (``prefix`` + ) eval_model, eval_reference, train_model, train_reference."""
     runs = {} if runs is None else runs
+    clock = clock or Clock()
     numbers, notes = {}, []
     ref.load(_to_model(state, mapping_r, layout_r))
     order = [c for c, _, _ in spec.canonical_modules(config)]
     say(f"[{framework}] eval mode, float32 ...")
     if "eval" not in runs:
-        runs["eval"] = user.run(x=x, modules=list(modules_u.values()), train=False)
+        with clock(prefix + "eval_model"):
+            runs["eval"] = user.run(x=x, modules=list(modules_u.values()), train=False)
     eu = runs["eval"]
-    er = ref.run(x=x, modules=list(modules_r.values()), train=False)
+    with clock(prefix + "eval_reference"):
+        er = ref.run(x=x, modules=list(modules_r.values()), train=False)
     numbers["eval_logits"] = _rel(eu["logits"], er["logits"])
     numbers["output_shape"] = list(np.shape(eu["logits"]))
     if numbers["eval_logits"] > EVAL_RTOL:
@@ -270,19 +335,25 @@ def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref
         return numbers, first, notes
     say(f"[{framework}] one train-mode step, float64 ...")
     if "train" not in runs:
-        try:
-            runs["train"] = "float64", user.run(x=x, labels=labels,
-                                                modules=list(modules_u.values()), train=True,
-                                                dtype="float64")
-        except Exception as e:  # noqa: BLE001 - a model that cannot run in float64
-            runs["note"] = (f"the model does not run in float64 ({str(e).splitlines()[0]}); "
-                            "the step is compared in float32 at 1e-3")
-            runs["train"] = "float32", user.run(x=x, labels=labels,
-                                                modules=list(modules_u.values()), train=True)
-    dtype, tu = runs["train"]
+        with clock(prefix + "train_model"):
+            try:
+                runs["train"] = step + _step(user, *step, list(modules_u.values()), runs)
+            except Exception:  # noqa: BLE001 - a model that runs at the eval size only
+                if step[0] is x:
+                    raise
+                runs.pop("note", None)
+                runs["train"] = (x, step[1]) + _step(user, x, step[1],
+                                                     list(modules_u.values()), runs)
+    xt, labels, dtype, tu = runs["train"]
     if "note" in runs:
         notes.append(runs["note"])
-    tr = ref.run(x=x, labels=labels, modules=list(modules_r.values()), train=True, dtype=dtype)
+    if xt is not x:
+        notes.append(f"the train-mode step ran at {xt.shape[2]}x{xt.shape[3]} (every layer "
+                     f"runs there, the last dense block at 2x2 or more), the eval-mode "
+                     f"comparison at {x.shape[2]}x{x.shape[3]}")
+    with clock(prefix + "train_reference"):
+        tr = ref.run(x=xt, labels=labels, modules=list(modules_r.values()), train=True,
+                     dtype=dtype)
     tol = STEP_RTOL if dtype == "float64" else 1e-3
     numbers["train_loss"] = _rel(np.float64(tu["loss"]), np.float64(tr["loss"]))
     gu = _to_canonical(tu["grads"], mapping_u, layout_u)
@@ -308,6 +379,18 @@ def _numbers(config, state, x, labels, user, mapping_u, modules_u, layout_u, ref
         bn_first["foreign"] = modules_u.get(bn_first["module"], "")
         first = bn_first
     return numbers, first, notes
+
+
+def _step(user, x, labels, modules, runs):
+    """The model's train-mode step in float64, or, for a model that cannot run in float64, in
+    float32 (its note in ``runs``): (dtype, the run)."""
+    try:
+        return "float64", user.run(x=x, labels=labels, modules=modules, train=True,
+                                   dtype="float64")
+    except Exception as e:  # noqa: BLE001 - a model that cannot run in float64
+        runs["note"] = (f"the model does not run in float64 ({str(e).splitlines()[0]}); "
+                        "the step is compared in float32 at 1e-3")
+        return "float32", user.run(x=x, labels=labels, modules=modules, train=True)
 
 
 def _weights(path: str, config) -> Dict[str, np.ndarray]:

@@ -41,6 +41,12 @@ class Report:
     #: the input's layout where it is not NCHW (an ONNX file's NHWC input: ``input_shape`` is
     #: then in that layout); "" for NCHW (or the MLP's (N, features))
     layout: str = ""
+    #: where the check's time went: {"phases": phase -> seconds (model, structure, reference,
+    #: bn_settings, weights, eval_model, eval_reference, train_model, train_reference, and with
+    #: BatchNorm settings that differ the probe's probe_reference, probe_eval_reference,
+    #: probe_train_reference; "other": the rest), "total", "compilation" (seconds of those
+    #: phases spent compiling: Keras' jitted calls)}; empty for a weights file's check
+    timings: Dict[str, object] = dataclasses.field(default_factory=dict)
 
     @property
     def same(self) -> bool:
