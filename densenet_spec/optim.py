@@ -29,7 +29,7 @@ separated by spaces, in any order, each at most once::
     per           all             step or epoch: what the        step
                                   schedule counts
     step_size     schedule=step   a positive integer             (required)
-    gamma         schedule=step   a positive number              0.1
+    gamma         schedule=step   0 < gamma <= 1                 0.1
     t_max         schedule=cosine a positive integer             the run's length (steps or
                                                                  epochs, as ``per`` counts)
     eta_min       schedule=cosine a number >= 0                  0
@@ -203,7 +203,7 @@ def parse_recipe(text: str) -> Recipe:
     if "step_size" in given:
         kw["step_size"] = _number("step_size", given["step_size"], 1, integer=True)
     if "gamma" in given:
-        kw["gamma"] = _number("gamma", given["gamma"], 0.0, low_open=True, high_open=False)
+        kw["gamma"] = _number("gamma", given["gamma"], 0.0, 1.0, low_open=True, high_open=False)
     if "t_max" in given:
         kw["t_max"] = _number("t_max", given["t_max"], 1, integer=True)
     if "eta_min" in given:
