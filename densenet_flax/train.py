@@ -536,10 +536,56 @@ def _schedule(recipe, steps_per_epoch: int, total_steps: int):
     return fn
 
 
-def _decay_mask(config, recipe):
+def _recipe_chain(learning_rate, momentum, dampening, weight_decay, b1, b2, eps, *,
+                  kind, mask):
+    """The optax transformation of a recipe of ``kind`` (optimizer, nesterov, with momentum,
+    with dampening, with weight decay): optax.sgd (momentum, nesterov) after
+    optax.add_decayed_weights (L2 in the gradient, masked), optax.adam after
+    add_decayed_weights, or optax.adamw (its weight decay masked)."""
+    name, nesterov, with_momentum, with_dampening, with_decay = kind
+    if name == "adamw":
+        return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=mask)
+    parts = [optax.add_decayed_weights(weight_decay, mask)] if with_decay else []
+    if name == "adam":
+        parts.append(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
+    else:
+        if with_dampening:
+            parts.append(optax.scale(1.0 - dampening))
+        parts.append(optax.sgd(learning_rate, momentum=momentum if with_momentum else None,
+                               nesterov=nesterov))
+    return optax.chain(*parts) if len(parts) > 1 else parts[0]
+
+
+_RECIPE_TX = {}
+
+
+def _recipe_tx(config, recipe):
+    """(transformation, compiled update) for ``recipe``'s kind and weight-decay mask: optax's
+    inject_hyperparams keeps the learning rate, momentum, dampening, weight decay, betas and
+    epsilon in the optimiser state, so one compiled update serves every recipe of a kind."""
+    kind = (recipe.optimizer, recipe.nesterov, bool(recipe.momentum), bool(recipe.dampening),
+            bool(recipe.weight_decay))
+    decayed = frozenset(spec.decayed_names(config, recipe))
+    key = (kind, decayed)
+    if key not in _RECIPE_TX:
+        mask = _decay_mask(decayed)
+
+        def chain(learning_rate, momentum, dampening, weight_decay, b1, b2, eps):
+            return _recipe_chain(learning_rate, momentum, dampening, weight_decay, b1, b2, eps,
+                                 kind=kind, mask=mask)
+
+        tx = optax.inject_hyperparams(chain)(
+            learning_rate=recipe.lr, momentum=recipe.momentum, dampening=recipe.dampening,
+            weight_decay=recipe.weight_decay, b1=recipe.betas[0], b2=recipe.betas[1],
+            eps=recipe.eps)
+        _RECIPE_TX[key] = tx, jax.jit(functools.partial(_apply, tx))
+    return _RECIPE_TX[key]
+
+
+def _decay_mask(decayed):
     """optax's mask for weight decay: a function of a parameter tree (NNX State or linen's
-    params) giving True where the parameter decays (densenet_spec.decayed_names)."""
-    decayed = spec.decayed_names(config, recipe)
+    params) giving True where the parameter decays (its canonical name in ``decayed``)."""
 
     def name(path):
         keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
@@ -554,35 +600,30 @@ def build_optimizer(model, recipe, steps_per_epoch: int = 1, total_steps: int = 
                     ) -> Optimizer:
     """``recipe`` as optax users write it, in an Optimizer (its optax state): optax.sgd
     (momentum, nesterov) after optax.add_decayed_weights (L2 in the gradient, masked),
-    optax.adam after add_decayed_weights, or optax.adamw (its weight decay masked); the
-    learning rate a number or an optax schedule (_schedule). ``model``: an NNX model, or a
-    linen (module, variables) pair, whose variables the Optimizer then carries
-    (``variables``), updated by run_steps. What it cannot express exactly: recipe_limits."""
+    optax.adam after add_decayed_weights, or optax.adamw (its weight decay masked), wrapped in
+    optax.inject_hyperparams; the schedule an optax schedule (_schedule) whose rate run_steps
+    sets in the state's hyperparameters before each update (what inject_hyperparams does with
+    a schedule, done outside the compiled update so that it serves every recipe of a kind).
+    ``model``: an NNX model, or a linen (module, variables) pair, whose variables the Optimizer
+    then carries (``variables``), updated by run_steps. What it cannot express exactly:
+    recipe_limits."""
     linen_pair = isinstance(model, tuple)
     config = model[0].config if linen_pair else model.config
-    lr = _schedule(recipe, steps_per_epoch, total_steps)
-    mask = _decay_mask(config, recipe)
-    if recipe.optimizer == "adamw":
-        tx = optax.adamw(lr, b1=recipe.betas[0], b2=recipe.betas[1], eps=recipe.eps,
-                         weight_decay=recipe.weight_decay, mask=mask)
-    else:
-        parts = [optax.add_decayed_weights(recipe.weight_decay, mask)] if recipe.weight_decay \
-            else []
-        if recipe.optimizer == "adam":
-            parts.append(optax.adam(lr, b1=recipe.betas[0], b2=recipe.betas[1], eps=recipe.eps))
-        else:
-            if recipe.momentum and recipe.dampening:
-                parts.append(optax.scale(1.0 - recipe.dampening))
-            parts.append(optax.sgd(lr, momentum=recipe.momentum or None,
-                                   nesterov=recipe.nesterov))
-        tx = optax.chain(*parts) if len(parts) > 1 else parts[0]
+    tx, update = _recipe_tx(config, recipe)
     if linen_pair:
         optimizer = Optimizer(None, recipe.lr, recipe.momentum, tx=tx,
                               params=model[1]["params"])
         optimizer.variables = dict(model[1])
     else:
         optimizer = Optimizer(model, recipe.lr, recipe.momentum, tx=tx)
-    optimizer.schedule = lr
+    dtype = jax.tree_util.tree_leaves(optimizer.state.hyperparams)[0].dtype
+    optimizer.state.hyperparams.update({
+        k: jnp.asarray(v, dtype) for k, v in (
+            ("learning_rate", recipe.lr), ("momentum", recipe.momentum),
+            ("dampening", recipe.dampening), ("weight_decay", recipe.weight_decay),
+            ("b1", recipe.betas[0]), ("b2", recipe.betas[1]), ("eps", recipe.eps))})
+    optimizer.schedule = _schedule(recipe, steps_per_epoch, total_steps)
+    optimizer._update = update
     return optimizer
 
 
@@ -623,8 +664,6 @@ def run_steps(model, optimizer, batches, recipe, steps_per_epoch: int = 1, start
     optimiser (so every recipe shares the model's). ``model``: NNX (updated in place) or
     linen's (module, variables) (optimizer.variables updated)."""
     from densenet_flax.runtime import nhwc, targets
-    if getattr(optimizer, "_update", None) is None:
-        optimizer._update = jax.jit(functools.partial(_apply, optimizer.tx))
     linen_pair = isinstance(model, tuple)
     if linen_pair:
         module, variables = model[0], optimizer.variables
@@ -641,8 +680,10 @@ def run_steps(model, optimizer, batches, recipe, steps_per_epoch: int = 1, start
             loss, grads, rest = _linen_grads(module, params, rest, x, y)
         else:
             loss, grads, rest = _nnx_grads(graphdef, params, rest, x, y)
-        params, optimizer.state, norm = optimizer._update(grads, optimizer.state, params)
         rate = lr(start + i) if callable(lr) else lr
+        hyper = optimizer.state.hyperparams
+        hyper["learning_rate"] = jnp.asarray(rate, hyper["learning_rate"].dtype)
+        params, optimizer.state, norm = optimizer._update(grads, optimizer.state, params)
         out.append({"loss": float(loss), "grad_norm": float(norm), "lr": float(rate)})
     if linen_pair:
         optimizer.variables = {"params": params, "batch_stats": rest}

@@ -360,6 +360,11 @@ def recipe_limits(recipe, dtype: str = "float32") -> List[str]:
         out.append("Gluon's momentum buffer holds the learning rate (mom = momentum mom - lr (g + "
                    "wd w)), PyTorch's does not (w -= lr buf): the same while lr is constant; "
                    "under a schedule Gluon's past gradients keep the rate they were taken with")
+    if recipe.optimizer == "sgd" and recipe.nesterov and recipe.weight_decay:
+        out.append("Gluon's nag (MXNet 1.9.1's nag_mom_update, run in place: out=weight) "
+                   "computes the new weight first and then adds lr wd w to the momentum with "
+                   "the new weight instead of the old (mom = m mom - lr (g + wd w_new)): "
+                   "PyTorch's Nesterov SGD from the second step on, when weight decay is set")
     if recipe.adaptive:
         out.append("Gluon's adam adds epsilon to sqrt(v) before the bias correction (w -= lr "
                    "sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)), PyTorch's after it: "

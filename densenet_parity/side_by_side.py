@@ -21,17 +21,34 @@ FLOOR_SHARE = 1e-8
 
 
 def zero_gradient_names(config) -> set:
-    """The parameters whose exact gradient is 0, so that what an optimiser does with them is
-    rounding noise (Adam divides it by its own size: up to lr per step, different in every
-    framework): every bias of a layer whose output goes only into BatchNorms (a train-mode
-    BatchNorm subtracts its batch mean, so a per-channel shift changes nothing). In the conv
-    family every convolution's (each feeds BatchNorms, directly or through concatenation and
-    pooling); in the MLP family each dense layer's linear1 (concatenated into the next
-    BatchNorm). They are left out of the comparison."""
-    mlp = isinstance(config, spec.MLPPreset)
+    """The biases whose exact gradient is 0 in some or all of their elements, so that what an
+    adaptive optimiser does with those elements is rounding noise (Adam divides a gradient by
+    its own size: a noise of 1e-17 moves the element by up to lr a step, in a direction no two
+    frameworks agree on). A train-mode BatchNorm subtracts its batch mean, so a per-feature
+    shift of its input changes nothing: every bias of a layer whose output goes only into
+    BatchNorms, directly or through concatenation and pooling (the conv family's convolutions;
+    the MLP's dense layers' linear1), or through a ReLU that is active on every row of the
+    batch (the MLP's last stem layer and its transitions' linear: those elements whose unit is
+    active on the whole batch)."""
+    if isinstance(config, spec.MLPPreset):
+        stem = f"features.linear{len(config.stem_widths) - 1}.bias"
+        return {n for n, _, kind in spec.canonical_tensors(config)
+                if kind == "param" and n.endswith(".bias")
+                and (n == stem or ".transition" in n and n.endswith(".linear.bias")
+                     or (".linear1." in n and ".denselayer" in n))}
     return {n for n, _, kind in spec.canonical_tensors(config)
-            if kind == "param" and n.endswith(".bias")
-            and ((".linear1." in n and ".denselayer" in n) if mlp else ".conv" in n)}
+            if kind == "param" and n.endswith(".bias") and ".conv" in n}
+
+
+def noise_floor(recipe, steps: int, steps_per_epoch: int = 1) -> float:
+    """The absolute floor for a zero_gradient_names element after ``steps`` steps of an
+    adaptive ``recipe`` (densenet_spec.Recipe): each of two frameworks moves it by at most
+    Adam's largest step, lr_t max(1, (1 - b1) / sqrt(1 - b2)) (its normalised update: the
+    sign of the noise, or a bias-corrected average of signs), in either direction, plus its
+    weight decay's lr_t wd |w| (|w| <= 1 here: a bias starts at 0)."""
+    b1, b2 = recipe.betas
+    step = max(1.0, (1 - b1) / (1 - b2) ** 0.5) + recipe.weight_decay
+    return 2 * step * sum(spec.lr_at(recipe, t, steps_per_epoch, steps) for t in range(steps))
 
 
 def distance(got: Dict[str, np.ndarray], ref: Dict[str, np.ndarray], names: Iterable[str]
