@@ -178,3 +178,67 @@ def test_weight_decay_exclusion_is_per_parameter(data, runs):
             assert np.array_equal(plain[n], decayed[n]), n
         elif np.any(data["book"].state[n]):  # a decay of zero weights (biases) is zero
             assert not np.array_equal(plain[n], decayed[n]), n
+
+
+# ------------------------------------------------------------------ the grammar (pure Python)
+
+GRID = [f"{o} lr={lr}{extra}{decay}{ex}{sched}"
+        for o, extra in (("sgd", ""), ("sgd", " momentum=0.9 dampening=0.1"),
+                         ("sgd", " momentum=0.9 nesterov=1"), ("adam", " betas=0.8,0.99 eps=1e-6"),
+                         ("adamw", ""))
+        for lr in ("0.1", "3e-4")
+        for decay in ("", " weight_decay=5e-4")
+        for ex in ("", " exclude=bn", " exclude=bias,bn")
+        for sched in ("", " schedule=step step_size=3 gamma=0.5 per=epoch",
+                      " schedule=cosine t_max=7 eta_min=1e-5", " schedule=cosine per=step")]
+
+
+def test_recipe_round_trips_through_its_string():
+    """str(recipe) writes every setting; parsing it gives the same recipe, for every optimiser,
+    option, exclusion and schedule of the grid (240 recipes)."""
+    for text in GRID:
+        recipe = spec.parse_recipe(text)
+        again = spec.parse_recipe(str(recipe))
+        assert again == recipe, (text, str(recipe))
+        assert str(again) == str(recipe)
+    assert spec.parse_recipe("adamw").weight_decay == 0.01  # PyTorch's default
+    assert spec.parse_recipe("sgd exclude=bias,bn").exclude == ("bn", "bias")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", "recipe: empty"),
+    ("rmsprop lr=0.1", "'rmsprop' is not an optimiser; expected one of sgd, adam, adamw"),
+    ("sgd lr", "'lr': expected key=value"),
+    ("sgd learning_rate=0.1", "unknown key 'learning_rate'; keys:"),
+    ("sgd lr=0.1 lr=0.2", "lr given twice"),
+    ("sgd lr=fast", "lr=fast: expected a number"),
+    ("sgd lr=nan", "lr=nan: expected a finite number"),
+    ("adam eps=inf", "eps=inf: expected a finite number"),
+    ("sgd lr=0", "lr=0: expected > 0"),
+    ("sgd momentum=1", "momentum=1: expected < 1"),
+    ("sgd nesterov=yes", "nesterov=yes: expected one of 0, 1"),
+    ("adam betas=0.9", "betas=0.9: expected two numbers b1,b2"),
+    ("sgd exclude=bn,weights", "exclude=weights: expected one of none, bn, bias"),
+    ("sgd decay=decoupled", "decay=decoupled with sgd: torch.optim.SGD adds weight decay"),
+    ("adam decay=decoupled", "Adam with decoupled weight decay is AdamW: write adamw"),
+    ("adamw decay=coupled", "AdamW's weight decay is decoupled"),
+    ("sgd nesterov=1", "nesterov=1 needs momentum > 0 and dampening=0 (as torch.optim.SGD); "
+                       "found momentum=0, dampening=0"),
+    ("sgd momentum=0.9 dampening=0.1 nesterov=1", "found momentum=0.9, dampening=0.1"),
+    ("adam momentum=0.9", "momentum is a setting of sgd, not of adam"),
+    ("sgd betas=0.9,0.99", "betas is a setting of adam and adamw, not of sgd"),
+    ("sgd schedule=cosine step_size=3", "step_size is a setting of schedule=step, and this "
+                                        "recipe's schedule is cosine"),
+    ("sgd t_max=3", "t_max is a setting of schedule=cosine, and this recipe's schedule is "
+                    "constant"),
+    ("sgd schedule=step", "schedule=step needs step_size=N"),
+    ("sgd schedule=linear", "schedule=linear: expected one of constant, step, cosine"),
+    ("sgd per=epoch", "per= says what a schedule counts, and this recipe has no schedule"),
+    ("sgd schedule=step step_size=1.5", "step_size=1.5: expected an integer"),
+])
+def test_a_bad_recipe_is_one_message_naming_expected_and_found(text, expected):
+    with pytest.raises(spec.RecipeError) as info:
+        spec.parse_recipe(text)
+    message = str(info.value)
+    assert expected in message, message
+    assert "\n" not in message and "Traceback" not in message
