@@ -346,7 +346,10 @@ def write_outputs(result: dict, out) -> list:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("largest relative distance from torch")
-    ax.set_title(f"{result['preset']} {result['dtype']}: {result['recipe'][:60]}", fontsize=8)
+    import textwrap
+    ax.set_title("\n".join(textwrap.wrap(f"{result['preset']}, {result['dtype']}, "
+                                          f"{result['steps']} steps: {result['recipe_given']}",
+                                          90)), fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     plot = os.path.join(out, "divergence.png")
