@@ -317,8 +317,8 @@ def compare_training(argv: List[str]) -> int:
                  "exactly agrees to 1e-9 at every step (a backend that cannot says so and shows "
                  "its distance), 1 when one does not (the first step and tensor named); "
                  "float32: the steps until the runs drift 1e-6, 1e-4, 1e-2 apart, exit 1 when "
-                 "the first step differs beyond 1e-4. 2: a usage error (a recipe that does not "
-                 "parse).",
+                 "the first step's loss or gradient norm differs beyond 1e-3. 2: a usage error "
+                 "(a recipe that does not parse).",
                  'densenet compare-training --preset book --recipe "sgd lr=0.1 momentum=0.9 '
                  'weight_decay=5e-4 exclude=bn,bias schedule=cosine" --steps 100 --out /tmp/ct')
     ap.add_argument("--preset", default="book", help=f"one of: {', '.join(spec.preset_names())}")

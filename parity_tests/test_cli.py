@@ -101,7 +101,8 @@ def test_train_usage_error_and_bench_help():
 def test_compare_training_runs_every_backend_and_writes_its_figures(tmp_path):
     """`densenet compare-training` on the book at 64 px (its last block at 2x2: at 32 px it is
     1x1 and BatchNorm over 2 values makes even float64 runs chaotic), 3 float32 steps in the four backends:
-    progress on the console, exit 0 (the float32 first steps agree to 1e-4), the
+    progress on the console, exit 0 (the first step's float32 loss and gradient norm agree
+    to 1e-3), the
     JSON of every figure (per step and per stage, the steps until each threshold) and the
     log-scale plot; MXNet names its limit (its momentum holds the cosine's learning rate)."""
     need_mxnet()
@@ -122,7 +123,8 @@ def test_compare_training_runs_every_backend_and_writes_its_figures(tmp_path):
         assert len(e["loss"]) == len(e["params"]) == len(e["stats"]) == 3
         assert set(e["steps_until"]) == {"1e-06", "0.0001", "0.01"}
         assert set(e["stages"]) >= {"stem", "denseblock1", "transition3", "head"}
-        assert 0 < e["params"][0] < 1e-4 and e["steps_until"]["1e-06"] == 1, e["params"]
+        assert 0 < e["params"][0] and e["steps_until"]["1e-06"] == 1, e["params"]
+        assert abs(e["loss"][0] / result["backends"]["torch"]["loss"][0] - 1) <= 1e-3
     assert any("learning rate" in lim for lim in result["backends"]["mxnet"]["limits"])
     assert (tmp_path / "divergence.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -270,11 +270,15 @@ def test_compare_training_verdict_names_the_first_difference():
     del result["backends"]["a"]
     _verdict(result)
     assert result["agree"] is True and result["first_difference"] is None
-    # float32: the first step is judged (1e-4), the drift after it measured
+    # float32: the first step's loss and gradient norm are judged (1e-3), the drift measured
     result["dtype"] = "float32"
-    result["backends"]["a"] = entry([1e-5, 1e-3, 1e-1], [1e-6] * 3)
+    result["backends"]["torch"] = {"loss": [2.0, 1.0, 0.5], "grad_norm": [3.0, 2.0, 1.0]}
+    result["backends"]["c"].update(loss=[2.0, 1.0, 0.5], grad_norm=[3.0, 2.0, 1.0])
+    result["backends"]["a"] = entry([1e-2, 1e-1, 1.0], [1e-6] * 3)
+    result["backends"]["a"].update(loss=[2.0 * (1 + 5e-5), 1.0, 1.0], grad_norm=[3.0, 1.0, 1.0])
     _verdict(result)
-    assert result["agree"] is True and result["backends"]["a"]["steps_until"]["0.01"] == 3
-    result["backends"]["a"] = entry([2e-4, 1e-3, 1e-1], [1e-6] * 3)
+    assert result["agree"] is True and result["backends"]["a"]["steps_until"]["0.01"] == 2
+    result["backends"]["a"]["grad_norm"][0] = 3.0 * (1 + 2e-3)
     _verdict(result)
     assert result["first_difference"]["step"] == 1 and result["agree"] is False
+    assert result["first_difference"]["tensor"] == "the grad norm"
