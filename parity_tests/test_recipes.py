@@ -2,8 +2,11 @@
 own optimiser (train.py's build_optimizer): over three float64 steps from the same canonical
 state on the same batches, every backend that says it expresses a recipe exactly
 (``recipe_limits`` empty) agrees with PyTorch to 1e-9 in the loss, the gradient norm, the
-learning rate and every parameter and BatchNorm statistic; every backend that names a limit
-differs from PyTorch by more than that (the difference it declares is real).
+learning rate and every parameter and BatchNorm statistic (Gluon's statistics aside: its
+biased running variance, conventions.md row 5; the biases whose exact gradient is 0, and under
+Adam the running means they feed, against an absolute floor: their movement is rounding noise);
+every backend that names a limit differs from PyTorch by more than that (the difference it
+declares is real). Then the recipe grammar (pure Python) and the compare-training verdict.
 
 Cheap: the book at 64 px with a batch of 2 (the smallest input that exercises every stage:
 parity_tests/test_numeric.py's _size), the MLP on batches of 128 house-price rows; one session
