@@ -6,6 +6,7 @@
     densenet summary   a preset's layer table in one backend, in the style its users know
     densenet check     is your own model or weights file the preset's network, and where not?
     densenet train     train with the book's recipe in PyTorch, MXNet Gluon or Flax
+    densenet compare-training  a training recipe's run in every backend, step by step
     densenet bench     speed and memory benchmarks (a source checkout's benchmarks/)
 
 ``densenet COMMAND --help`` shows each command's options and an example. Exit status in every
@@ -356,6 +357,69 @@ def check(argv: List[str]) -> int:
     return OK if report.same else FAILED
 
 
+# --------------------------------------------------------------------------- compare-training
+
+def compare_training(argv: List[str]) -> int:
+    from densenet_parity.backends import BACKEND_NAMES
+    ap = _parser("compare-training", "A training recipe (densenet_spec/optim.py) run side by "
+                 "side: the same canonical initial weights, the same batches in the same order, "
+                 "N steps in torch, Gluon, Flax NNX and linen, each with its framework's own "
+                 "optimiser; per step the loss, the gradient norm and each backend's largest "
+                 "relative distance from torch in the parameters and BatchNorm statistics, per "
+                 "stage. The MLP presets train on the house-price data, the others on the "
+                 "book's (digits). float64: exit 0 when every backend that expresses the recipe "
+                 "exactly agrees to 1e-9 at every step (a backend that cannot says so and shows "
+                 "its distance), 1 when one does not (the first step and tensor named); "
+                 "float32: the steps until the runs drift 1e-6, 1e-4, 1e-2 apart, exit 1 when "
+                 "the first step's loss or gradient norm differs beyond 1e-3. 2: a usage error "
+                 "(a recipe that does not parse).",
+                 'densenet compare-training --preset book --recipe "sgd lr=0.1 momentum=0.9 '
+                 'weight_decay=5e-4 exclude=bn,bias schedule=cosine" --steps 100 --out /tmp/ct')
+    ap.add_argument("--preset", default="book", help=f"one of: {', '.join(spec.preset_names())}")
+    ap.add_argument("--recipe", required=True, help=spec.RECIPE_GRAMMAR)
+    ap.add_argument("--steps", type=int, default=100, help="optimiser steps (default 100)")
+    ap.add_argument("--dtype", default="float64", choices=("float32", "float64"))
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="examples a step (default 16 images, 128 house-price rows)")
+    ap.add_argument("--size", type=int, default=None,
+                    help="the images' side, the conv family (default 64)")
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+    ap.add_argument("--backends", default=",".join(BACKEND_NAMES),
+                    help=f"comma-separated, torch first: a subset of {','.join(BACKEND_NAMES)}")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--every", type=int, default=None,
+                    help="a progress line every K steps (default: a tenth of the run)")
+    ap.add_argument("--out", metavar="DIR",
+                    help="write compare_training.json (every figure) and divergence.png there")
+    args = ap.parse_args(argv)
+    from densenet_parity import side_by_side as engine
+    from densenet_training.data import DataError
+    try:
+        spec.parse_recipe(args.recipe)
+        names = [n.strip() for n in args.backends.split(",") if n.strip()]
+        for n in names:
+            if n not in BACKEND_NAMES:
+                raise ValueError(f"--backends: unknown backend {n!r}; backends: "
+                                 f"{', '.join(BACKEND_NAMES)}")
+        spec.make_config(args.preset)
+    except (spec.RecipeError, ValueError, spec.DenseNetConfigError) as e:
+        _error(str(e))
+        return USAGE
+    try:
+        result = engine.compare_training(
+            args.preset, args.recipe, args.steps, args.dtype, args.batch_size, args.size, names,
+            args.seed, args.limit, progress=lambda line: print(line, flush=True),
+            every=args.every)
+    except (spec.RecipeError, ValueError, DataError, spec.DenseNetConfigError) as e:
+        _error(str(e))
+        return USAGE
+    print(engine.render(result))
+    if args.out:
+        for path in engine.write_outputs(result, args.out):
+            print(f"wrote {path}")
+    return OK if result["agree"] else FAILED
+
+
 # --------------------------------------------------------------------------- train, bench
 
 def train(argv: List[str]) -> int:
@@ -391,6 +455,8 @@ COMMANDS: Dict[str, Tuple[Callable[[List[str]], int], str]] = {
     "check": (check, "is your model (or weights file) the preset's network? where does it differ?"),
     "train": (train, "train with the book's recipe in PyTorch, MXNet Gluon or Flax"),
     "bench": (bench, "speed and memory benchmarks (from a source checkout)"),
+    "compare-training": (compare_training, "a training recipe in every backend, step by step: "
+                                           "where do the runs part?"),
 }
 
 

@@ -771,3 +771,52 @@ def model_sites(model, variant: str = "nnx") -> dict:
     initialisation called); {} for any other model, and no entry for a module this project's
     code built."""
     return sites.remembered(model[0] if isinstance(model, tuple) else model)
+
+
+# ---------------------------------------------------------------- training recipes
+# A run of a training recipe (densenet_spec/optim.py) step by step: recipe_session loads the
+# state into a model and builds the recipe with the framework's optimiser (train.py's
+# build_optimizer); each recipe_step takes the next batch and returns the step's figures and
+# the new canonical state. (MXNet's session stays in its worker, sent back as a handle.)
+
+def recipe_limits(recipe: str, dtype: str = "float32", variant: str = "nnx") -> list:
+    """What this framework cannot express exactly of ``recipe`` (a recipe string), in words."""
+    from densenet_flax import train
+    _module(variant)
+    return train.recipe_limits(spec.parse_recipe(recipe), dtype)
+
+
+def recipe_session(config: dict, state: dict, recipe: str, steps_per_epoch: int = 1,
+                   total_steps: int = 1, dtype: str = "float32", variant: str = "nnx"):
+    """A model loaded with ``state`` at ``dtype`` and ``recipe``'s optimiser for it."""
+    import types
+    from densenet_flax import train
+    parsed = spec.parse_recipe(recipe)
+    with _numerics(dtype):
+        model = _loaded(config, state, variant=variant, dtype=dtype)
+        return types.SimpleNamespace(model=model, recipe=parsed, dtype=dtype, step=0,
+                                     steps_per_epoch=steps_per_epoch,
+                                     optimizer=train.build_optimizer(model, parsed,
+                                                                     steps_per_epoch,
+                                                                     total_steps))
+
+
+def recipe_step(session, x, labels, variant: str = "nnx") -> dict:
+    """The session's next step on (x, labels): loss, grad_norm, lr and the new canonical state
+    (parameters and BatchNorm running statistics) at the session's dtype."""
+    from densenet_flax import train
+    with _numerics(session.dtype):
+        fig, = train.run_steps(session.model, session.optimizer, [(x, labels)], session.recipe,
+                               session.steps_per_epoch, session.step)
+        session.step += 1
+        if isinstance(session.model, tuple):
+            arrays = export_state(session.model[0], session.optimizer.variables,
+                                  dtype=session.dtype)
+        else:
+            arrays = export_state(session.model, dtype=session.dtype)
+    return {**fig, "arrays": arrays}
+
+
+def recipe_end(session, variant: str = "nnx") -> None:
+    """Let go of a session's model and optimiser (its memory back)."""
+    session.__dict__.clear()

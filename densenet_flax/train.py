@@ -18,7 +18,7 @@ import functools
 import os
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -123,17 +123,19 @@ def xavier_init(model, seed: int = 0) -> None:
 
 
 class Optimizer:
-    """optax's SGD with its state, and the compiled training step for a model's graph. With a
+    """optax's SGD (or another optax transformation, ``tx``: build_optimizer's, for ``params``
+    when they are not an NNX model's) with its state, and the compiled training step for a
+    model's graph. With a
     ``mesh`` (several devices) the state and parameters are replicated over it and every batch
     is split along it; ``sync_bn`` chooses the step (densenet_flax/parallel.py: one jitted step
     over the sharded batch, whose BatchNorm sees the global batch, or shard_map's per-device
     step with averaged gradients and running statistics)."""
 
     def __init__(self, model, lr: float, momentum: float = 0.0, mesh: Optional[Mesh] = None,
-                 sync_bn: bool = False):
+                 sync_bn: bool = False, tx=None, params=None):
         self.lr, self.momentum, self.mesh, self.sync_bn = lr, momentum, mesh, sync_bn
-        self.tx = optax.sgd(lr, momentum=momentum or None)
-        self.state = self.tx.init(nnx.state(model, nnx.Param))
+        self.tx = tx if tx is not None else optax.sgd(lr, momentum=momentum or None)
+        self.state = self.tx.init(params if params is not None else nnx.state(model, nnx.Param))
         self._steps = {}
 
     def replicate(self, tree):
@@ -502,6 +504,192 @@ def fit_house(cfg: training.TrainConfig, data, reporter: Optional[training.Repor
     with jax.default_device(device):
         return training.run_folds(cfg, data, sys.modules[__name__], reporter, device,
                                   versions())
+
+# ------------------------------------------------------------------ training recipes
+
+def recipe_limits(recipe, dtype: str = "float32") -> List[str]:
+    """What optax cannot express exactly of ``recipe`` (a densenet_spec.Recipe) at ``dtype``, each with the
+    nearest that build_optimizer uses instead (empty: exact)."""
+    out = []
+    if recipe.optimizer == "sgd" and recipe.momentum and recipe.dampening:
+        out.append("optax's trace has no dampening: the nearest, used here, scales the gradient "
+                   "by 1 - dampening before optax.sgd's trace, which differs from PyTorch on the "
+                   "first step (PyTorch's first buffer is the whole gradient) and after it")
+    return out
+
+
+def _schedule(recipe, steps_per_epoch: int, total_steps: int):
+    """The learning rate as optax writes it: a number, or a schedule of optax's update count
+    (optax.exponential_decay with staircase=True for step, optax.cosine_decay_schedule for
+    cosine; of the epoch, count // steps_per_epoch, for per=epoch)."""
+    if recipe.schedule == "constant":
+        return recipe.lr
+    if recipe.schedule == "step":
+        fn = optax.exponential_decay(recipe.lr, transition_steps=recipe.step_size,
+                                     decay_rate=recipe.gamma, staircase=True)
+    else:
+        fn = optax.cosine_decay_schedule(
+            recipe.lr, spec.optim.cosine_t_max(recipe, total_steps, steps_per_epoch),
+            alpha=recipe.eta_min / recipe.lr)
+    if recipe.per == "epoch":
+        return lambda count: fn(count // steps_per_epoch)
+    return fn
+
+
+def _recipe_chain(learning_rate, momentum, dampening, weight_decay, b1, b2, eps, *,
+                  kind, mask):
+    """The optax transformation of a recipe of ``kind`` (optimizer, nesterov, with momentum,
+    with dampening, with weight decay): optax.sgd (momentum, nesterov) after
+    optax.add_decayed_weights (L2 in the gradient, masked), optax.adam after
+    add_decayed_weights, or optax.adamw (its weight decay masked)."""
+    name, nesterov, with_momentum, with_dampening, with_decay = kind
+    if name == "adamw":
+        return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=mask)
+    parts = [optax.add_decayed_weights(weight_decay, mask)] if with_decay else []
+    if name == "adam":
+        parts.append(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
+    else:
+        if with_dampening:
+            parts.append(optax.scale(1.0 - dampening))
+        parts.append(optax.sgd(learning_rate, momentum=momentum if with_momentum else None,
+                               nesterov=nesterov))
+    return optax.chain(*parts) if len(parts) > 1 else parts[0]
+
+
+_RECIPE_TX = {}
+
+
+def _recipe_tx(config, recipe):
+    """(transformation, compiled update) for ``recipe``'s kind and weight-decay mask: optax's
+    inject_hyperparams keeps the learning rate, momentum, dampening, weight decay, betas and
+    epsilon in the optimiser state, so one compiled update serves every recipe of a kind."""
+    kind = (recipe.optimizer, recipe.nesterov, bool(recipe.momentum), bool(recipe.dampening),
+            bool(recipe.weight_decay))
+    decayed = frozenset(spec.decayed_names(config, recipe))
+    key = (kind, decayed)
+    if key not in _RECIPE_TX:
+        mask = _decay_mask(decayed)
+
+        def chain(learning_rate, momentum, dampening, weight_decay, b1, b2, eps):
+            return _recipe_chain(learning_rate, momentum, dampening, weight_decay, b1, b2, eps,
+                                 kind=kind, mask=mask)
+
+        tx = optax.inject_hyperparams(chain)(
+            learning_rate=recipe.lr, momentum=recipe.momentum, dampening=recipe.dampening,
+            weight_decay=recipe.weight_decay, b1=recipe.betas[0], b2=recipe.betas[1],
+            eps=recipe.eps)
+        _RECIPE_TX[key] = tx, jax.jit(functools.partial(_apply, tx))
+    return _RECIPE_TX[key]
+
+
+def _decay_mask(decayed):
+    """optax's mask for weight decay: a function of a parameter tree (NNX State or linen's
+    params) giving True where the parameter decays (its canonical name in ``decayed``)."""
+
+    def name(path):
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        keys = [k for k in keys if k != "value"]
+        return ".".join(keys[:-1] + [state_lib._TO_CANONICAL[keys[-1]]])
+
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: name(path) in decayed, params)
+
+
+def build_optimizer(model, recipe, steps_per_epoch: int = 1, total_steps: int = 1
+                    ) -> Optimizer:
+    """``recipe`` as optax users write it, in an Optimizer (its optax state): optax.sgd
+    (momentum, nesterov) after optax.add_decayed_weights (L2 in the gradient, masked),
+    optax.adam after add_decayed_weights, or optax.adamw (its weight decay masked), wrapped in
+    optax.inject_hyperparams; the schedule an optax schedule (_schedule) whose rate run_steps
+    sets in the state's hyperparameters before each update (what inject_hyperparams does with
+    a schedule, done outside the compiled update so that it serves every recipe of a kind).
+    ``model``: an NNX model, or a linen (module, variables) pair, whose variables the Optimizer
+    then carries (``variables``), updated by run_steps. What it cannot express exactly:
+    recipe_limits."""
+    linen_pair = isinstance(model, tuple)
+    config = model[0].config if linen_pair else model.config
+    tx, update = _recipe_tx(config, recipe)
+    if linen_pair:
+        optimizer = Optimizer(None, recipe.lr, recipe.momentum, tx=tx,
+                              params=model[1]["params"])
+        optimizer.variables = dict(model[1])
+    else:
+        optimizer = Optimizer(model, recipe.lr, recipe.momentum, tx=tx)
+    dtype = jax.tree_util.tree_leaves(optimizer.state.hyperparams)[0].dtype
+    optimizer.state.hyperparams.update({
+        k: jnp.asarray(v, dtype) for k, v in (
+            ("learning_rate", recipe.lr), ("momentum", recipe.momentum),
+            ("dampening", recipe.dampening), ("weight_decay", recipe.weight_decay),
+            ("b1", recipe.betas[0]), ("b2", recipe.betas[1]), ("eps", recipe.eps))})
+    optimizer.schedule = _schedule(recipe, steps_per_epoch, total_steps)
+    optimizer._update = update
+    return optimizer
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _nnx_grads(graphdef, params, rest, x, y):
+    """NNX, train mode: (loss, gradient, updated non-parameter state)."""
+    from densenet_flax.runtime import loss as loss_of
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        return loss_of(model(x), y), nnx.split(model, nnx.Param, ...)[2]
+
+    (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, grads, new_rest
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _linen_grads(module, params, batch_stats, x, y):
+    """linen, train mode: (loss, gradient, updated batch_stats)."""
+    from densenet_flax.runtime import linen_loss
+    (loss, stats), grads = jax.value_and_grad(linen_loss(module, batch_stats, x, y),
+                                              has_aux=True)(params)
+    return loss, grads, stats
+
+
+def _apply(tx, grads, opt_state, params):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
+
+
+def run_steps(model, optimizer, batches, recipe, steps_per_epoch: int = 1, start: int = 0
+              ) -> List[dict]:
+    """Optimiser steps of ``recipe`` (``optimizer``: build_optimizer's) in train mode, one per
+    (x, y) of ``batches`` (canonical NCHW numpy inputs, integer labels or float targets), the
+    first being step ``start`` of the run (optax counts the steps itself). Per step: the loss,
+    the global L2 norm of the loss's gradient (before weight decay) and the learning rate it
+    used. The gradient is one compiled program per model and shape, the update another per
+    optimiser (so every recipe shares the model's). ``model``: NNX (updated in place) or
+    linen's (module, variables) (optimizer.variables updated)."""
+    from densenet_flax.runtime import nhwc, targets
+    linen_pair = isinstance(model, tuple)
+    if linen_pair:
+        module, variables = model[0], optimizer.variables
+        params, rest = variables["params"], variables["batch_stats"]
+    else:
+        model.train()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    lr = optimizer.schedule
+    out = []
+    for i, (x, y) in enumerate(batches):
+        x, y = nhwc(x, dtype), targets(y, dtype)
+        if linen_pair:
+            loss, grads, rest = _linen_grads(module, params, rest, x, y)
+        else:
+            loss, grads, rest = _nnx_grads(graphdef, params, rest, x, y)
+        rate = lr(start + i) if callable(lr) else lr
+        hyper = optimizer.state.hyperparams
+        hyper["learning_rate"] = jnp.asarray(rate, hyper["learning_rate"].dtype)
+        params, optimizer.state, norm = optimizer._update(grads, optimizer.state, params)
+        out.append({"loss": float(loss), "grad_norm": float(norm), "lr": float(rate)})
+    if linen_pair:
+        optimizer.variables = {"params": params, "batch_stats": rest}
+    else:
+        nnx.update(model, params, rest)
+    return out
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
+import densenet_spec as spec
 import densenet_training as training
 from densenet_mxnet import parallel
 from densenet_mxnet import state as state_lib
@@ -345,6 +346,118 @@ def fit_house(cfg: training.TrainConfig, data, reporter: Optional[training.Repor
     reporter = reporter or training.ConsoleReporter(cfg.progress)
     return training.run_folds(cfg, data, sys.modules[__name__], reporter,
                               select_device(cfg.device), versions())
+
+# ------------------------------------------------------------------ training recipes
+
+def recipe_limits(recipe, dtype: str = "float32") -> List[str]:
+    """What Gluon (MXNet 1.9.1) cannot express exactly of ``recipe`` (a densenet_spec.Recipe) at ``dtype``,
+    each with the nearest that build_optimizer uses instead (empty: exact)."""
+    out = []
+    if recipe.optimizer == "sgd" and recipe.momentum and recipe.dampening:
+        out.append("Gluon's sgd has no dampening: the nearest, used here, is sgd with the same "
+                   "momentum and no dampening")
+    if recipe.optimizer == "sgd" and recipe.momentum and recipe.schedule != "constant":
+        out.append("Gluon's momentum buffer holds the learning rate (mom = momentum mom - lr (g + "
+                   "wd w)), PyTorch's does not (w -= lr buf): the same while lr is constant; "
+                   "under a schedule Gluon's past gradients keep the rate they were taken with")
+    if recipe.optimizer == "sgd" and recipe.nesterov and recipe.weight_decay:
+        out.append("Gluon's nag (MXNet 1.9.1's nag_mom_update, run in place: out=weight) "
+                   "computes the new weight first and then adds lr wd w to the momentum with "
+                   "the new weight instead of the old (mom = m mom - lr (g + wd w_new)): "
+                   "PyTorch's Nesterov SGD from the second step on, when weight decay is set")
+    if recipe.adaptive:
+        out.append("Gluon's adam adds epsilon to sqrt(v) before the bias correction (w -= lr "
+                   "sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)), PyTorch's after it: "
+                   "Gluon's epsilon is PyTorch's times sqrt(1 - b2^t), the same epsilon a "
+                   "different update")
+    if recipe.optimizer == "adamw":
+        out.append("MXNet 1.9.1 has no AdamW optimiser (only the operator "
+                   "nd.contrib.adamw_update): the nearest, used here, is adam with wd, "
+                   "weight decay added to the gradient (Adam with L2) instead of decoupled")
+    if dtype == "float64":
+        rates = [spec.lr_at(recipe, k) for k in range(64)] if recipe.schedule == "step" else \
+            [recipe.lr] if recipe.schedule == "constant" else [0.1]
+        if recipe.adaptive or recipe.schedule == "cosine" or not all(
+                float(np.float32(v)) == v for v in rates + [recipe.momentum,
+                                                            recipe.weight_decay]):
+            out.append("MXNet's optimiser operators take the learning rate, momentum and weight "
+                       "decay as float32 (Adam's bias-corrected rate too): in float64 a value "
+                       "float32 cannot hold (0.1, a cosine's rates) is rounded, ~1e-8 relative "
+                       "a step")
+    return out
+
+
+def build_optimizer(model, recipe, steps_per_epoch: int = 1, total_steps: int = 1):
+    """``recipe`` as Gluon users write it: (trainer, epoch scheduler). A gluon.Trainer with
+    'sgd', 'nag' (Nesterov) or 'adam', weight decay ``wd`` with each excluded parameter's
+    ``wd_mult`` set to 0 (Gluon decays every parameter otherwise, BatchNorm's and biases too),
+    and the schedule as mx.lr_scheduler's FactorScheduler or CosineScheduler: the optimiser's
+    own ``lr_scheduler`` for per=step (called with the update count, from 1), or called by
+    run_steps with the epoch (from 1) and set by trainer.set_learning_rate for per=epoch (None
+    for a constant rate). What it cannot express exactly: recipe_limits."""
+    params = state_lib._canonical_params(model)
+    decayed = spec.decayed_names(model.config, recipe)
+    for name, p in params.items():
+        if p.grad_req != "null":
+            p.wd_mult = 1.0 if name in decayed else 0.0
+    kw = {"learning_rate": recipe.lr, "wd": recipe.weight_decay}
+    if recipe.optimizer == "sgd":
+        name = "nag" if recipe.nesterov else "sgd"
+        kw["momentum"] = recipe.momentum
+    else:
+        name = "adam"
+        kw.update(beta1=recipe.betas[0], beta2=recipe.betas[1], epsilon=recipe.eps)
+    scheduler = None
+    if recipe.schedule == "step":
+        scheduler = mx.lr_scheduler.FactorScheduler(step=recipe.step_size, factor=recipe.gamma,
+                                                    base_lr=recipe.lr)
+    elif recipe.schedule == "cosine":
+        # warmup_steps=1 at the base rate: the cosine starts at update 1 (PyTorch's k = 0)
+        t_max = spec.optim.cosine_t_max(recipe, total_steps, steps_per_epoch)
+        scheduler = mx.lr_scheduler.CosineScheduler(
+            max_update=t_max + 1, base_lr=recipe.lr, final_lr=recipe.eta_min, warmup_steps=1,
+            warmup_begin_lr=recipe.lr)
+    if scheduler is not None and recipe.per == "step":
+        kw["lr_scheduler"], scheduler = scheduler, None
+    return gluon.Trainer(model.collect_params(), name, kw), scheduler
+
+
+def _recipe_loss(outputs, y, kind):
+    """Softmax cross-entropy against integer labels (``kind``: the labels' numpy dtype); the
+    mean squared error against float targets shaped as the outputs (the MLP family's prices)."""
+    if not np.issubdtype(kind, np.floating):
+        return gluon.loss.SoftmaxCrossEntropyLoss()(outputs, y).mean()
+    return ((outputs - y) ** 2).mean()
+
+
+def run_steps(model, optimizer, batches, recipe, steps_per_epoch: int = 1, start: int = 0
+              ) -> List[dict]:
+    """Optimiser steps of ``recipe`` (``optimizer``: build_optimizer's pair) in train mode, one
+    per (x, y) of ``batches`` (canonical NCHW numpy inputs, integer labels or float targets),
+    the first being step ``start`` of the run. Per step: the loss, the global L2 norm of the
+    loss's gradient (before weight decay) and the learning rate it used."""
+    trainer, scheduler = optimizer
+    first = next(iter(model.collect_params().values()))
+    dtype, ctx = first.dtype, first.list_ctx()[0]
+    out = []
+    for i, (x, y) in enumerate(batches):
+        step = start + i
+        if scheduler is not None and step % steps_per_epoch == 0:
+            trainer.set_learning_rate(scheduler(step // steps_per_epoch + 1))
+        y = np.asarray(y)
+        xs = mx.nd.array(np.asarray(x), ctx=ctx, dtype=dtype)
+        with autograd.record():
+            loss = _recipe_loss(model(xs), mx.nd.array(y, ctx=ctx, dtype=dtype), y.dtype)
+        loss.backward()
+        norm = float(np.sqrt(sum(float((p.grad().astype("float64") ** 2).sum().asscalar())
+                                 for p in model.collect_params().values()
+                                 if p.grad_req != "null")))
+        opt = trainer._optimizer
+        lr = (opt.lr_scheduler(opt.num_update + 1) if opt.lr_scheduler is not None
+              else trainer.learning_rate)
+        trainer.step(1)  # the loss is already the batch mean
+        out.append({"loss": float(loss.asscalar()), "grad_norm": norm, "lr": float(lr)})
+    return out
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,8 @@ the chapter's exercise 5 (the forum's house-price model). One idea a module:
 * ``factory``    importing a user's own model factory,
 * ``sites``      where the user's code built each layer while a factory ran (``built at
                  FILE:LINE`` in the check's report; each mirror names its framework's hooks).
+* ``optim``      a training recipe as data (optimiser, weight decay, schedule), its grammar
+                 and PyTorch's meaning of it.
 
 ``import densenet_spec as spec`` gives all of it; the parity suite uses it as its oracle and
 the backends read their presets from it.
@@ -25,6 +27,8 @@ from densenet_spec.arithmetic import (final_features, input_shape, min_input_siz
                                       module_arithmetic, stage_channels, stage_names,
                                       transition_channels)
 from densenet_spec.factory import call_factory
+from densenet_spec.optim import (GRAMMAR as RECIPE_GRAMMAR, Recipe, RecipeError,
+                                 decayed_names, lr_at, parse_recipe)
 from densenet_spec.names import (StateMismatchError, canonical_modules, canonical_tensors,
                                  check_state, infer_config, remap_legacy_keys, stage_counts,
                                  stage_of, total_counts)
@@ -46,4 +50,5 @@ __all__ = [
     "remap_legacy_keys", "infer_config", "canonical_modules", "module_arithmetic",
     "call_factory", "check_devices", "validate", "check_layer_args", "transition_channels",
     "final_features", "preset_builder", "iter_presets", "is_mlp", "TRANSITION_POOLS",
+    "Recipe", "RecipeError", "parse_recipe", "lr_at", "decayed_names", "RECIPE_GRAMMAR",
 ]

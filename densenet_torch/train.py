@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+import densenet_spec as spec
 import densenet_training as training
 from densenet_torch import parallel
 from densenet_torch import state as state_lib
@@ -333,6 +334,77 @@ def fit_house(cfg: training.TrainConfig, data, reporter: Optional[training.Repor
     reporter = reporter or training.ConsoleReporter(cfg.progress)
     return training.run_folds(cfg, data, sys.modules[__name__], reporter,
                               select_device(cfg.device), versions())
+
+# ------------------------------------------------------------------ training recipes
+
+def recipe_limits(recipe, dtype: str = "float32") -> List[str]:
+    """What PyTorch cannot express exactly of ``recipe`` (a densenet_spec.Recipe) at ``dtype``: nothing, since
+    a recipe means what PyTorch computes (densenet_spec/optim.py)."""
+    return []
+
+
+def build_optimizer(model, recipe, steps_per_epoch: int = 1, total_steps: int = 1):
+    """``recipe`` as PyTorch users write it: (optimizer, scheduler). torch.optim.SGD, Adam or
+    AdamW over two parameter groups, with and without weight decay (``exclude``), and
+    torch.optim.lr_scheduler's StepLR or CosineAnnealingLR (None for a constant rate), which
+    run_steps steps after every optimiser step or after every epoch (``recipe.per``)."""
+    decayed = spec.decayed_names(_module(model).config, recipe)
+    named = [(n, p) for n, p in _module(model).named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n in decayed]},
+              {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if recipe.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum,
+                                    dampening=recipe.dampening, nesterov=recipe.nesterov,
+                                    weight_decay=recipe.weight_decay)
+    else:
+        cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+        optimizer = cls(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps,
+                        weight_decay=recipe.weight_decay)
+    scheduler = None
+    if recipe.schedule == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, recipe.step_size, recipe.gamma)
+    elif recipe.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, spec.optim.cosine_t_max(recipe, total_steps, steps_per_epoch),
+            eta_min=recipe.eta_min)
+    return optimizer, scheduler
+
+
+def _recipe_loss(outputs, y):
+    """Softmax cross-entropy against integer labels; the mean squared error against float
+    targets shaped as the outputs (the MLP family's prices)."""
+    if not torch.is_floating_point(y):
+        return F.cross_entropy(outputs, y)
+    return F.mse_loss(outputs, y)
+
+
+def run_steps(model, optimizer, batches, recipe, steps_per_epoch: int = 1, start: int = 0
+              ) -> List[dict]:
+    """Optimiser steps of ``recipe`` (``optimizer``: build_optimizer's pair) in train mode, one
+    per (x, y) of ``batches`` (canonical NCHW numpy inputs, integer labels or float targets),
+    the first being step ``start`` of the run. Per step: the loss, the global L2 norm of the
+    loss's gradient (before weight decay) and the learning rate it used."""
+    optimizer, scheduler = optimizer
+    model.train()
+    p0 = next(model.parameters())
+    out = []
+    for i, (x, y) in enumerate(batches):
+        x = torch.as_tensor(np.asarray(x)).to(p0.device, p0.dtype)
+        y = torch.as_tensor(np.asarray(y)).to(p0.device)
+        y = y.to(p0.dtype) if torch.is_floating_point(y) else y
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.zero_grad()
+        loss = _recipe_loss(model(x), y)
+        loss.backward()
+        norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()
+                              if p.grad is not None))
+        optimizer.step()
+        step = start + i
+        if scheduler is not None and (recipe.per == "step" or (step + 1) % steps_per_epoch == 0):
+            scheduler.step()
+        out.append({"loss": loss.item(), "grad_norm": norm.item(), "lr": float(lr)})
+    return out
 
 
 def main(argv=None) -> int:

@@ -96,3 +96,41 @@ def test_train_usage_error_and_bench_help():
     assert r.returncode == 2 and "--epochs must be positive" in r.stderr
     r = densenet("bench", "--help")
     assert r.returncode == 0 and "python -m benchmarks.bench" in r.stdout
+
+
+def test_compare_training_runs_every_backend_and_writes_its_figures(tmp_path):
+    """`densenet compare-training` on the book at 64 px (its last block at 2x2: at 32 px it is
+    1x1 and BatchNorm over 2 values makes even float64 runs chaotic), 3 float32 steps in the four backends:
+    progress on the console, exit 0 (the first step's float32 loss and gradient norm agree
+    to 1e-3), the
+    JSON of every figure (per step and per stage, the steps until each threshold) and the
+    log-scale plot; MXNet names its limit (its momentum holds the cosine's learning rate)."""
+    need_mxnet()
+    r = densenet("compare-training", "--preset", "book", "--size", 64, "--batch-size", 2,
+                 "--steps", 3, "--every", 1, "--dtype", "float32", "--recipe",
+                 "sgd lr=0.05 momentum=0.9 weight_decay=0.001 exclude=bn schedule=cosine",
+                 "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "step 1/3: torch loss" in r.stdout and "step 3/3" in r.stdout
+    assert "AGREE" in r.stdout and "Traceback" not in r.stderr
+    result = json.loads((tmp_path / "compare_training.json").read_text())
+    assert result["steps"] == 3 and result["dtype"] == "float32" and result["agree"] is True
+    assert set(result["backends"]) == {"torch", "mxnet", "flax-nnx", "flax-linen"}
+    # the conv biases, zero in exact arithmetic: judged by an absolute floor
+    assert "features.conv0.bias" in result["absolute_names"]
+    for name in ("mxnet", "flax-nnx", "flax-linen"):
+        e = result["backends"][name]
+        assert len(e["loss"]) == len(e["params"]) == len(e["stats"]) == 3
+        assert set(e["steps_until"]) == {"1e-06", "0.0001", "0.01"}
+        assert set(e["stages"]) >= {"stem", "denseblock1", "transition3", "head"}
+        assert 0 < e["params"][0] and e["steps_until"]["1e-06"] == 1, e["params"]
+        assert abs(e["loss"][0] / result["backends"]["torch"]["loss"][0] - 1) <= 1e-3
+    assert any("learning rate" in lim for lim in result["backends"]["mxnet"]["limits"])
+    assert (tmp_path / "divergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_training_bad_recipe_is_a_usage_error():
+    r = densenet("compare-training", "--recipe", "sgd lr=0.1 nesterov=1", "--steps", 2)
+    assert r.returncode == 2
+    assert "nesterov=1 needs momentum > 0 and dampening=0" in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
