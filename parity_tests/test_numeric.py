@@ -18,6 +18,7 @@ import pytest
 
 import densenet_spec as spec
 from densenet_parity import compare
+from densenet_parity.side_by_side import zero_gradient_names
 from parity_tests.conftest import get_backend
 
 OTHERS = ["mxnet", "flax-nnx", "flax-linen"]
@@ -103,9 +104,10 @@ def zero_gradients(cfg):
     """The parameters whose exact gradient is 0: every convolution's bias. Each convolution of a
     DenseNet feeds BatchNorms only (the next BN directly, or through concatenation and pooling,
     which carry a per-channel constant through unchanged: average and max pooling alike), and a
-    train-mode BatchNorm subtracts its batch mean, so a per-channel shift changes nothing."""
-    return [n for n, _, kind in spec.canonical_tensors(cfg)
-            if kind == "param" and n.endswith(".bias") and ".conv" in n]
+    train-mode BatchNorm subtracts its batch mean, so a per-channel shift changes nothing.
+    (densenet_parity.side_by_side's rule, which compare-training judges the same way.)"""
+    assert cfg.family == "conv", cfg.family
+    return sorted(zero_gradient_names(cfg))
 
 
 def zero_floor(x, ref, eps):
