@@ -8,22 +8,14 @@ from __future__ import annotations
 import ctypes
 import os
 
-# XLA on the CPU: compile for compile speed, not run speed. The suite compiles dozens of whole
-# networks once each on tiny batches, where XLA's default (LLVM -O2, fusion emitters) spends
-# ~3x longer compiling than running. Same operations, same IEEE arithmetic: only the machine
-# code differs. Set before JAX starts; the benchmarks (benchmarks/) keep XLA's defaults.
-# XLA aborts the process on a flag it does not know (no message survives pytest's capture):
-# jaxlib 0.11.2 (the GPU machine's) no longer has --xla_cpu_use_fusion_emitters, so it is
-# passed only to jaxlib < 0.11 (0.10.2 here).
-_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-try:
-    from importlib.metadata import version as _version
-    if tuple(int(p) for p in _version("jaxlib").split(".")[:2]) < (0, 11):
-        _FAST_COMPILE += " --xla_cpu_use_fusion_emitters=false"
-except Exception:  # no jaxlib, or a version string that is not numbers: no such flag
-    pass
+# XLA on the CPU: compile for compile speed, not run speed (densenet_cli.main.fast_compile_flags,
+# what `densenet check` uses). The suite compiles dozens of whole networks once each on tiny
+# batches, where XLA's default (LLVM -O2, fusion emitters) spends ~3x longer compiling than
+# running. Same operations, same IEEE arithmetic: only the machine code differs. Set before JAX
+# starts; the benchmarks (benchmarks/) keep XLA's defaults.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+    from densenet_cli.main import fast_compile_flags
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + fast_compile_flags()).strip()
 
 # One persistent JAX compilation cache for the run, in its own temporary folder, shared by both
 # workers and every process they start (JAX reads the variables when it is imported), removed

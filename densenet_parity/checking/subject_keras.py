@@ -30,10 +30,15 @@ VARIANTS = ("keras",)
 BIASED_VARIANCE = True
 #: what its numbers are compared with
 REFERENCE = "our PyTorch model"
-#: XLA's options for the check's jitted calls, each compiled for one call: LLVM's optimisation
-#: level 0 (XLA's own graph passes run as ever; IEEE arithmetic either way: no fast-math at
-#: any level) compiles keras.applications' DenseNet-121 float64 step in half the time.
-COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+#: XLA's options for the check's jitted calls, each compiled for one call, tried in this order
+#: (an XLA that does not know an option refuses it with an error, caught: the next set is
+#: tried). LLVM's optimisation level 0 (XLA's own graph passes run as ever; IEEE arithmetic
+#: either way: no fast-math at any level) compiles keras.applications' DenseNet-121 float64
+#: step in half the time; XLA's older elemental emitters in place of its MLIR fusion emitters
+#: (jaxlib 0.10; gone from 0.11) then compile keras.applications' DenseNet-169 float64 step in
+#: about half again (docs/performance/check-speed.md).
+COMPILER_OPTIONS = ({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
+                    {"xla_backend_optimization_level": 0}, None)
 
 
 def import_keras():
@@ -225,10 +230,13 @@ class KerasSubject(Subject):
         import time
         t = time.perf_counter()
         lowered = jitted.lower(*args)
-        try:
-            compiled = lowered.compile(COMPILER_OPTIONS)
-        except Exception:  # noqa: BLE001 - an XLA that does not know the option
-            compiled = lowered.compile()
+        for options in COMPILER_OPTIONS:
+            try:
+                compiled = lowered.compile(options)
+                break
+            except Exception:  # noqa: BLE001 - an XLA that does not know an option
+                if options is None:
+                    raise
         self.compile_s += time.perf_counter() - t
         return compiled(*args)
 
