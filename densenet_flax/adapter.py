@@ -133,11 +133,11 @@ def describe(config: dict, batch: int, height: int, width: int, variant: str = "
         params, state = _counts([model])
     else:
         model = _build(config, variant=variant)
-        init = functools.partial(model.init, train=False)
-        run = functools.partial(model.apply, train=False, method="forward_stages")
+        # one trace: initialising through forward_stages creates every variable (every stage's
+        # modules and the classifier run) and gives every stage's output on the way
+        init = functools.partial(model.init_with_output, train=False, method="forward_stages")
         key = jax.random.key(0)
-        variables = jax.eval_shape(init, key, x) if abstract else jax.jit(init)(key, x)
-        outputs = jax.eval_shape(run, variables, x) if abstract else jax.jit(run)(variables, x)
+        outputs, variables = jax.eval_shape(init, key, x) if abstract else jax.jit(init)(key, x)
         paths = model.stage_paths()
         for name, stage_paths in paths.items():
             params, state = _tree_counts(variables, stage_paths)
