@@ -26,6 +26,8 @@ from densenet_parity.checking.subjects import CheckError, Subject, class_is, kee
 
 FRAMEWORK = "keras"
 VARIANTS = ("keras",)
+#: what a factory returns for --recipe (the training-step check): the model with its optimiser
+PAIR = "a keras.Model compiled with its optimizer (model.compile(optimizer=...), its schedule (if any) the optimizer's learning_rate)"
 #: its BatchNorm updates the running variance with the biased batch variance (accepted, noted)
 BIASED_VARIANCE = True
 #: what its numbers are compared with
