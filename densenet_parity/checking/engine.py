@@ -117,6 +117,8 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
     if model is not None:
         framework, variant = framework_of(model)
     sub = subject_module(framework)
+    if recipe is not None and getattr(sub, "TRAINING", None):
+        raise CheckError(sub.TRAINING)  # a framework whose training step is not checked yet
     variant = variant or sub.VARIANTS[0]
     cfg0 = spec.make_config(preset) if preset is not None else None
     size = size or default_size(cfg0)
@@ -265,7 +267,7 @@ def _optimizer_asked(user, sub, recipe: Optional[str], name: str) -> None:
     """A factory's optimiser and ``recipe`` go together: one without the other is a usage
     error naming what to give."""
     opt = user.optimizer()
-    if opt is not None and recipe is None:
+    if opt is not None and recipe is None and not getattr(sub, "OPTIMIZER_IN_MODEL", False):
         raise CheckError(f"{name} returned the model with its optimiser ({opt['optimizer']}): "
                          "give --recipe \"...\" (the recipe you meant, e.g. \"adam lr=1e-3 "
                          "weight_decay=1e-2\") to check its training step, or return the model "

@@ -228,6 +228,10 @@ def candidates(recipe) -> List[tuple]:
                 out.append((f"no decay on {what}", f"no weight decay on {words}, which the "
                             "recipe decays", ("recipe", dataclasses.replace(r, exclude=tuple(
                                 e for e in spec.optim.EXCLUDE if e in r.exclude or e == what)))))
+        if len(r.exclude) == 2:
+            out.append(("decay on bn,bias", "weight decay applied to every parameter, where "
+                        "the recipe excludes the BatchNorm parameters and the biases "
+                        "(exclude=bn,bias)", ("recipe", dataclasses.replace(r, exclude=()))))
     if r.optimizer == "sgd" and r.momentum:
         if r.nesterov:
             out.append(("nesterov=0", "Nesterov momentum missing (the recipe has nesterov=1)",

@@ -1,0 +1,172 @@
+"""``densenet check --recipe``: the user's own training step against the recipe they meant
+(densenet_parity.checking.trainstep). The factories are written to a temporary module as a
+user writes them: the forum's MLP DenseNet (house_mlp, the fastest preset) with a torch
+optimiser that is right, or wrong in one way the check must name by measurement; one correct
+port each in Gluon (the book at 32 px, in the MXNet worker) and Flax NNX; and the usage errors
+(a wrong pair, an optimiser the check cannot run, an optimiser without --recipe, --recipe
+without one, a recipe that does not parse, Keras): one clear message, exit 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from densenet_parity import check
+from densenet_parity.checking import CheckError
+from densenet_spec import RecipeError
+from parity_tests.conftest import cli_env, need_mxnet
+
+torch = pytest.importorskip("torch", reason="the training-step tests need torch")
+
+TORCH = textwrap.dedent('''
+    import torch
+    from parity_tests.own_models import house_torch
+
+    def adamw():
+        m = house_torch.net()
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-2)
+
+    def adam_l2():  # Adam's weight_decay is L2 in the gradient: not AdamW
+        m = house_torch.net()
+        return m, torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-2)
+
+    def sgd_decays_everything():
+        m = house_torch.net()
+        return m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+
+    def sgd_plain_momentum():
+        m = house_torch.net()
+        return m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+
+    def step_lr_stepped_early():  # the scheduler stepped once before training
+        m = house_torch.net()
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+        opt.step()
+        sched.step()
+        return m, opt, sched
+
+    def wrong_pair():
+        m = house_torch.net()
+        return m, "adam"
+
+    def lbfgs():
+        m = house_torch.net()
+        return m, torch.optim.LBFGS(m.parameters())
+
+    def alone():
+        return house_torch.net()
+''')
+
+GLUON = textwrap.dedent('''
+    from mxnet import gluon
+    from parity_tests.own_models import book_gluon
+
+    def sgd():
+        net = book_gluon.net()
+        net.initialize()
+        return net, gluon.Trainer(net.collect_params(), "sgd",
+                                  {"learning_rate": 0.1, "momentum": 0.9, "wd": 5e-4})
+''')
+
+FLAX = textwrap.dedent('''
+    import optax
+    from parity_tests.own_models import house_nnx
+
+    def adamw():
+        return house_nnx.net(), optax.adamw(1e-3, weight_decay=1e-2)
+''')
+
+ADAMW = "adamw lr=1e-3 weight_decay=1e-2"
+
+
+@pytest.fixture(scope="module")
+def where(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trainstep")
+    for name, text in (("ts_torch", TORCH), ("ts_gluon", GLUON), ("ts_flax", FLAX)):
+        (path / f"{name}.py").write_text(text)
+    return str(path)
+
+
+def _check(where, framework, fn, recipe, steps=3, **kw):
+    module = {"torch": "ts_torch", "mxnet": "ts_gluon", "flax": "ts_flax"}[framework]
+    return check(framework=framework, factory=f"{module}:{fn}", path=where, recipe=recipe,
+                 steps=steps, **kw)
+
+
+def test_a_correct_torch_port_is_the_same_training_step(where):
+    r = _check(where, "torch", "adamw", ADAMW)
+    assert r.same and r.same_training, r.render()
+    assert r.training["first"] is None and len(r.training["loss"]) == 3
+    assert r.training["loss"] == r.training["reference_loss"]
+    assert r.verdict == "same network; same training step"
+
+
+@pytest.mark.parametrize("fn, recipe, cause", [
+    ("adam_l2", ADAMW, "decay=coupled"),
+    ("sgd_decays_everything", "sgd lr=0.05 momentum=0.9 weight_decay=1e-2 exclude=bn",
+     "decay on bn"),
+    ("sgd_plain_momentum", "sgd lr=0.05 momentum=0.9 nesterov=1", "nesterov=0"),
+    ("step_lr_stepped_early", "sgd lr=0.05 schedule=step step_size=2 gamma=0.1",
+     "schedule ahead"),
+])
+def test_a_torch_porting_mistake_is_named_by_measurement(where, fn, recipe, cause):
+    r = _check(where, "torch", fn, recipe)
+    t = r.training
+    assert r.same and not r.same_training, r.render()
+    assert t["first"]["step"] >= 1 and t["first"]["distance"] > 1e-6
+    assert [c["key"] for c in t["causes"]] == [cause], (t["candidates"], t["causes"])
+    assert r.verdict.startswith("same network; different training step: first differs at "
+                                f"step {t['first']['step']} in {t['first']['tensor']}")
+    text = r.render()
+    assert "likely cause (measured" in text and "nan" not in text and "inf " not in text
+    # causes belong to the recipe: no momentum cause for a recipe without momentum, no
+    # schedule cause for a constant rate, no Adam cause for SGD
+    if "momentum" not in recipe:
+        assert not any(k.startswith(("nesterov", "dampening", "momentum", "buffer"))
+                       for k in t["candidates"])
+    if "schedule" not in recipe:
+        assert not any(k.startswith("schedule") for k in t["candidates"])
+    if recipe.startswith("sgd"):
+        assert not any(k.startswith("eps") for k in t["candidates"])
+
+
+def test_gluon_same_training_step(where):
+    need_mxnet()
+    r = _check(where, "mxnet", "sgd", "sgd lr=0.1 momentum=0.9 weight_decay=5e-4", steps=2,
+               size=32)
+    assert r.same and r.same_training, r.render()
+    assert r.training["reference"] == "mxnet" and r.training["stats_judged"] == "mean"
+
+
+def test_flax_nnx_same_training_step(where):
+    r = _check(where, "flax", "adamw", ADAMW, steps=2)
+    assert r.same_architecture and r.same_training, r.render()  # its BatchNorm: Flax's 0.99
+    assert r.training["reference"] == "flax-nnx" and r.training["stats_judged"] == "none"
+
+
+@pytest.mark.parametrize("fn, recipe, words", [
+    ("wrong_pair", ADAMW, "returned (Sequential, str); expected a torch.nn.Module, or "
+                          "(module, optimizer)"),
+    ("lbfgs", ADAMW, "cannot run torch.optim.LBFGS"),
+    ("adamw", None, "give --recipe"),
+    ("alone", ADAMW, "returned the model alone; return (module, optimizer)"),
+])
+def test_usage_errors_name_what_was_expected(where, fn, recipe, words):
+    with pytest.raises(CheckError) as e:
+        _check(where, "torch", fn, recipe)
+    assert words in str(e.value), str(e.value)
+
+
+def test_a_bad_recipe_and_keras_exit_2(where):
+    with pytest.raises(RecipeError, match="lr=fast: expected a number"):
+        _check(where, "torch", "adamw", "adamw lr=fast")
+    with pytest.raises(CheckError, match="for Keras it is not built yet"):
+        check(framework="keras", factory="ts_keras:model", path=where, recipe=ADAMW)
+    out = subprocess.run([sys.executable, "-m", "densenet_cli", "check", "--framework",
+                          "torch", "ts_torch:wrong_pair", "--recipe", ADAMW],
+                         cwd=where, env=cli_env(), capture_output=True, text=True)
+    assert out.returncode == 2 and "expected a torch.nn.Module" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
