@@ -2,7 +2,7 @@
 (densenet_parity.checking.trainstep). The factories are written to a temporary module as a
 user writes them: the forum's MLP DenseNet (house_mlp, the fastest preset) with a torch
 optimiser that is right, or wrong in one way the check must name by measurement; one correct
-port each in Gluon (the book at 32 px, in the MXNet worker) and Flax NNX; and the usage errors
+port in Flax NNX; and the usage errors
 (a wrong pair, an optimiser the check cannot run, an optimiser without --recipe, --recipe
 without one, a recipe that does not parse, Keras): one clear message, exit 2."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from densenet_parity import check
 from densenet_parity.checking import CheckError
 from densenet_spec import RecipeError
-from parity_tests.conftest import cli_env, need_mxnet
+from parity_tests.conftest import cli_env
 
 torch = pytest.importorskip("torch", reason="the training-step tests need torch")
 
@@ -60,17 +60,6 @@ TORCH = textwrap.dedent('''
         return house_torch.net()
 ''')
 
-GLUON = textwrap.dedent('''
-    from mxnet import gluon
-    from parity_tests.own_models import book_gluon
-
-    def sgd():
-        net = book_gluon.net()
-        net.initialize()
-        return net, gluon.Trainer(net.collect_params(), "sgd",
-                                  {"learning_rate": 0.1, "momentum": 0.9, "wd": 5e-4})
-''')
-
 FLAX = textwrap.dedent('''
     import optax
     from parity_tests.own_models import house_nnx
@@ -85,13 +74,13 @@ ADAMW = "adamw lr=1e-3 weight_decay=1e-2"
 @pytest.fixture(scope="module")
 def where(tmp_path_factory):
     path = tmp_path_factory.mktemp("trainstep")
-    for name, text in (("ts_torch", TORCH), ("ts_gluon", GLUON), ("ts_flax", FLAX)):
+    for name, text in (("ts_torch", TORCH), ("ts_flax", FLAX)):
         (path / f"{name}.py").write_text(text)
     return str(path)
 
 
 def _check(where, framework, fn, recipe, steps=3, **kw):
-    module = {"torch": "ts_torch", "mxnet": "ts_gluon", "flax": "ts_flax"}[framework]
+    module = {"torch": "ts_torch", "flax": "ts_flax"}[framework]
     return check(framework=framework, factory=f"{module}:{fn}", path=where, recipe=recipe,
                  steps=steps, **kw)
 
@@ -131,14 +120,6 @@ def test_a_torch_porting_mistake_is_named_by_measurement(where, fn, recipe, caus
         assert not any(k.startswith("schedule") for k in t["candidates"])
     if recipe.startswith("sgd"):
         assert not any(k.startswith("eps") for k in t["candidates"])
-
-
-def test_gluon_same_training_step(where):
-    need_mxnet()
-    r = _check(where, "mxnet", "sgd", "sgd lr=0.1 momentum=0.9 weight_decay=5e-4", steps=2,
-               size=32)
-    assert r.same and r.same_training, r.render()
-    assert r.training["reference"] == "mxnet" and r.training["stats_judged"] == "mean"
 
 
 def test_flax_nnx_same_training_step(where):
