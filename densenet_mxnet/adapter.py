@@ -527,7 +527,7 @@ def model_train_step(model, x, labels, variant: str = "mxnet") -> dict:
     the trainer holds); the loss (the batch mean: softmax cross-entropy against integer labels,
     the mean squared error against float targets) under autograd.record, backward, and
     trainer.step(1). Returns the loss, the learning rate and every tensor after the step (the
-    model's names)."""
+    model's names, in float64)."""
     from densenet_mxnet import train
     got = _optimizers[id(model)]
     if got["step"] == 0:
@@ -535,8 +535,9 @@ def model_train_step(model, x, labels, variant: str = "mxnet") -> dict:
     fig, = train.run_steps(model, (got["trainer"], None), [(x, labels)], spec.Recipe(), 1,
                            got["step"])
     got["step"] += 1
-    return {**fig, "arrays": {k: np.asarray(v, np.float64)
-                              for k, v in model_tensors(model)["arrays"].items()}}
+    # the parameters as they are (float64): model_tensors rounds them to float32
+    return {**fig, "arrays": {k: p.data().asnumpy().astype(np.float64)
+                              for k, p in model._collect_params_with_prefix().items()}}
 
 
 def model_sites(model, variant: str = "mxnet") -> dict:

@@ -16,7 +16,7 @@ import pytest
 from densenet_parity import check
 from densenet_parity.checking import CheckError
 from densenet_spec import RecipeError
-from parity_tests.conftest import cli_env
+from parity_tests.conftest import cli_env, need_mxnet
 
 torch = pytest.importorskip("torch", reason="the training-step tests need torch")
 
@@ -48,6 +48,26 @@ TORCH = textwrap.dedent('''
         sched.step()
         return m, opt, sched
 
+    class SGDW(torch.optim.SGD):  # decoupled decay (w -= lr wd w), ported from optax/Keras
+        def __init__(self, params, lr, momentum, weight_decay):
+            super().__init__(params, lr=lr, momentum=momentum)
+            self.wd = weight_decay
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.mul_(1 - g["lr"] * self.wd)
+            return super().step(closure)
+
+    def sgd_decoupled():
+        m = house_torch.net()
+        return m, SGDW(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+
+    def sgd_dampened():  # dampening=momentum: an exponential average of the gradients
+        m = house_torch.net()
+        return m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, dampening=0.9)
+
     def wrong_pair():
         m = house_torch.net()
         return m, "adam"
@@ -68,19 +88,34 @@ FLAX = textwrap.dedent('''
         return house_nnx.net(), optax.adamw(1e-3, weight_decay=1e-2)
 ''')
 
+GLUON = textwrap.dedent('''
+    from mxnet import gluon
+    from parity_tests.own_models import book_gluon
+
+    def sgd():
+        m = book_gluon.net()
+        m.initialize()
+        return m, gluon.Trainer(m.collect_params(), "sgd", {"learning_rate": 0.05})
+
+    def sgd_decays_everything():  # Gluon decays every parameter unless its wd_mult is 0
+        m = book_gluon.net()
+        m.initialize()
+        return m, gluon.Trainer(m.collect_params(), "sgd", {"learning_rate": 0.05, "wd": 1e-2})
+''')
+
 ADAMW = "adamw lr=1e-3 weight_decay=1e-2"
 
 
 @pytest.fixture(scope="module")
 def where(tmp_path_factory):
     path = tmp_path_factory.mktemp("trainstep")
-    for name, text in (("ts_torch", TORCH), ("ts_flax", FLAX)):
+    for name, text in (("ts_torch", TORCH), ("ts_flax", FLAX), ("ts_gluon", GLUON)):
         (path / f"{name}.py").write_text(text)
     return str(path)
 
 
 def _check(where, framework, fn, recipe, steps=3, **kw):
-    module = {"torch": "ts_torch", "flax": "ts_flax"}[framework]
+    module = {"torch": "ts_torch", "flax": "ts_flax", "mxnet": "ts_gluon"}[framework]
     return check(framework=framework, factory=f"{module}:{fn}", path=where, recipe=recipe,
                  steps=steps, **kw)
 
@@ -100,6 +135,9 @@ def test_a_correct_torch_port_is_the_same_training_step(where):
     ("sgd_plain_momentum", "sgd lr=0.05 momentum=0.9 nesterov=1", "nesterov=0"),
     ("step_lr_stepped_early", "sgd lr=0.05 schedule=step step_size=2 gamma=0.1",
      "schedule ahead"),
+    ("sgd_decoupled", "sgd lr=0.05 momentum=0.9 weight_decay=1e-2", "decay=decoupled"),
+    ("sgd_dampened", "sgd lr=0.05 momentum=0.9", "dampening=momentum"),
+    ("sgd_plain_momentum", "sgd lr=0.05 momentum=0.9 dampening=0.5", "dampening=0"),
 ])
 def test_a_torch_porting_mistake_is_named_by_measurement(where, fn, recipe, cause):
     r = _check(where, "torch", fn, recipe)
@@ -126,6 +164,23 @@ def test_flax_nnx_same_training_step(where):
     r = _check(where, "flax", "adamw", ADAMW, steps=2)
     assert r.same_architecture and r.same_training, r.render()  # its BatchNorm: Flax's 0.99
     assert r.training["reference"] == "flax-nnx" and r.training["stats_judged"] == "none"
+
+
+def test_gluon_same_training_step_and_decay_on_batchnorm(where):
+    """The book's Gluon listing with its own gluon.Trainer: within 1e-9 of our Gluon model's
+    steps (float64; the parameters read as they are, not rounded to float32); a Trainer with
+    wd decays the BatchNorm parameters too, which the recipe excludes: named by measurement
+    (the reference rerun by Gluon's own Trainer with the decay on BatchNorm matches)."""
+    need_mxnet()
+    r = _check(where, "mxnet", "sgd", "sgd lr=0.05", steps=2)
+    assert r.same and r.same_training, r.render()
+    assert r.training["reference"] == "mxnet" and r.training["tolerance"] == 1e-9
+    r = _check(where, "mxnet", "sgd_decays_everything",
+               "sgd lr=0.05 weight_decay=1e-2 exclude=bn", steps=2)
+    t = r.training
+    assert r.same and not r.same_training, r.render()
+    assert [c["key"] for c in t["causes"]] == ["decay on bn"], (t["candidates"], t["causes"])
+    assert t["first"]["step"] == 1 and ".norm" in t["first"]["tensor"], t["first"]
 
 
 @pytest.mark.parametrize("fn, recipe, words", [
