@@ -2,9 +2,10 @@
 (densenet_parity.checking.trainstep). The factories are written to a temporary module as a
 user writes them: the forum's MLP DenseNet (house_mlp, the fastest preset) with a torch
 optimiser that is right, or wrong in one way the check must name by measurement; one correct
-port in Flax NNX; and the usage errors
-(a wrong pair, an optimiser the check cannot run, an optimiser without --recipe, --recipe
-without one, a recipe that does not parse, Keras): one clear message, exit 2."""
+port in Flax NNX; the book's Gluon listing with its gluon.Trainer (right, and decaying its
+BatchNorm); the MLP in Keras with its compiled Adam (Keras' epsilon placement named); and the
+usage errors (a wrong pair, an optimiser the check cannot run, an optimiser without --recipe,
+--recipe without one, a recipe that does not parse): one clear message, exit 2."""
 from __future__ import annotations
 
 import subprocess
@@ -14,7 +15,7 @@ import textwrap
 import pytest
 
 from densenet_parity import check
-from densenet_parity.checking import CheckError
+from densenet_parity.checking import CheckError, subject_keras
 from densenet_spec import RecipeError
 from parity_tests.conftest import cli_env, need_mxnet
 
@@ -103,19 +104,51 @@ GLUON = textwrap.dedent('''
         return m, gluon.Trainer(m.collect_params(), "sgd", {"learning_rate": 0.05, "wd": 1e-2})
 ''')
 
+KERAS = textwrap.dedent('''
+    import keras
+    from keras import layers
+
+
+    def bn():
+        return layers.BatchNormalization(epsilon=1e-5, momentum=0.9)
+
+
+    def mlp():  # the forum's MLP DenseNet (house_torch) ported to Keras' Functional API
+        inp = keras.Input((330,))
+        x = layers.ReLU()(layers.Dense(512)(inp))
+        x = layers.ReLU()(layers.Dense(1024)(x))
+        width = 1024
+        for i in range(4):
+            for _ in range(2):
+                x = layers.concatenate([x, layers.Dense(128)(layers.ReLU()(bn()(x)))])
+                width += 128
+            if i != 3:
+                width //= 2
+                x = layers.ReLU()(layers.Dense(width)(layers.ReLU()(bn()(x))))
+        return keras.Model(inp, layers.Dense(1)(layers.ReLU()(bn()(x))))
+
+
+    def adam():
+        m = mlp()
+        m.compile(optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-7))
+        return m
+''')
+
 ADAMW = "adamw lr=1e-3 weight_decay=1e-2"
 
 
 @pytest.fixture(scope="module")
 def where(tmp_path_factory):
     path = tmp_path_factory.mktemp("trainstep")
-    for name, text in (("ts_torch", TORCH), ("ts_flax", FLAX), ("ts_gluon", GLUON)):
+    for name, text in (("ts_torch", TORCH), ("ts_flax", FLAX), ("ts_gluon", GLUON),
+                       ("ts_keras", KERAS)):
         (path / f"{name}.py").write_text(text)
     return str(path)
 
 
 def _check(where, framework, fn, recipe, steps=3, **kw):
-    module = {"torch": "ts_torch", "flax": "ts_flax", "mxnet": "ts_gluon"}[framework]
+    module = {"torch": "ts_torch", "flax": "ts_flax", "mxnet": "ts_gluon",
+              "keras": "ts_keras"}[framework]
     return check(framework=framework, factory=f"{module}:{fn}", path=where, recipe=recipe,
                  steps=steps, **kw)
 
@@ -183,6 +216,22 @@ def test_gluon_same_training_step_and_decay_on_batchnorm(where):
     assert t["first"]["step"] == 1 and ".norm" in t["first"]["tensor"], t["first"]
 
 
+def test_keras_adam_is_named_by_its_epsilon_placement(where):
+    """A compiled Keras model's own optimiser, stepped in float64 on Keras' JAX backend
+    (stateless_apply) against PyTorch's Adam with the same epsilon: Keras adds epsilon to
+    sqrt(v) before the bias correction, which the check finds by measurement (the PyTorch run
+    with that placement matches the Keras steps, and no other mutation does)."""
+    subject_keras.import_keras()  # Keras on its JAX backend (KERAS_BACKEND=jax unless set)
+    r = _check(where, "keras", "adam", "adam lr=1e-3 eps=1e-7", steps=2)
+    t = r.training
+    assert r.same and not r.same_training, r.render()
+    assert t["optimizer"]["optimizer"] == "keras.optimizers.Adam" and t["reference"] == "torch"
+    assert t["first"]["step"] == 1 and t["first"]["distance"] > 1e-3, t["first"]
+    assert [c["key"] for c in t["causes"]] == ["eps before bias correction"], (
+        t["candidates"], t["causes"])
+    assert t["loss"][0] == pytest.approx(t["reference_loss"][0], rel=1e-12)
+
+
 @pytest.mark.parametrize("fn, recipe, words", [
     ("wrong_pair", ADAMW, "returned (Sequential, str); expected a torch.nn.Module, or "
                           "(module, optimizer)"),
@@ -196,11 +245,9 @@ def test_usage_errors_name_what_was_expected(where, fn, recipe, words):
     assert words in str(e.value), str(e.value)
 
 
-def test_a_bad_recipe_and_keras_exit_2(where):
+def test_a_bad_recipe_exits_2(where):
     with pytest.raises(RecipeError, match="lr=fast: expected a number"):
         _check(where, "torch", "adamw", "adamw lr=fast")
-    with pytest.raises(CheckError, match="for Keras it is not built yet"):
-        check(framework="keras", factory="ts_keras:model", path=where, recipe=ADAMW)
     out = subprocess.run([sys.executable, "-m", "densenet_cli", "check", "--framework",
                           "torch", "ts_torch:wrong_pair", "--recipe", ADAMW],
                          cwd=where, env=cli_env(), capture_output=True, text=True)

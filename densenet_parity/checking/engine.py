@@ -117,8 +117,6 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
     if model is not None:
         framework, variant = framework_of(model)
     sub = subject_module(framework)
-    if recipe is not None and getattr(sub, "TRAINING", None):
-        raise CheckError(sub.TRAINING)  # a framework whose training step is not checked yet
     variant = variant or sub.VARIANTS[0]
     cfg0 = spec.make_config(preset) if preset is not None else None
     size = size or default_size(cfg0)

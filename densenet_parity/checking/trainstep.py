@@ -75,7 +75,7 @@ def check_training(config, state, user, mapping, layout, framework: str, recipe:
     say(f"[{framework}] the reference's {steps} steps of \"{parsed}\" ({backend}) ...")
     ref = _reference(backend, config, state, recipe, steps, data, getattr(user, "backend", None))
     names = _names(config, parsed, judge_stats)
-    tol = PROGRAM_RTOL if backend.startswith("flax") else TRAIN_RTOL
+    tol = PROGRAM_RTOL if backend.startswith("flax") or framework == "keras" else TRAIN_RTOL
     first = _first(names, parsed, got, ref, state, steps, tol)
     out = {"checked": True, "recipe": str(parsed), "recipe_given": recipe, "steps": steps,
            "reference": backend, "optimizer": user.optimizer(), "tolerance": tol,
@@ -138,7 +138,9 @@ def _step_miss(names, recipe, g, r, init, t, steps, tol) -> Optional[dict]:
               distance(g["arrays"], r["arrays"], names["stats"]) + (tol,)]
     if names["noisy"]:
         largest = moved(r["arrays"], init, names["params"])
-        floor = absolute_floor(recipe, t + 1, 1, steps, "float64", largest)
+        # at least the tolerance times the largest move: across programs (Keras against
+        # PyTorch) a partly zero-gradient bias (the MLP's) carries the gradients' rounding
+        floor = max(absolute_floor(recipe, t + 1, 1, steps, "float64", largest), tol * largest)
         worst = max(names["noisy"], key=lambda n: float(np.max(np.abs(
             np.asarray(g["arrays"][n], np.float64) - r["arrays"][n]))))
         checks.append((float(np.max(np.abs(np.asarray(g["arrays"][worst], np.float64)
@@ -183,15 +185,26 @@ def _reference(backend_name, config, state, recipe, steps, data, backend=None) -
 #: that later steps carry into every parameter (measured: 2.9e-5 after 5 steps of a coupled
 #: Adam, the user's NNX model against PyTorch's, where the reference was 3.5e-2 away).
 MATCH_SHARE = 1e-3
+#: after the step where the user's run first differs, a mutation that matched there (within
+#: the tolerance or MATCH_SHARE) may drift from the user's by this share of the reference's
+#: distance: Keras' Adam against PyTorch's with the epsilon before the bias correction, the
+#: forum's MLP: 1.1e-9 at step 1 (the reference 1.2e-2 away), 6.3e-4 at step 2 (the
+#: reference 3.8e-2 away: the zero-gradient biases' normalised noise, carried on)
+LATER_SHARE = 0.1
 
 
 def _matches(names, recipe, got, run, init, steps, tol, apart) -> bool:
-    """Whether a mutation's ``run`` matches the user's ``got`` (MATCH_SHARE)."""
+    """Whether a mutation's ``run`` matches the user's ``got`` (MATCH_SHARE up to and at the
+    step where the user's first differs, LATER_SHARE after it)."""
+    first = None
     for t in range(steps):
         miss = _step_miss({**names, "stats": []}, recipe, got[t], run[t], init, t, steps, tol)
+        share = MATCH_SHARE if first is None else LATER_SHARE
         if miss is not None and not (miss.get("why") is None and not miss.get("absolute")
-                                     and miss["distance"] <= MATCH_SHARE * apart[t]):
+                                     and miss["distance"] <= share * apart[t]):
             return False
+        if first is None and apart[t] > tol:
+            first = t
     return True
 
 
