@@ -16,6 +16,7 @@ import pytest
 
 from densenet_parity import check
 from densenet_parity.checking import CheckError, subject_keras
+import densenet_spec as spec
 from densenet_spec import RecipeError
 from parity_tests.conftest import cli_env, need_mxnet
 
@@ -83,11 +84,20 @@ TORCH = textwrap.dedent('''
 
 FLAX = textwrap.dedent('''
     import optax
+    from flax import nnx
     from parity_tests.own_models import house_nnx
 
-    def adamw():
-        return house_nnx.net(), optax.adamw(1e-3, weight_decay=1e-2)
+    def adamw():  # the forum's MLP at the tiny size (TINY): JAX compiles a small program
+        m = house_nnx.MLPDenseNet(nnx.Rngs(0), in_features=8, widths=(16, 32), growth_rate=8,
+                                  blocks=(2, 2))
+        return m, optax.adamw(1e-3, weight_decay=1e-2)
 ''')
+
+#: the forum's MLP DenseNet made small (every stage: a two-layer stem, two dense blocks and
+#: the transition between them), for the JAX programs (Flax, Keras), whose compilation is
+#: most of a check's time
+TINY = spec.MLPPreset("tiny_mlp", in_features=8, stem_widths=(16, 32), block_config=(2, 2),
+                      growth_rate=8, compression=0.5, transition_relu=True, num_outputs=1)
 
 GLUON = textwrap.dedent('''
     from mxnet import gluon
@@ -113,16 +123,16 @@ KERAS = textwrap.dedent('''
         return layers.BatchNormalization(epsilon=1e-5, momentum=0.9)
 
 
-    def mlp():  # the forum's MLP DenseNet (house_torch) ported to Keras' Functional API
-        inp = keras.Input((330,))
-        x = layers.ReLU()(layers.Dense(512)(inp))
-        x = layers.ReLU()(layers.Dense(1024)(x))
-        width = 1024
-        for i in range(4):
+    def mlp():  # the forum's MLP DenseNet (house_torch) in Keras' Functional API, at TINY
+        inp = keras.Input((8,))
+        x = layers.ReLU()(layers.Dense(16)(inp))
+        x = layers.ReLU()(layers.Dense(32)(x))
+        width = 32
+        for i in range(2):
             for _ in range(2):
-                x = layers.concatenate([x, layers.Dense(128)(layers.ReLU()(bn()(x)))])
-                width += 128
-            if i != 3:
+                x = layers.concatenate([x, layers.Dense(8)(layers.ReLU()(bn()(x)))])
+                width += 8
+            if i != 1:
                 width //= 2
                 x = layers.ReLU()(layers.Dense(width)(layers.ReLU()(bn()(x))))
         return keras.Model(inp, layers.Dense(1)(layers.ReLU()(bn()(x))))
@@ -194,7 +204,7 @@ def test_a_torch_porting_mistake_is_named_by_measurement(where, fn, recipe, caus
 
 
 def test_flax_nnx_same_training_step(where):
-    r = _check(where, "flax", "adamw", ADAMW, steps=2)
+    r = _check(where, "flax", "adamw", ADAMW, steps=2, preset=TINY)
     assert r.same_architecture and r.same_training, r.render()  # its BatchNorm: Flax's 0.99
     assert r.training["reference"] == "flax-nnx" and r.training["stats_judged"] == "none"
 
@@ -222,7 +232,7 @@ def test_keras_adam_is_named_by_its_epsilon_placement(where):
     sqrt(v) before the bias correction, which the check finds by measurement (the PyTorch run
     with that placement matches the Keras steps, and no other mutation does)."""
     subject_keras.import_keras()  # Keras on its JAX backend (KERAS_BACKEND=jax unless set)
-    r = _check(where, "keras", "adam", "adam lr=1e-3 eps=1e-7", steps=2)
+    r = _check(where, "keras", "adam", "adam lr=1e-3 eps=1e-7", steps=2, preset=TINY)
     t = r.training
     assert r.same and not r.same_training, r.render()
     assert t["optimizer"]["optimizer"] == "keras.optimizers.Adam" and t["reference"] == "torch"

@@ -99,6 +99,11 @@ def check_training(config, state, user, mapping, layout, framework: str, recipe:
     return out
 
 
+def not_checked(why: str) -> dict:
+    """The report's training entry where the training step was not checked, and ``why``."""
+    return {"checked": False, "why": why}
+
+
 # ------------------------------------------------------------------ comparing trajectories
 
 def _names(config, recipe, judge_stats: str) -> dict:
