@@ -2,7 +2,7 @@
 (densenet_parity.checking.trainstep). The factories are written to a temporary module as a
 user writes them: the forum's MLP DenseNet (house_mlp, the fastest preset) with a torch
 optimiser that is right, or wrong in one way the check must name by measurement; one correct
-port in Flax NNX; the book's Gluon listing with its gluon.Trainer (right, and decaying its
+port in Flax NNX; the MLP in Gluon with its gluon.Trainer (right, and decaying its
 BatchNorm); the MLP in Keras with its compiled Adam (Keras' epsilon placement named); and the
 usage errors (a wrong pair, an optimiser the check cannot run, an optimiser without --recipe,
 --recipe without one, a recipe that does not parse): one clear message, exit 2."""
@@ -100,16 +100,50 @@ TINY = spec.MLPPreset("tiny_mlp", in_features=8, stem_widths=(16, 32), block_con
                       growth_rate=8, compression=0.5, transition_relu=True, num_outputs=1)
 
 GLUON = textwrap.dedent('''
-    from mxnet import gluon
-    from parity_tests.own_models import book_gluon
+    from mxnet import gluon, nd
+    from mxnet.gluon import nn
+
+
+    class Net(nn.Block):  # the forum's MLP DenseNet in Gluon, at the tiny size
+        def __init__(self, widths=(16, 32), growth=8, blocks=(2, 2), **kw):
+            super().__init__(**kw)
+            self.stem = nn.Sequential()
+            for w in widths:
+                self.stem.add(nn.Dense(w, activation="relu"))
+            self.layers = nn.Sequential()
+            c = widths[-1]
+            self.kinds = []
+            for i, n in enumerate(blocks):
+                for _ in range(n):
+                    blk = nn.Sequential()
+                    blk.add(nn.BatchNorm(), nn.Activation("relu"), nn.Dense(growth))
+                    self.layers.add(blk)
+                    self.kinds.append("layer")
+                    c += growth
+                if i != len(blocks) - 1:
+                    c //= 2
+                    blk = nn.Sequential()
+                    blk.add(nn.BatchNorm(), nn.Activation("relu"), nn.Dense(c, activation="relu"))
+                    self.layers.add(blk)
+                    self.kinds.append("transition")
+            self.head = nn.Sequential()
+            self.head.add(nn.BatchNorm(), nn.Activation("relu"), nn.Dense(1))
+
+        def forward(self, x):
+            x = self.stem(x)
+            for kind, blk in zip(self.kinds, self.layers):
+                x = nd.concat(x, blk(x), dim=1) if kind == "layer" else blk(x)
+            return self.head(x)
+
 
     def sgd():
-        m = book_gluon.net()
+        m = Net()
         m.initialize()
         return m, gluon.Trainer(m.collect_params(), "sgd", {"learning_rate": 0.05})
 
+
     def sgd_decays_everything():  # Gluon decays every parameter unless its wd_mult is 0
-        m = book_gluon.net()
+        m = Net()
         m.initialize()
         return m, gluon.Trainer(m.collect_params(), "sgd", {"learning_rate": 0.05, "wd": 1e-2})
 ''')
@@ -210,16 +244,17 @@ def test_flax_nnx_same_training_step(where):
 
 
 def test_gluon_same_training_step_and_decay_on_batchnorm(where):
-    """The book's Gluon listing with its own gluon.Trainer: within 1e-9 of our Gluon model's
-    steps (float64; the parameters read as they are, not rounded to float32); a Trainer with
-    wd decays the BatchNorm parameters too, which the recipe excludes: named by measurement
-    (the reference rerun by Gluon's own Trainer with the decay on BatchNorm matches)."""
+    """The forum's MLP in Gluon (TINY) with its own gluon.Trainer: within 1e-9 of our Gluon
+    model's steps (float64; the parameters read as they are, not rounded to float32); a
+    Trainer with wd decays the BatchNorm parameters too, which the recipe excludes: named by
+    measurement (the reference rerun by Gluon's own Trainer with the decay on BatchNorm
+    matches)."""
     need_mxnet()
-    r = _check(where, "mxnet", "sgd", "sgd lr=0.05", steps=2)
+    r = _check(where, "mxnet", "sgd", "sgd lr=0.05", steps=2, preset=TINY)
     assert r.same and r.same_training, r.render()
     assert r.training["reference"] == "mxnet" and r.training["tolerance"] == 1e-9
     r = _check(where, "mxnet", "sgd_decays_everything",
-               "sgd lr=0.05 weight_decay=1e-2 exclude=bn", steps=2)
+               "sgd lr=0.05 weight_decay=1e-2 exclude=bn", steps=2, preset=TINY)
     t = r.training
     assert r.same and not r.same_training, r.render()
     assert [c["key"] for c in t["causes"]] == ["decay on bn"], (t["candidates"], t["causes"])
