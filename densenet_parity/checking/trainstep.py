@@ -190,21 +190,25 @@ def _reference(backend_name, config, state, recipe, steps, data, backend=None) -
 #: that later steps carry into every parameter (measured: 2.9e-5 after 5 steps of a coupled
 #: Adam, the user's NNX model against PyTorch's, where the reference was 3.5e-2 away).
 MATCH_SHARE = 1e-3
-#: after the step where the user's run first differs, a mutation that matched there (within
-#: the tolerance or MATCH_SHARE) may drift from the user's by this share of the reference's
-#: distance: Keras' Adam against PyTorch's with the epsilon before the bias correction, the
-#: forum's MLP: 1.1e-9 at step 1 (the reference 1.2e-2 away), 6.3e-4 at step 2 (the
-#: reference 3.8e-2 away: the zero-gradient biases' normalised noise, carried on)
-LATER_SHARE = 0.1
+#: across programs (tolerance PROGRAM_RTOL: Flax, Keras), after the step where the user's run
+#: first differs, a mutation that matched there (within the tolerance or MATCH_SHARE) may drift
+#: from the user's by up to this share of the reference's distance: Adam turns the zero-gradient
+#: biases' rounding noise, which two programs do not share, into moves of lr that later steps
+#: carry on. Measured, Keras' Adam against PyTorch's with the epsilon before the bias
+#: correction, the forum's MLP: 1.1e-9 at step 1 (the reference 1.2e-2 away), then 6.3e-4,
+#: 1.4e-2, 2.3e-2, 4.4e-2 at steps 2-5 (the reference 3.8e-2, 6.4e-2, 8.9e-2, 0.11 away: at most
+#: 0.39 of it); the other mutation (epsilon inside the square root) is 1.4e-2 away at step 1.
+#: Within one program (PyTorch, Gluon) a mutation matches at MATCH_SHARE at every step.
+LATER_SHARE = 0.5
 
 
 def _matches(names, recipe, got, run, init, steps, tol, apart) -> bool:
-    """Whether a mutation's ``run`` matches the user's ``got`` (MATCH_SHARE up to and at the
-    step where the user's first differs, LATER_SHARE after it)."""
+    """Whether a mutation's ``run`` matches the user's ``got`` (MATCH_SHARE; across programs
+    LATER_SHARE after the step where the user's first differs)."""
     first = None
     for t in range(steps):
         miss = _step_miss({**names, "stats": []}, recipe, got[t], run[t], init, t, steps, tol)
-        share = MATCH_SHARE if first is None else LATER_SHARE
+        share = MATCH_SHARE if first is None or tol <= TRAIN_RTOL else LATER_SHARE
         if miss is not None and not (miss.get("why") is None and not miss.get("absolute")
                                      and miss["distance"] <= share * apart[t]):
             return False
