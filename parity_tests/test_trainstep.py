@@ -70,6 +70,10 @@ TORCH = textwrap.dedent('''
         m = house_torch.net()
         return m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, dampening=0.9)
 
+    def wrong_width():  # the structure differs (its second transition keeps its width)
+        m = house_torch.transition_keeps_width()
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-2)
+
     def wrong_pair():
         m = house_torch.net()
         return m, "adam"
@@ -235,6 +239,12 @@ def test_a_torch_porting_mistake_is_named_by_measurement(where, fn, recipe, caus
         assert not any(k.startswith("schedule") for k in t["candidates"])
     if recipe.startswith("sgd"):
         assert not any(k.startswith("eps") for k in t["candidates"])
+
+
+def test_a_different_structure_is_not_training_checked(where):
+    r = _check(where, "torch", "wrong_width", ADAMW)
+    assert not r.same and not r.training["checked"], r.render()
+    assert "TRAINING STEP not checked: the model's structure differs" in r.render()
 
 
 def test_flax_nnx_same_training_step(where):
