@@ -330,12 +330,31 @@ def check(argv: List[str]) -> int:
     ap.add_argument("--timings", action="store_true",
                     help="also print the seconds of each phase of the check (model build, "
                          "reference build, eval forward, float64 step, the BatchNorm probe)")
+    ap.add_argument("--recipe", metavar="RECIPE",
+                    help="also check your training step: the factory returns the model with "
+                         "its optimiser (torch (module, optimizer[, scheduler]); Gluon (block, "
+                         "trainer); Flax (model, optax transformation); Keras a compiled "
+                         "model), RECIPE is what you meant in the spec's words (e.g. \"adamw "
+                         "lr=1e-3 weight_decay=1e-2\"; densenet_spec/optim.py). After the model "
+                         "part, --steps steps from the same weights on the same batches in "
+                         "float64 against our reference's own optimiser; where they differ, the "
+                         "first step and parameter, and the mutation of the recipe (coupled or "
+                         "decoupled decay, decay on BatchNorm or biases, Nesterov, dampening, "
+                         "Adam's epsilon, the schedule off by one step, ...) whose run matches "
+                         "yours (docs/check.md)")
+    ap.add_argument("--steps", type=int, default=5,
+                    help="training steps compared with --recipe (default 5)")
     args = ap.parse_args(argv)
     try:
         if args.preset is not None:
             spec.get_preset(args.preset)
         if args.size is not None and args.size <= 0:
             raise ValueError(f"--size must be positive, got {args.size}")
+        if args.steps <= 0:
+            raise ValueError(f"--steps: expected a positive number of training steps, found "
+                             f"{args.steps}")
+        if args.recipe is not None:
+            spec.parse_recipe(args.recipe)
     except ValueError as e:
         ap.error(str(e))
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -344,6 +363,9 @@ def check(argv: List[str]) -> int:
         if is_file:
             if not os.path.exists(args.model):
                 ap.error(f"no such file: {args.model}")
+            if args.recipe is not None:
+                ap.error("--recipe checks the training step of a model a factory returns with "
+                         "its optimiser (MODULE:FUNCTION), not of a weights file")
             report = engine.check_weights(args.model, args.preset, args.framework, args.size,
                                           args.seed, progress)
         else:
@@ -352,7 +374,8 @@ def check(argv: List[str]) -> int:
                          "MODULE:FUNCTION")
             report = engine.check(framework=args.framework, factory=args.model, path=os.getcwd(),
                                   weights=args.weights, preset=args.preset, size=args.size,
-                                  seed=args.seed, in_channels=args.in_channels, progress=progress)
+                                  seed=args.seed, in_channels=args.in_channels, progress=progress,
+                                  recipe=args.recipe, steps=args.steps)
     except (engine.CheckError, spec.DenseNetConfigError, FileNotFoundError) as e:
         _error(str(e))
         return USAGE
@@ -372,7 +395,7 @@ def check(argv: List[str]) -> int:
             f"{k} {v:.1f} s" for k, v in t["phases"].items()) + (
             f"; of which compiling {t['compilation']:.1f} s" if t["compilation"] else ""),
             file=sys.stderr)
-    return OK if report.same else FAILED
+    return OK if report.same and report.same_training else FAILED
 
 
 # --------------------------------------------------------------------------- compare-training

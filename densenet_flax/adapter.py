@@ -14,6 +14,7 @@ import ctypes
 import functools
 import gc
 import os
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -439,7 +440,11 @@ def user_model(factory: str = None, config: dict = None, size: int = 0, variant:
         return module, _linen_init(module)
     with sites.recording(_site_hooks()) as built:  # where each module is built
         obj = spec.call_factory(factory, path)
+    obj, tx = _with_optimizer(obj, factory)
     module, variables = obj if isinstance(obj, tuple) and len(obj) == 2 else (obj, None)
+    if tx is not None:
+        _optimizers[id(module)] = {"tx": tx, "step": 0}
+        weakref.finalize(module, _optimizers.pop, id(module), None)
     if isinstance(module, nnx.Module):
         sites.remember(module, {p: built.of(node) for p, node in _named_modules(module)
                                 if built.of(node)})
@@ -476,6 +481,37 @@ def user_model(factory: str = None, config: dict = None, size: int = 0, variant:
     variables = got
     sites.remember(module, {k: v for k, v in named.items() if v})
     return module, jax.tree.map(np.asarray, dict(variables))
+
+
+#: the optax transformation a factory returned with its model (id(module) -> {"tx", "step",
+#: and from the first step "state" (tx's) and linen's "variables"}), while the model lives
+_optimizers: dict = {}
+_PAIR = ("a Flax NNX or linen module (linen: alone or with its variables), or with an optax "
+         "transformation after it: (model, tx), linen's (module, tx) or (module, variables, tx)")
+
+
+def _with_optimizer(obj, factory: str):
+    """A factory's result -> (the model as user_model reads it, the optax transformation or
+    None). A tuple whose last item is no optax.GradientTransformation is the model (linen's
+    (module, variables)); one that holds a transformation elsewhere, or too many items:
+    TypeError naming what was expected and what was found."""
+    if not isinstance(obj, tuple) or isinstance(obj, optax.GradientTransformation):
+        return obj, None
+    found = "(" + ", ".join(type(o).__name__ for o in obj) + ")"
+    txs = [isinstance(o, optax.GradientTransformation) for o in obj]
+    if not any(txs):
+        return obj, None
+    if txs.index(True) != len(obj) - 1 or len(obj) not in (2, 3) or sum(txs) > 1:
+        raise TypeError(f"{factory} returned {found}; expected {_PAIR}")
+    rest = obj[:-1]
+    if len(rest) == 2 and not isinstance(rest[0], _linen_module()):
+        raise TypeError(f"{factory} returned {found}; expected {_PAIR}")
+    return (rest if len(rest) == 2 else rest[0]), obj[-1]
+
+
+def _linen_module():
+    from flax import linen as nn
+    return nn.Module
 
 
 def _linen_mode(module, train: bool):
@@ -763,6 +799,68 @@ def model_bn_settings(model, variant: str = "nnx", in_channels: int = 3, size: i
     with nn.intercept_methods(record):
         jax.eval_shape(lambda v, x: m.apply(v, x, **kw), variables, x)
     return found
+
+
+def model_optimizer(model, variant: str = "nnx"):
+    """What optimises the model, for a model user_model built from a factory that returned it
+    with an optax transformation: {"optimizer": "optax.GradientTransformation" (optax's
+    transformations carry no name), "schedule": None (a schedule is inside it)}; None for a
+    model alone."""
+    got = _optimizers.get(id(model[0] if isinstance(model, tuple) else model))
+    if got is None:
+        return None
+    return {"optimizer": f"optax {type(got['tx']).__name__}", "schedule": None}
+
+
+def model_train_step(model, x, labels, variant: str = "nnx") -> dict:
+    """One training step of the user's own optax transformation (model_optimizer) on (x,
+    labels), in float64 (JAX's x64): the first call turns the model's parameters and batch
+    statistics into float64 and initialises the transformation on them (tx.init); each step
+    the train-mode loss's gradient (cross-entropy against integer labels, the mean squared
+    error against float targets), tx.update and optax.apply_updates. Returns the loss, the
+    learning rate (None: inside the transformation) and every tensor of the model after the
+    step (model_tensors' names)."""
+    linen_pair = isinstance(model, tuple)
+    got = _optimizers[id(model[0] if linen_pair else model)]
+    tx = got["tx"]
+    if "update" not in got:  # tx.update and optax.apply_updates, compiled once
+        def update(grads, state, params):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+        got["update"] = jax.jit(update)
+    with _numerics("float64"):
+        cast = (lambda a: _device_array(a, "float64"))
+        xs, ys = _nhwc(x, "float64"), _targets(labels, "float64")
+        if linen_pair:
+            if got["step"] == 0:
+                got["variables"] = jax.tree.map(cast, dict(model[1]))
+                got["state"] = tx.init(got["variables"]["params"])
+            variables = got["variables"]
+            out = jax.jit(_linen_run, static_argnums=(0, 4, 5))(model[0], variables, xs, ys,
+                                                               (), True)
+            params, got["state"] = got["update"](out["grads"], got["state"],
+                                                 variables["params"])
+            variables = {**variables, "params": params}
+            if out["state"]:
+                variables["batch_stats"] = out["state"]
+            got["variables"] = variables
+            arrays = _flat(variables)
+        else:
+            from densenet_flax import train
+            if got["step"] == 0:
+                for kind in (nnx.Param, nnx.BatchStat):
+                    nnx.update(model, jax.tree.map(cast, nnx.state(model, kind)))
+                got["state"] = tx.init(nnx.state(model, nnx.Param))
+            model.train()
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            loss, grads, rest = train._nnx_grads(graphdef, params, rest, xs, ys)
+            params, got["state"] = got["update"](grads, got["state"], params)
+            nnx.update(model, params, rest)
+            out = {"loss": loss}
+            arrays = model_tensors(model)["arrays"]
+    got["step"] += 1
+    return {"loss": float(out["loss"]), "lr": None,
+            "arrays": {k: np.asarray(v, np.float64) for k, v in arrays.items()}}
 
 
 def model_sites(model, variant: str = "nnx") -> dict:

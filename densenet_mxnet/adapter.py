@@ -10,6 +10,7 @@ import ctypes
 import gc
 import os
 import re
+import weakref
 
 import mxnet as mx
 import numpy as np
@@ -299,6 +300,10 @@ def user_model(factory: str = None, config: dict = None, size: int = 0, variant:
         else:
             with sites.recording(_site_hooks()) as built:  # where each block is built
                 model = spec.call_factory(factory, path)
+            model, trainer = _with_optimizer(model, factory)
+            if trainer is not None:
+                _optimizers[id(model)] = {"trainer": trainer, "step": 0}
+                weakref.finalize(model, _optimizers.pop, id(model), None)
             if not isinstance(model, gluon.Block):
                 raise TypeError(f"{factory} returned {type(model).__name__}, not a mxnet.gluon.Block")
             sites.remember(model, {name: built.of(b) for name, b in _named_blocks(model)
@@ -336,6 +341,31 @@ def user_model(factory: str = None, config: dict = None, size: int = 0, variant:
                 f"a fixed window, as the Gluon model zoo's DenseNets' AvgPool2D(pool_size=7), where "
                 f"the book and torchvision pool globally, needs 224x224 input: give --size 224)")
     raise ValueError(msg)
+
+
+#: the gluon.Trainer a factory returned with its block (id(block) -> {"trainer", "step"}),
+#: for as long as the block lives
+_optimizers: dict = {}
+_PAIR = "a mxnet.gluon.Block, or (block, trainer): a mxnet.gluon.Trainer over its parameters"
+
+
+def _with_optimizer(obj, factory: str):
+    """A factory's result -> (block, gluon.Trainer or None). A tuple that is not (block,
+    trainer), or a trainer over other parameters: TypeError naming what was expected and what
+    was found."""
+    if not isinstance(obj, tuple):
+        return obj, None
+    found = "(" + ", ".join(type(o).__name__ for o in obj) + ")"
+    if len(obj) != 2 or not isinstance(obj[0], gluon.Block) or not isinstance(obj[1],
+                                                                            gluon.Trainer):
+        raise TypeError(f"{factory} returned {found}; expected {_PAIR}")
+    own = {id(p) for p in obj[0].collect_params().values()}
+    alien = sum(id(p) not in own for p in obj[1]._params)
+    if alien:
+        raise TypeError(f"{factory} returned {found}: the trainer holds {alien} parameter(s) "
+                        "that are not the block's; expected gluon.Trainer(block.collect_params(), "
+                        "...)")
+    return obj[0], obj[1]
 
 
 def _error_line(e) -> str:
@@ -477,6 +507,37 @@ def _named_blocks(model, prefix=""):
     yield prefix, model
     for name, child in model._children.items():
         yield from _named_blocks(child, f"{prefix}.{name}" if prefix else name)
+
+
+def model_optimizer(model, variant: str = "mxnet"):
+    """What optimises the model, for a block user_model built from a factory that returned it
+    with its gluon.Trainer: {"optimizer": the trainer's optimiser class, "schedule": its
+    lr_scheduler's class or None}; None for a block alone."""
+    got = _optimizers.get(id(model))
+    if got is None:
+        return None
+    opt = got["trainer"]._optimizer
+    return {"optimizer": f"gluon.Trainer ({type(opt).__name__.lower()})",
+            "schedule": None if opt.lr_scheduler is None else type(opt.lr_scheduler).__name__}
+
+
+def model_train_step(model, x, labels, variant: str = "mxnet") -> dict:
+    """One training step of the user's own gluon.Trainer (model_optimizer) on (x, labels), in
+    float64: the first call casts the block to float64 (block.cast keeps the Parameter objects
+    the trainer holds); the loss (the batch mean: softmax cross-entropy against integer labels,
+    the mean squared error against float targets) under autograd.record, backward, and
+    trainer.step(1). Returns the loss, the learning rate and every tensor after the step (the
+    model's names, in float64)."""
+    from densenet_mxnet import train
+    got = _optimizers[id(model)]
+    if got["step"] == 0:
+        model.cast("float64")
+    fig, = train.run_steps(model, (got["trainer"], None), [(x, labels)], spec.Recipe(), 1,
+                           got["step"])
+    got["step"] += 1
+    # the parameters as they are (float64): model_tensors rounds them to float32
+    return {**fig, "arrays": {k: p.data().asnumpy().astype(np.float64)
+                              for k, p in model._collect_params_with_prefix().items()}}
 
 
 def model_sites(model, variant: str = "mxnet") -> dict:

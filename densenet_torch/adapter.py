@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -251,11 +252,56 @@ def user_model(factory: str = None, config: dict = None, size: int = 0, variant:
         return _build(config)
     with sites.recording(_site_hooks()) as built:  # where each module is built
         model = spec.call_factory(factory, path)
+    model, optimizer = _with_optimizer(model, factory)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{factory} returned {type(model).__name__}, not a torch.nn.Module")
     sites.remember(model, {name: built.of(m) for name, m in model.named_modules()
                            if built.of(m)})
+    if optimizer is not None:
+        _optimizers[id(model)] = {"optimizer": optimizer, "step": 0}
+        weakref.finalize(model, _optimizers.pop, id(model), None)
     return model
+
+
+#: the optimiser a factory returned with its model (id(model) -> {"optimizer": (optimizer,
+#: scheduler or None), "step": steps run}), for as long as the model lives
+_optimizers: dict = {}
+_PAIR = ("a torch.nn.Module, or (module, optimizer) or (module, optimizer, scheduler): a "
+         "torch.optim optimizer over module.parameters() and a torch.optim.lr_scheduler "
+         "scheduler of that optimizer")
+
+
+def _with_optimizer(obj, factory: str):
+    """A factory's result -> (model, (optimizer, scheduler or None) or None). A tuple that is
+    not (module, optimizer[, scheduler]), or an optimizer the check cannot run: TypeError
+    naming what was expected and what was found."""
+    if not isinstance(obj, tuple):
+        return obj, None
+    found = "(" + ", ".join(type(o).__name__ for o in obj) + ")"
+    sched = obj[2] if len(obj) == 3 else None
+    if len(obj) not in (2, 3) or not isinstance(obj[0], torch.nn.Module) or not isinstance(
+            obj[1], torch.optim.Optimizer) or not (sched is None or isinstance(
+                sched, torch.optim.lr_scheduler.LRScheduler)):
+        raise TypeError(f"{factory} returned {found}; expected {_PAIR}")
+    module, opt = obj[0], obj[1]
+    if isinstance(opt, torch.optim.LBFGS):
+        raise TypeError(f"{factory} returned {found}: the check cannot run torch.optim.LBFGS, "
+                        "whose step() needs a closure that evaluates the loss again; expected "
+                        "an optimizer whose step() needs none (SGD, Adam, AdamW, ...)")
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise TypeError(f"{factory} returned {found}: the check cannot run ReduceLROnPlateau, "
+                        "whose step() needs a validation metric; expected a scheduler stepped "
+                        "without arguments (StepLR, CosineAnnealingLR, LambdaLR, ...)")
+    own = {id(p) for p in module.parameters()}
+    alien = sum(id(p) not in own for g in opt.param_groups for p in g["params"])
+    if alien:
+        raise TypeError(f"{factory} returned {found}: the optimizer holds {alien} tensor(s) "
+                        "that are not the module's parameters; expected an optimizer over "
+                        "module.parameters()")
+    if sched is not None and sched.optimizer is not opt:
+        raise TypeError(f"{factory} returned {found}: the scheduler steps another optimizer "
+                        "than the one returned; expected the scheduler of that optimizer")
+    return module, (opt, sched)
 
 
 def model_tensors(model, variant: str = "torch") -> dict:
@@ -364,6 +410,37 @@ def model_bn_settings(model, variant: str = "torch") -> dict:
                    else float(m.momentum)}
             for name, m in model.named_modules()
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+
+def model_optimizer(model, variant: str = "torch"):
+    """What optimises the model, for a model user_model built from a factory that returned it
+    with its optimiser: {"optimizer": its class, "schedule": the scheduler's class or None};
+    None for a model alone."""
+    got = _optimizers.get(id(model))
+    if got is None:
+        return None
+    opt, sched = got["optimizer"]
+    return {"optimizer": f"torch.optim.{type(opt).__name__}",
+            "schedule": None if sched is None else type(sched).__name__}
+
+
+def model_train_step(model, x, labels, variant: str = "torch") -> dict:
+    """One training step of the user's own optimiser (model_optimizer) on (x, labels), in
+    float64: the first call turns the model into float64 in place (module.double() keeps the
+    Parameter objects the optimiser holds), then zero_grad, the loss (cross-entropy against
+    integer labels, the mean squared error against float targets), backward, the optimiser's
+    step and the scheduler's, as a training loop does. Returns the loss, the learning rate the
+    step used and every tensor of the model after it (its names)."""
+    from densenet_torch import train
+    got = _optimizers[id(model)]
+    if got["step"] == 0:
+        model.double()
+    with _full_precision():
+        fig, = train.run_steps(model, got["optimizer"], [(x, labels)], spec.Recipe(), 1,
+                               got["step"])
+    got["step"] += 1
+    return {**fig, "arrays": {k: _numpy(v, "float64") for k, v in model.state_dict().items()
+                              if not k.endswith("num_batches_tracked")}}
 
 
 def model_sites(model, variant: str = "torch") -> dict:

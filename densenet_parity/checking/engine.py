@@ -10,7 +10,7 @@ import numpy as np
 
 import densenet_spec as spec
 from densenet_parity.checking import settings as bn_settings
-from densenet_parity.checking import structure
+from densenet_parity.checking import structure, trainstep
 from densenet_parity.checking.numbers import (BATCH, EVAL_RTOL, GRAD_FLOOR, MLP_BATCH, STEP_RTOL,
                                               _bn_statistics, _first_difference, _rel,
                                               _to_canonical, _to_model, _worst)
@@ -94,13 +94,26 @@ def _width(cfg) -> Optional[int]:
 def check(model=None, *, framework: Optional[str] = None, factory: Optional[str] = None,
           path: Optional[str] = None, weights: Optional[str] = None, preset=None,
           size: Optional[int] = None, seed: int = 0, in_channels: Optional[int] = None,
-          variant: Optional[str] = None, progress=None) -> Report:
+          variant: Optional[str] = None, progress=None, recipe: Optional[str] = None,
+          steps: int = 5) -> Report:
     """Check ``model`` (or the model ``factory`` builds: 'MODULE:FUNCTION') against a preset
     (inferred when None). Returns the Report; ``report.same`` says whether it is the same
     network, ``report.same_architecture`` whether it is at least its architecture (the
-    BatchNorm settings, named in ``report.bn_settings``, being the only difference)."""
+    BatchNorm settings, named in ``report.bn_settings``, being the only difference).
+
+    With ``recipe`` (a recipe string, densenet_spec/optim.py: what the user meant) the factory
+    returns the model with its optimiser (each subject module's PAIR says how), and after the
+    model part ``steps`` steps of that optimiser are compared with the recipe's
+    (densenet_parity.checking.trainstep): ``report.training``, ``report.same_training``. A
+    factory that returns an optimiser without ``recipe``, or ``recipe`` with a model alone:
+    CheckError; a recipe that does not parse: RecipeError."""
     say = progress or (lambda msg: None)
     clock = Clock()
+    if recipe is not None:
+        spec.parse_recipe(recipe)  # RecipeError: one clear message, before anything is built
+        if not isinstance(steps, int) or steps <= 0:
+            raise CheckError(f"--steps: expected a positive number of training steps, found "
+                             f"{steps!r}")
     if model is not None:
         framework, variant = framework_of(model)
     sub = subject_module(framework)
@@ -118,6 +131,7 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
             else:
                 user = sub.user(factory, path, size, in_channels or _width(cfg0), variant)
             variant = user.variant
+            _optimizer_asked(user, sub, recipe, factory or "the model")
             tensors = user.tensors()
         with clock("structure"):
             natural = not tensors.get("ordered", True)
@@ -144,6 +158,10 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
                 if row["stage"] == m.difference.stage:
                     row["foreign"] = m.difference.foreign
             _built_at(report, built, [m.difference.foreign])
+            if recipe is not None:
+                report.training = trainstep.not_checked(
+                    "the model's structure differs from the preset's (above): its training "
+                    "steps are compared once it is the same network")
             report.timings = clock.done(user)
             return report
         spec.check_input(config, x.shape)
@@ -207,6 +225,17 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
             report.notes += [n for n in more if n not in report.notes]
         _built_at(report, built, [f["foreign"] for f in (report.first, report.adjusted_first)
                                   if f] + [d["foreign"] for d in report.bn_settings])
+        if recipe is not None and not report.same_architecture:
+            report.training = trainstep.not_checked(
+                "the model's numbers already differ from the reference's (above): the training "
+                "steps of a different network say nothing of the optimiser")
+        elif recipe is not None:
+            biased = getattr(sub, "BIASED_VARIANCE", False)
+            with clock("training"):
+                report.training = trainstep.check_training(
+                    config, state, user, m.mapping, tensors["layout"], framework, recipe, steps,
+                    trainstep.batches(_inputs, config, small, steps, seed),
+                    "none" if not report.same else "mean" if biased else "all", say)
         report.timings = clock.done(user, ref, adjusted)
         return report
     except (CheckError, spec.DenseNetConfigError):
@@ -230,6 +259,20 @@ def check(model=None, *, framework: Optional[str] = None, factory: Optional[str]
         for s in (user, ref, adjusted):
             if s is not None:
                 s.close()
+
+
+def _optimizer_asked(user, sub, recipe: Optional[str], name: str) -> None:
+    """A factory's optimiser and ``recipe`` go together: one without the other is a usage
+    error naming what to give."""
+    opt = user.optimizer()
+    if opt is not None and recipe is None and not getattr(sub, "OPTIMIZER_IN_MODEL", False):
+        raise CheckError(f"{name} returned the model with its optimiser ({opt['optimizer']}): "
+                         "give --recipe \"...\" (the recipe you meant, e.g. \"adam lr=1e-3 "
+                         "weight_decay=1e-2\") to check its training step, or return the model "
+                         "alone")
+    if opt is None and recipe is not None:
+        raise CheckError(f"--recipe checks your training step, and {name} returned the model "
+                         f"alone; return {sub.PAIR}")
 
 
 def factory_error(e: BaseException, factory: str, path: Optional[str]) -> Optional[str]:

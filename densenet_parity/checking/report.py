@@ -47,6 +47,8 @@ class Report:
     #: probe_train_reference; "other": the rest), "total", "compilation" (seconds of those
     #: phases spent compiling: Keras' jitted calls)}; empty for a weights file's check
     timings: Dict[str, object] = dataclasses.field(default_factory=dict)
+    #: the training-step part (--recipe; densenet_parity.checking.trainstep): None without one
+    training: Optional[dict] = None
 
     @property
     def same(self) -> bool:
@@ -64,17 +66,27 @@ class Report:
                 and all(v <= _tolerance(k) for k, v in self.adjusted.items()))
 
     @property
+    def same_training(self) -> bool:
+        """No training part, or one whose steps all agree with the recipe's."""
+        t = self.training
+        return t is None or (t["checked"] and t["first"] is None)
+
+    @property
     def verdict(self) -> str:
+        from densenet_parity.checking.trainstep import verdict
         if self.same:
-            return "same network"
-        if self.same_architecture:
-            return "same architecture, different BatchNorm settings"
-        return "different"
+            words = "same network"
+        elif self.same_architecture:
+            words = "same architecture, different BatchNorm settings"
+        else:
+            words = "different"
+        return words + (f"; {verdict(self.training)}" if self.training else "")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["verdict"], d["same"], d["same_architecture"] = (self.verdict, self.same,
                                                            self.same_architecture)
+        d["same_training"] = self.same_training
         return d
 
     def render(self) -> str:
@@ -130,6 +142,9 @@ class Report:
                 lines += _first_lines(self.adjusted_first, self.built_at)
         if self.error:
             lines += ["", f"ERROR: {self.error}"]
+        if self.training:
+            from densenet_parity.checking.trainstep import lines as training_lines
+            lines += training_lines(self.training)
         for n in self.notes:
             lines.append(f"note: {n}")
         lines += ["", f"Verdict: {self.verdict}."]

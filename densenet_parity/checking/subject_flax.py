@@ -8,6 +8,8 @@ from densenet_parity.checking.subjects import Subject, adapter, class_is, keep_s
 
 FRAMEWORK = "flax"
 VARIANTS = ("nnx", "linen")
+#: what a factory returns for --recipe (the training-step check): the model with its optimiser
+PAIR = "(model, tx): an NNX model or a linen module (or linen's (module, variables, tx)) with an optax.GradientTransformation, its schedule (if any) inside tx"
 #: its BatchNorm updates the running variance with the biased batch variance (accepted, noted)
 BIASED_VARIANCE = True
 

@@ -26,6 +26,10 @@ from densenet_parity.checking.subjects import CheckError, Subject, class_is, kee
 
 FRAMEWORK = "keras"
 VARIANTS = ("keras",)
+#: the optimiser is part of a compiled model: without --recipe it is not a request to check it
+OPTIMIZER_IN_MODEL = True
+#: what a factory returns for --recipe (the training-step check): the model with its optimiser
+PAIR = "a keras.Model compiled with its optimizer (model.compile(optimizer=...), its schedule (if any) the optimizer's learning_rate)"
 #: its BatchNorm updates the running variance with the biased batch variance (accepted, noted)
 BIASED_VARIANCE = True
 #: what its numbers are compared with
@@ -60,6 +64,86 @@ def import_keras():
 
 class KerasSubject(Subject):
     framework = FRAMEWORK
+
+    def optimizer(self):
+        """A compiled model's optimiser ({"optimizer", "schedule"}), None if not compiled."""
+        opt = getattr(self.model, "optimizer", None)
+        if opt is None:
+            return None
+        rate = getattr(opt, "_learning_rate", None)
+        return {"optimizer": f"keras.optimizers.{type(opt).__name__}",
+                "schedule": type(rate).__name__ if isinstance(
+                    rate, self.keras.optimizers.schedules.LearningRateSchedule) else None}
+
+    def train_step(self, x, labels) -> dict:
+        """One training step of the compiled model's own optimiser (``model.optimizer``) in
+        float64, on Keras' JAX backend: the train-mode loss (cross-entropy against integer
+        labels, the mean squared error against float targets) under ``jax.value_and_grad`` of
+        ``stateless_call``, then the optimiser's ``stateless_apply``, compiled once and run
+        on float64 copies of the model's and the optimiser's variables (the model's own are
+        never changed). Keras keeps a constant learning rate in a float32 variable: it is read
+        as the shortest decimal that prints that float32 (0.05 for float32's 0.0500000007), the
+        rate the user typed. Returns the loss, the rate the step used and every tensor after
+        the step (the model's variable paths)."""
+        import jax
+        import jax.numpy as jnp
+        model, opt = self.model, self.model.optimizer
+        st = self.__dict__.setdefault("_training", {})
+        labels = np.asarray(labels)
+        with self._as("float64"), self._optimizer_at_float64(opt):
+            if "fn" not in st:
+                if not opt.built:
+                    opt.build(model.trainable_variables)
+                st["tv"] = [self._float64(v) for v in model.trainable_variables]
+                st["ntv"] = [self._float64(v) for v in model.non_trainable_variables]
+                st["ov"] = [self._float64(v, rate=v is getattr(opt, "_learning_rate", None))
+                            for v in opt.variables]
+
+                def step(tv, ntv, ov, xs, ys):
+                    def loss_fn(tv):
+                        out, new_ntv = model.stateless_call(tv, ntv, xs, training=True)
+                        return _loss(out, ys), new_ntv
+                    (loss, new_ntv), grads = jax.value_and_grad(loss_fn, has_aux=True)(tv)
+                    with self.keras.StatelessScope(state_mapping=list(zip(opt.variables, ov))):
+                        lr = jnp.asarray(opt.learning_rate, jnp.float64)
+                    new_tv, new_ov = opt.stateless_apply(ov, grads, tv)
+                    return loss, lr, new_tv, new_ntv, new_ov
+                st["jit"] = jax.jit(step)
+                st["fn"] = None
+            xs = jnp.asarray(self._nhwc(x, np.float64))
+            ys = _targets(labels, np.float64)
+            args = (st["tv"], st["ntv"], st["ov"], xs, ys)
+            if st["fn"] is None:  # compiled once, for every step
+                st["fn"] = self._compile(st["jit"], *args)
+            loss, lr, st["tv"], st["ntv"], st["ov"] = st["fn"](*args)
+            arrays = {v.path: np.asarray(a, np.float64) for v, a in zip(
+                model.trainable_variables + model.non_trainable_variables, st["tv"] + st["ntv"])}
+        return {"loss": float(loss), "lr": float(lr), "arrays": arrays}
+
+    def _float64(self, v, rate: bool = False):
+        """A variable's value as a float64 JAX array (integers, as the iteration count, kept);
+        ``rate``: the learning rate's float32 read as the decimal it prints as."""
+        import jax.numpy as jnp
+        a = np.asarray(self.keras.ops.convert_to_numpy(v.value))
+        if not np.issubdtype(a.dtype, np.floating):
+            return jnp.asarray(a)
+        if rate and a.dtype == np.float32 and a.ndim == 0:
+            return jnp.asarray(float(np.format_float_positional(a, unique=True)), jnp.float64)
+        return jnp.asarray(a, jnp.float64)
+
+    @contextlib.contextmanager
+    def _optimizer_at_float64(self, opt):
+        """The optimiser's floating variables (its moments, its learning rate) holding float64
+        values inside stateless_apply, for the duration."""
+        own = [v for v in opt.variables if "float" in str(v._dtype)]
+        dtypes = [v._dtype for v in own]
+        try:
+            for v in own:
+                v._dtype = "float64"
+            yield
+        finally:
+            for v, d in zip(own, dtypes):
+                v._dtype = d
 
     def __init__(self, model):
         super().__init__("keras", model, None)
@@ -198,8 +282,7 @@ class KerasSubject(Subject):
             value = (lambda v: jnp.asarray(np.asarray(self.keras.ops.convert_to_numpy(v.value)),
                                            dtype))
             tv, ntv = [value(v) for v in tv_vars], [value(v) for v in ntv_vars]
-            xs = jnp.asarray(np.asarray(x, dtype) if self.channels_first
-                             else np.asarray(x, dtype).transpose(0, 2, 3, 1))
+            xs = jnp.asarray(self._nhwc(x, dtype))
 
             def forward(tv, ntv, xs):
                 captured.clear()
@@ -212,12 +295,10 @@ class KerasSubject(Subject):
             else:
                 def loss_fn(tv, ntv, xs, ys):
                     logits, outs, new_ntv = forward(tv, ntv, xs)
-                    logp = jax.nn.log_softmax(logits, axis=-1)
-                    loss = -jnp.mean(jnp.take_along_axis(logp, ys[:, None], axis=-1))
-                    return loss, (logits, outs, new_ntv)
+                    return _loss(logits, ys), (logits, outs, new_ntv)
                 step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
                 (loss, (logits, outs, new_ntv)), grads = self._compiled(
-                    step, tv, ntv, xs, jnp.asarray(labels, jnp.int32))
+                    step, tv, ntv, xs, _targets(labels, dtype))
                 res = {"logits": np.asarray(logits, dtype), "loss": float(loss),
                        "grads": {v.path: np.asarray(g, dtype) for v, g in zip(tv_vars, grads)},
                        "state": {v.path: np.asarray(a, dtype) for v, a in zip(ntv_vars, new_ntv)}}
@@ -227,6 +308,11 @@ class KerasSubject(Subject):
     def _compiled(self, jitted, *args):
         """``jitted(*args)``, traced and compiled first (ahead of time), the seconds that took
         added to ``compile_s`` (the check's timings say how much of a phase was compilation)."""
+        return self._compile(jitted, *args)(*args)
+
+    def _compile(self, jitted, *args):
+        """``jitted`` compiled for ``args`` (COMPILER_OPTIONS), the seconds added to
+        ``compile_s``."""
         import time
         t = time.perf_counter()
         lowered = jitted.lower(*args)
@@ -238,12 +324,36 @@ class KerasSubject(Subject):
                 if options is None:
                     raise
         self.compile_s += time.perf_counter() - t
-        return compiled(*args)
+        return compiled
+
+    def _nhwc(self, x, dtype):
+        """The canonical NCHW input in the model's layout (an (N, features) input as it is)."""
+        x = np.asarray(x, dtype)
+        return x.transpose(0, 2, 3, 1) if x.ndim == 4 and not self.channels_first else x
 
     def _nchw(self, y, dtype):
         y = np.asarray(y, dtype)
         return np.ascontiguousarray(y.transpose(0, 3, 1, 2) if y.ndim == 4 and
                                     not self.channels_first else y)
+
+
+def _targets(labels, dtype):
+    """The loss's targets: integer labels as int32, float targets (the MLP family's prices) at
+    ``dtype``."""
+    import jax.numpy as jnp
+    labels = np.asarray(labels)
+    return jnp.asarray(labels, dtype if np.issubdtype(labels.dtype, np.floating) else jnp.int32)
+
+
+def _loss(out, ys):
+    """The batch mean of the softmax cross-entropy against integer labels, or of the squared
+    error against float targets shaped as the outputs (the other subjects' loss)."""
+    import jax
+    import jax.numpy as jnp
+    if jnp.issubdtype(ys.dtype, jnp.floating):
+        return jnp.mean((out - ys.reshape(out.shape)) ** 2)
+    logp = jax.nn.log_softmax(out, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, ys[:, None], axis=-1))
 
 
 @contextlib.contextmanager

@@ -13,6 +13,8 @@ from densenet_parity.checking.subjects import Subject, adapter, class_is, keep_s
 
 FRAMEWORK = "mxnet"
 VARIANTS = ("mxnet",)
+#: what a factory returns for --recipe (the training-step check): the model with its optimiser
+PAIR = "(block, trainer): a mxnet.gluon.Trainer over block.collect_params(), its schedule (if any) the optimizer's lr_scheduler"
 #: its BatchNorm updates the running variance with the biased batch variance (accepted, noted)
 BIASED_VARIANCE = True
 
@@ -51,6 +53,12 @@ class RemoteSubject(Subject):
 
     def sites(self) -> Dict[str, str]:
         return self.backend.call("model_sites", model=self.model)
+
+    def optimizer(self):
+        return self.backend.call("model_optimizer", model=self.model)
+
+    def train_step(self, x, labels) -> dict:
+        return self.backend.call("model_train_step", model=self.model, x=x, labels=labels)
 
     def close(self):
         if self.owner:

@@ -9,6 +9,8 @@ from densenet_parity.checking.subjects import Subject, adapter, class_is
 
 FRAMEWORK = "torch"
 VARIANTS = ("torch",)
+#: what a factory returns for --recipe (the training-step check): the model with its optimiser
+PAIR = '(module, optimizer) or (module, optimizer, scheduler): a torch.optim optimizer over module.parameters() and, if the recipe has a schedule, its torch.optim.lr_scheduler scheduler'
 
 
 class TorchSubject(Subject):

@@ -58,6 +58,10 @@ class Subject:
         of the batch statistic taken per step; None: a cumulative average), "as_written"}
     sites() -> the model's module -> 'FILE:LINE' of the user's code that built it (recorded
         while the factory ran, densenet_spec.sites; {} for a model given as an object)
+    optimizer() -> None (a model alone), or what the factory returned to optimise it:
+        {"optimizer": its class, "schedule": its schedule's, or None}
+    train_step(x, labels) -> one step of that optimiser in float64 (the first turns the model
+        into float64): {"loss", "lr", "arrays": every tensor after the step, the model's names}
     notes                     what the check must say about running this model (a list)
     close()
     """
@@ -82,6 +86,12 @@ class Subject:
 
     def sites(self) -> Dict[str, str]:
         return self.adapter.model_sites(self.model, variant=self.variant)
+
+    def optimizer(self):
+        return self.adapter.model_optimizer(self.model, variant=self.variant)
+
+    def train_step(self, x, labels) -> dict:
+        return self.adapter.model_train_step(self.model, x, labels, variant=self.variant)
 
     def close(self):
         pass
