@@ -17,6 +17,7 @@ policy; for that call only: the model's own variables are never changed).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from typing import Dict, Optional
 
@@ -36,8 +37,12 @@ REFERENCE = "our PyTorch model"
 #: either way: no fast-math at any level) compiles keras.applications' DenseNet-121 float64
 #: step in half the time; XLA's older elemental emitters in place of its MLIR fusion emitters
 #: (jaxlib 0.10; gone from 0.11) then compile keras.applications' DenseNet-169 float64 step in
-#: about half again (docs/performance/check-speed.md).
-COMPILER_OPTIONS = ({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
+#: about half again (docs/performance/check-speed.md); one LLVM module in place of XLA's split
+#: for parallel code generation (which the check's compilations run on one thread anyway:
+#: their CPU time is their wall time) takes a tenth off again (keras.applications'
+#: DenseNet-169 at 64 px: its three programs in 25-27 s of CPU where they took 28-30 s).
+COMPILER_OPTIONS = ({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False,
+                     "xla_cpu_parallel_codegen_split_count": 1},
                     {"xla_backend_optimization_level": 0}, None)
 
 
@@ -239,7 +244,11 @@ class KerasSubject(Subject):
         added to ``compile_s`` (the check's timings say how much of a phase was compilation)."""
         import time
         t = time.perf_counter()
-        lowered = jitted.lower(*args)
+        gc.disable()  # tracing makes many objects, none of them garbage: no collections then
+        try:
+            lowered = jitted.lower(*args)
+        finally:
+            gc.enable()
         for options in COMPILER_OPTIONS:
             try:
                 compiled = lowered.compile(options)
