@@ -78,6 +78,13 @@ class KerasSubject(Subject):
             self.notes.append(f"the model ends in a softmax (its '{last.name}' layer's "
                               "activation): the logits before it are compared")
         self.channels_first = self.keras.config.image_data_format() == "channels_first"
+        self.torch_threads = None  # PyTorch's thread count before reference(), restored by close()
+
+    def close(self):
+        if self.torch_threads is not None:
+            import torch
+            torch.set_num_threads(self.torch_threads)
+            self.torch_threads = None
 
     # ------------------------------------------------------------------ tensors
     def _variables(self, which="weights"):
@@ -358,6 +365,13 @@ def run_weights(config, state, x, size: int):
 
 
 def reference(config, size: int, user: Subject) -> Subject:
-    """Our PyTorch DenseNet (no Keras mirror)."""
+    """Our PyTorch DenseNet (no Keras mirror), PyTorch on one thread until the check closes the
+    model's subject: beside JAX in this process, on a machine shared with other work, PyTorch's
+    two OpenMP threads ran its reference phases ~30x slower (keras.applications' DenseNet-121 at
+    64 px, load average 3: 36 s on two threads, 1.2 s on one; the arithmetic is the same)."""
+    import torch
     from densenet_parity.checking import subject_torch
+    if isinstance(user, KerasSubject) and user.torch_threads is None:
+        user.torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
     return subject_torch.reference(config, size, user)
