@@ -229,9 +229,10 @@ class KerasSubject(Subject):
                     return loss, (logits, outs, new_ntv)
                 # the float64 step as two compiled programs, the forward pass (jax.vjp: the
                 # loss, the residuals and the pullback) and the backward pass: the same autodiff
-                # as one jax.value_and_grad program, but XLA compiles two halves in about two
-                # thirds of the time it takes over the whole (keras.applications' DenseNet-169
-                # at 64 px: 41 s as one program, 8.5 + 19 s as two), as densenet_flax's step
+                # as one jax.value_and_grad program, but XLA's compile time grows faster than
+                # the program (keras.applications' DenseNet-169 at 64 px, back to back in one
+                # process: 33.7 s as one program, 8.8 + 19.9 s as two; DenseNet-121 about the
+                # same either way), as densenet_flax's step
                 def train_forward(tv, ntv, xs, ys):
                     return jax.vjp(lambda tv: loss_fn(tv, ntv, xs, ys), tv, has_aux=True)
 
