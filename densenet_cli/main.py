@@ -264,15 +264,19 @@ def fast_compile_flags() -> str:
     """XLA's flags for a process that compiles each program once or twice (a check, the parity
     suite): LLVM at optimisation level 0 without its expensive passes, and on jaxlib < 0.11 XLA's
     elemental emitters in place of its MLIR fusion emitters (together they compile a DenseNet's
-    float64 train step in about a quarter of the default time). The arithmetic is IEEE with every
-    flag (no fast-math): the same operations, other machine code. XLA aborts the process on a
-    flag it does not know (jaxlib 0.11 dropped the emitters' switch), so that one is asked for
-    only where it exists. Read before JAX starts."""
+    float64 train step in about a quarter of the default time), and there one LLVM module per
+    program, not a split for parallel code generation that these compilations run on one thread
+    anyway (a tenth less again; and keras.applications' eager initialisers, a hundred small
+    programs, build faster). The arithmetic is IEEE with every flag (no fast-math): the same
+    operations, other machine code. XLA aborts the process on a flag it does not know (jaxlib
+    0.11 dropped the emitters' switch), so these are asked for only on the jaxlib they were
+    measured on. Read before JAX starts."""
     flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     try:
         from importlib.metadata import version
         if tuple(int(p) for p in version("jaxlib").split(".")[:2]) < (0, 11):
-            flags += " --xla_cpu_use_fusion_emitters=false"
+            flags += (" --xla_cpu_use_fusion_emitters=false"
+                      " --xla_cpu_parallel_codegen_split_count=1")
     except Exception:  # noqa: BLE001 - no jaxlib, or a version that is not numbers: no such flag
         pass
     return flags

@@ -58,8 +58,15 @@ def test_keras_applications_densenet121_is_densenet121_with_its_batchnorm_settin
 
 
 def test_the_books_network_ported_to_keras_is_the_book_network():
-    r = check(framework="keras", factory="parity_tests.own_models.book_keras:net",
-              path=str(ROOT), size=32)
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the check runs PyTorch's reference on one, then gives them back
+    try:
+        r = check(framework="keras", factory="parity_tests.own_models.book_keras:net",
+                  path=str(ROOT), size=32)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     text = r.render()
     assert r.same and r.preset == "book" and not r.bn_settings, text
     assert set(r.numbers) == {"eval_logits", "train_loss", "gradients", "bn_statistics"}

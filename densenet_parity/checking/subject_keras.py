@@ -4,7 +4,7 @@ the reference is our PyTorch DenseNet, given the same canonical weights.
 
 Keras is imported with KERAS_BACKEND=jax unless the user set another backend first (Keras reads
 the variable once, at its import); on another backend the check says so and stops (its train
-step is JAX's: ``stateless_call`` under ``jax.value_and_grad``).
+step is JAX's: ``stateless_call`` under ``jax.vjp``).
 
 Conventions handled here: NHWC input (``keras.config.image_data_format()`` 'channels_last';
 'channels_first' models get NCHW), HWIO kernels and [in, out] dense kernels (layout 'flax'),
@@ -17,6 +17,7 @@ policy; for that call only: the model's own variables are never changed).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from typing import Dict, Optional
 
@@ -40,8 +41,12 @@ REFERENCE = "our PyTorch model"
 #: either way: no fast-math at any level) compiles keras.applications' DenseNet-121 float64
 #: step in half the time; XLA's older elemental emitters in place of its MLIR fusion emitters
 #: (jaxlib 0.10; gone from 0.11) then compile keras.applications' DenseNet-169 float64 step in
-#: about half again (docs/performance/check-speed.md).
-COMPILER_OPTIONS = ({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
+#: about half again (docs/performance/check-speed.md); one LLVM module in place of XLA's split
+#: for parallel code generation (which the check's compilations run on one thread anyway:
+#: their CPU time is their wall time) takes a tenth off again (keras.applications'
+#: DenseNet-169 at 64 px: its three programs in 25-27 s of CPU where they took 28-30 s).
+COMPILER_OPTIONS = ({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False,
+                     "xla_cpu_parallel_codegen_split_count": 1},
                     {"xla_backend_optimization_level": 0}, None)
 
 
@@ -157,6 +162,13 @@ class KerasSubject(Subject):
             self.notes.append(f"the model ends in a softmax (its '{last.name}' layer's "
                               "activation): the logits before it are compared")
         self.channels_first = self.keras.config.image_data_format() == "channels_first"
+        self.torch_threads = None  # PyTorch's thread count before reference(), restored by close()
+
+    def close(self):
+        if self.torch_threads is not None:
+            import torch
+            torch.set_num_threads(self.torch_threads)
+            self.torch_threads = None
 
     # ------------------------------------------------------------------ tensors
     def _variables(self, which="weights"):
@@ -296,9 +308,20 @@ class KerasSubject(Subject):
                 def loss_fn(tv, ntv, xs, ys):
                     logits, outs, new_ntv = forward(tv, ntv, xs)
                     return _loss(logits, ys), (logits, outs, new_ntv)
-                step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-                (loss, (logits, outs, new_ntv)), grads = self._compiled(
-                    step, tv, ntv, xs, _targets(labels, dtype))
+                # the float64 step as two compiled programs, the forward pass (jax.vjp: the
+                # loss, the residuals and the pullback) and the backward pass: the same autodiff
+                # as one jax.value_and_grad program, but XLA's compile time grows faster than
+                # the program (keras.applications' DenseNet-169 at 64 px, back to back in one
+                # process: 33.7 s as one program, 8.8 + 19.9 s as two; DenseNet-121 about the
+                # same either way), as densenet_flax's step
+                def train_forward(tv, ntv, xs, ys):
+                    return jax.vjp(lambda tv: loss_fn(tv, ntv, xs, ys), tv, has_aux=True)
+
+                def backward(pullback, loss):
+                    return pullback(jnp.ones_like(loss))[0]
+                loss, pullback, (logits, outs, new_ntv) = self._compiled(
+                    jax.jit(train_forward), tv, ntv, xs, _targets(labels, dtype))
+                grads = self._compiled(jax.jit(backward), pullback, loss)
                 res = {"logits": np.asarray(logits, dtype), "loss": float(loss),
                        "grads": {v.path: np.asarray(g, dtype) for v, g in zip(tv_vars, grads)},
                        "state": {v.path: np.asarray(a, dtype) for v, a in zip(ntv_vars, new_ntv)}}
@@ -315,7 +338,11 @@ class KerasSubject(Subject):
         ``compile_s``."""
         import time
         t = time.perf_counter()
-        lowered = jitted.lower(*args)
+        gc.disable()  # tracing makes many objects, none of them garbage: no collections then
+        try:
+            lowered = jitted.lower(*args)
+        finally:
+            gc.enable()
         for options in COMPILER_OPTIONS:
             try:
                 compiled = lowered.compile(options)
@@ -449,6 +476,13 @@ def run_weights(config, state, x, size: int):
 
 
 def reference(config, size: int, user: Subject) -> Subject:
-    """Our PyTorch DenseNet (no Keras mirror)."""
+    """Our PyTorch DenseNet (no Keras mirror), PyTorch on one thread until the check closes the
+    model's subject: beside JAX in this process, on a machine shared with other work, PyTorch's
+    two OpenMP threads ran its reference phases ~30x slower (keras.applications' DenseNet-121 at
+    64 px, load average 3: 36 s on two threads, 1.2 s on one; the arithmetic is the same)."""
+    import torch
     from densenet_parity.checking import subject_torch
+    if isinstance(user, KerasSubject) and user.torch_threads is None:
+        user.torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
     return subject_torch.reference(config, size, user)
