@@ -228,13 +228,11 @@ def _executables_in_memory():
     for the same key, which is the fingerprint of the same program with the same options: what
     the disk would have given, without reading it back. (JAX's own in-memory caches are per
     traced function, and the two variants' functions differ.)"""
-    if "jax" not in __import__("sys").modules:
-        try:
-            import jax  # noqa: F401
-        except ImportError:
-            yield
-            return
-    from jax._src import compiler
+    try:
+        from jax._src import compiler
+    except ImportError:  # no JAX: nothing to keep
+        yield
+        return
     read, write = getattr(compiler, "_cache_read", None), getattr(compiler, "_cache_write", None)
     if read is None or write is None:  # another JAX: its disk cache alone
         yield
@@ -267,6 +265,7 @@ def _shares_programs(item, nextitem) -> bool:
     a, b = getattr(item, "callspec", None), getattr(nextitem, "callspec", None)
     if a is None or b is None or item.originalname != nextitem.originalname:
         return False
+
     def rest(params):
         return {k: v for k, v in params.items() if k not in ("other", "backend")}
     return rest(a.params) == rest(b.params)
