@@ -213,16 +213,27 @@ def compare_training(preset: str, recipe: str, steps: int, dtype: str = "float64
                 entry["stats_where"].append(where)
                 entry["absolute"].append(max((float(np.max(np.abs(got[k] - ref[k])))
                                               for k in noisy), default=0.0))
+                # the floor, plus AGREE64 of how far PyTorch moved them: an element of the
+                # MLP's stem or transition bias is zero-gradient only while its unit is active
+                # on every row of the batch, and then moves for real
                 entry["absolute_floor"].append(absolute_floor(
-                    parsed, t + 1, data.steps_per_epoch, steps, dtype, largest) if noisy else 0.0)
+                    parsed, t + 1, data.steps_per_epoch, steps, dtype, largest)
+                    + AGREE64 * moved(ref, data.state, noisy) if noisy else 0.0)
                 for s in stages:
                     entry["stages"][s]["params"].append(distance(
                         got, ref, [k for k in groups.get((s, "param"), ()) if k in params])[0])
                     entry["stages"][s]["stats"].append(distance(
                         got, ref, [k for k in groups.get((s, "state"), ()) if k in stats])[0])
+            loss = result["backends"]["torch"]["loss"][-1]
+            if not np.isfinite(loss):
+                # PyTorch's own run has diverged: nothing after this step can be compared
+                result["diverged"] = t + 1
+                say(f"step {t + 1}/{steps}: torch's loss is {_num(loss)}: the recipe diverges "
+                    "on this data; stopping")
+                break
             if (t + 1) % every == 0 or t + 1 == steps:
-                loss = result["backends"]["torch"]["loss"][-1]
-                parts = [f"{n} {result['backends'][n]['params'][-1]:.1e}" for n in names[1:]]
+                parts = [f"{n} {_e(result['backends'][n]['params'][-1], '.1e')}"
+                         for n in names[1:]]
                 say(f"step {t + 1}/{steps}: torch loss {_num(loss)}; largest parameter distance "
                     f"from torch: {', '.join(parts) or '(no other backend)'}")
     finally:
@@ -238,13 +249,18 @@ def compare_training(preset: str, recipe: str, steps: int, dtype: str = "float64
     return result
 
 
-def _num(v: float) -> str:
+def _num(v: float, fmt: str = ".6g") -> str:
     """A figure in words where it is not a finite number (never nan/inf on the console)."""
     if np.isnan(v):
         return "not a number"
     if np.isinf(v):
         return "infinite"
-    return f"{v:.6g}"
+    return format(v, fmt)
+
+
+def _e(v: float, fmt: str = ".2e") -> str:
+    """A distance, in words where it is not a finite number."""
+    return _num(v, fmt)
 
 
 def _verdict(result: dict) -> None:
@@ -255,17 +271,24 @@ def _verdict(result: dict) -> None:
     tol = AGREE64 if float64 else AGREE32_FIRST
     ref = result["backends"].get("torch", {})
     first = None
+    # the steps compared: up to the one before PyTorch's loss stopped being a number
+    run = result.get("steps") or max((len(e.get("params", ())) for e in
+                                      result["backends"].values()), default=0)
+    judged = result["diverged"] - 1 if result.get("diverged") else run
+    result["steps_judged"] = judged
     for n, e in result["backends"].items():
         if n == "torch":
             continue
-        e["steps_until"] = {f"{th:g}": next((t + 1 for t, d in enumerate(e["params"])
+        e["steps_until"] = {f"{th:g}": next((t + 1 for t, d in enumerate(e["params"][:judged])
                                              if not d <= th), None) for th in THRESHOLDS32}
-        e["final"] = {"params": e["params"][-1], "stats": e["stats"][-1]}
+        last = judged - 1
+        e["final"] = ({"params": e["params"][last], "stats": e["stats"][last]} if judged else
+                      {"params": None, "stats": None})
         if e["limits"]:
             e["verdict"] = "limits named: measured, not judged"
             continue
         bad = None
-        if not float64:
+        if not float64 and judged:
             for what in ("loss", "grad_norm"):
                 got, want = e[what][0], ref[what][0]
                 d = abs(got - want) / max(abs(want), 1e-30)
@@ -273,7 +296,7 @@ def _verdict(result: dict) -> None:
                     bad = {"backend": n, "step": 1, "tensor": f"the {what.replace('_', ' ')}",
                            "distance": d, "tolerance": tol}
                     break
-        for t in range(len(e["params"]) if float64 else 0):
+        for t in range(judged if float64 else 0):
             checks = [("params", e["params"][t], e["params_where"][t], tol)]
             if not e["stats_not_judged"]:
                 checks.append(("stats", e["stats"][t], e["stats_where"][t], tol))
@@ -291,7 +314,7 @@ def _verdict(result: dict) -> None:
         if bad and (first is None or bad["step"] < first["step"]):
             first = bad
     result["tolerance"] = tol
-    result["agree"] = first is None
+    result["agree"] = first is None and not result.get("diverged")
     result["first_difference"] = first
 
 
@@ -309,19 +332,35 @@ def render(result: dict) -> str:
             continue
         until = ", ".join(f"{k}: {'step ' + str(v) if v else 'never'}"
                           for k, v in e["steps_until"].items())
-        lines.append(f"{n}: {e['verdict']}; after step {result['steps']} parameters "
-                     f"{e['final']['params']:.2e} (largest in {e['params_where'][-1]}), "
-                     f"BatchNorm statistics {e['final']['stats']:.2e}"
+        last = result["steps_judged"]
+        if not last:
+            lines.append(f"{n}: {e['verdict']}; no step to compare")
+            continue
+        lines.append(f"{n}: {e['verdict']}; after step {last} parameters "
+                     f"{_e(e['final']['params'])} (largest in {e['params_where'][last - 1]}), "
+                     f"BatchNorm statistics {_e(e['final']['stats'])}"
                      + (f"; steps until {until}" if result["dtype"] == "float32" else ""))
-        worst = sorted(((v["params"][-1], s) for s, v in e["stages"].items()), reverse=True)[:3]
-        lines.append("    largest per stage: " + ", ".join(f"{s} {d:.1e}" for d, s in worst))
+        worst = sorted(((v["params"][last - 1], s) for s, v in e["stages"].items()),
+                       reverse=True)[:3]
+        lines.append("    largest per stage: " + ", ".join(f"{s} {_e(d, '.1e')}"
+                                                          for d, s in worst))
         for lim in e["limits"]:
             lines.append(f"    limit: {lim}")
         if e["stats_not_judged"]:
             lines.append(f"    note: {e['stats_not_judged']}")
     if result["absolute_why"]:
         lines.append(f"note: {len(result['absolute_names'])} tensors {result['absolute_why']}")
-    if result["agree"]:
+    if result.get("diverged"):
+        t = result["diverged"]
+        lines.append(f"DIVERGED: torch's loss is {_num(torch_e['loss'][t - 1])} at step {t}: "
+                     "this recipe diverges on this data (a smaller lr?); the backends are "
+                     + (f"compared up to step {t - 1}" if t > 1 else "not compared")
+                     + (f", where {result['first_difference']['backend']} first differs at "
+                        f"step {result['first_difference']['step']}"
+                        if result["first_difference"] else
+                        ", where every backend that expresses the recipe exactly agrees"
+                        if t > 1 else ""))
+    elif result["agree"]:
         lines.append(f"AGREE: every backend that expresses the recipe exactly is within "
                      f"{result['tolerance']:g} of torch "
                      + ("at every step" if result["dtype"] == "float64" else
@@ -330,7 +369,7 @@ def render(result: dict) -> str:
     else:
         f = result["first_difference"]
         lines.append(f"DIFFER: {f['backend']} first differs at step {f['step']} in {f['tensor']} "
-                     f"({f['distance']:.2e} > {f['tolerance']:g})")
+                     f"({_e(f['distance'])} > {f['tolerance']:g})")
     return "\n".join(lines)
 
 

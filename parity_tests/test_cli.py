@@ -4,6 +4,7 @@ summary in every backend."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -127,6 +128,23 @@ def test_compare_training_runs_every_backend_and_writes_its_figures(tmp_path):
         assert abs(e["loss"][0] / result["backends"]["torch"]["loss"][0] - 1) <= 1e-3
     assert any("learning rate" in lim for lim in result["backends"]["mxnet"]["limits"])
     assert (tmp_path / "divergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_training_stops_where_torchs_run_diverges():
+    """The MLP on the house prices under the book's SGD rate with momentum: PyTorch's own loss
+    is not a number by step 18; the command stops there, says so in words (never nan or inf
+    where a number is meant), judges the steps before it and exits 1."""
+    need_mxnet()
+    r = densenet("compare-training", "--preset", "house_mlp", "--backends", "torch,mxnet",
+                 "--steps", 30, "--every", 10, "--recipe",
+                 "sgd lr=0.03125 momentum=0.875 weight_decay=0.0009765625 exclude=bn,bias")
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = r.stdout
+    assert "torch's loss is not a number: the recipe diverges on this data; stopping" in out
+    assert "DIVERGED: torch's loss is not a number at step" in out
+    assert "the backends are compared up to step" in out and "step 30/30" not in out
+    assert not re.search(r"\b(nan|inf|-inf)\b", out, re.IGNORECASE), out
+    assert "Traceback" not in r.stderr
 
 
 def test_compare_training_bad_recipe_is_a_usage_error():

@@ -285,3 +285,10 @@ def test_compare_training_verdict_names_the_first_difference():
     _verdict(result)
     assert result["first_difference"]["step"] == 1 and result["agree"] is False
     assert result["first_difference"]["tensor"] == "the grad norm"
+    # PyTorch's loss not a number at step 3: steps 1 and 2 judged, and the run never agrees
+    result["dtype"] = "float64"
+    result["backends"]["a"] = entry([1e-12, 1e-12, float("nan")], [1e-12, 1e-12, 1e-12])
+    result["diverged"] = 3
+    _verdict(result)
+    assert result["steps_judged"] == 2 and result["first_difference"] is None
+    assert result["agree"] is False and result["backends"]["a"]["final"]["params"] == 1e-12

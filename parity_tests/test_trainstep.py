@@ -3,7 +3,8 @@
 user writes them: the forum's MLP DenseNet (house_mlp, the fastest preset) with a torch
 optimiser that is right, or wrong in one way the check must name by measurement; one correct
 port in Flax NNX; the MLP in Gluon with its gluon.Trainer (right, and decaying its
-BatchNorm); the MLP in Keras with its compiled Adam (Keras' epsilon placement named); and the
+BatchNorm); the MLP in Keras with its compiled Adam (Keras' epsilon placement named, with and
+without its default epsilon) and SGD (the same step); and the
 usage errors (a wrong pair, an optimiser the check cannot run, an optimiser without --recipe,
 --recipe without one, a recipe that does not parse): one clear message, exit 2."""
 from __future__ import annotations
@@ -33,6 +34,10 @@ TORCH = textwrap.dedent('''
     def adam_l2():  # Adam's weight_decay is L2 in the gradient: not AdamW
         m = house_torch.net()
         return m, torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-2)
+
+    def adam_keras_eps():  # Keras' default epsilon carried over into torch.optim.Adam
+        m = house_torch.net()
+        return m, torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-7)
 
     def sgd_decays_everything():
         m = house_torch.net()
@@ -180,6 +185,18 @@ KERAS = textwrap.dedent('''
         m = mlp()
         m.compile(optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-7))
         return m
+
+
+    def adam_as_it_comes():  # its default epsilon, 1e-7
+        m = mlp()
+        m.compile(optimizer=keras.optimizers.Adam(1e-3))
+        return m
+
+
+    def sgd():  # Keras' momentum keeps lr in its buffer: PyTorch's update at a constant rate
+        m = mlp()
+        m.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+        return m
 ''')
 
 ADAMW = "adamw lr=1e-3 weight_decay=1e-2"
@@ -211,6 +228,7 @@ def test_a_correct_torch_port_is_the_same_training_step(where):
 
 @pytest.mark.parametrize("fn, recipe, cause", [
     ("adam_l2", ADAMW, "decay=coupled"),
+    ("adam_keras_eps", "adam lr=1e-3", "eps=1e-07"),
     ("sgd_decays_everything", "sgd lr=0.05 momentum=0.9 weight_decay=1e-2 exclude=bn",
      "decay on bn"),
     ("sgd_plain_momentum", "sgd lr=0.05 momentum=0.9 nesterov=1", "nesterov=0"),
@@ -285,6 +303,25 @@ def test_keras_adam_is_named_by_its_epsilon_placement(where):
     assert [c["key"] for c in t["causes"]] == ["eps before bias correction"], (
         t["candidates"], t["causes"])
     assert t["loss"][0] == pytest.approx(t["reference_loss"][0], rel=1e-12)
+    # Keras' Adam as it comes (epsilon 1e-7, before the bias correction) against PyTorch's
+    # recipe (1e-8, after it): both named together, neither alone
+    r = _check(where, "keras", "adam_as_it_comes", "adam lr=1e-3", steps=2, preset=TINY)
+    t = r.training
+    assert r.same and not r.same_training, r.render()
+    assert [c["key"] for c in t["causes"]] == ["keras adam"], (t["candidates"], t["causes"])
+    assert "eps=1e-07" in t["candidates"] and "nan" not in r.render()
+
+
+def test_keras_sgd_with_momentum_is_the_same_training_step(where):
+    """Keras' SGD keeps the learning rate in its momentum buffer (m = 0.9 m - lr g; w += m),
+    PyTorch's outside it: the same update at a constant rate, within the JAX programs' 1e-6."""
+    subject_keras.import_keras()
+    r = _check(where, "keras", "sgd", "sgd lr=0.05 momentum=0.9", steps=2, preset=TINY)
+    assert r.same and r.same_training, r.render()
+    t = r.training
+    assert t["optimizer"]["optimizer"] == "keras.optimizers.SGD" and t["first"] is None
+    assert t["tolerance"] == 1e-6 and len(t["loss"]) == 2
+    assert r.verdict == "same network; same training step"
 
 
 @pytest.mark.parametrize("fn, recipe, words", [

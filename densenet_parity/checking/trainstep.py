@@ -219,6 +219,13 @@ def _matches(names, recipe, got, run, init, steps, tol, apart) -> bool:
 
 # ------------------------------------------------------------------ the likely causes
 
+#: Adam's epsilon as each framework's users get it without writing one (a port that keeps its
+#: framework's default where the recipe has another).
+ADAM_EPS = ((1e-8, "the default of torch.optim.Adam, optax.adam and Gluon's adam"),
+            (1e-7, "the default of keras.optimizers.Adam and TensorFlow's"))
+#: keras.optimizers.Adam's default epsilon, which it adds before the bias correction.
+KERAS_EPS = 1e-7
+
 def candidates(recipe) -> List[tuple]:
     """The porting mistakes that belong to ``recipe``: (key, words, change), ``change`` being
     what ``_torch_run`` does differently from the recipe (a mutated recipe, or a change to
@@ -279,6 +286,11 @@ def candidates(recipe) -> List[tuple]:
                         "PyTorch scales the buffer by the current rate (equal for a constant "
                         "rate, not under a schedule)", ("buffer", "lr")))
     if r.adaptive:
+        for value, whose in ADAM_EPS:
+            if not math.isclose(value, r.eps, rel_tol=1e-9):
+                out.append((f"eps={value:g}", f"Adam's epsilon {value:g} ({whose}), where the "
+                            f"recipe has eps={r.eps:g}",
+                            ("recipe", dataclasses.replace(r, eps=value))))
         out.append(("eps inside sqrt", "Adam's epsilon inside the square root "
                     "(sqrt(v_hat + eps)), where PyTorch adds it outside (sqrt(v_hat) + eps)",
                     ("eps", "inside")))
@@ -286,6 +298,12 @@ def candidates(recipe) -> List[tuple]:
                     "correction (TensorFlow's and Keras' epsilon-hat: sqrt(v) + eps, the rate "
                     "scaled by sqrt(1 - b2^t) / (1 - b1^t)), where PyTorch adds it to "
                     "sqrt(v_hat)", ("eps", "hat")))
+        if not math.isclose(KERAS_EPS, r.eps, rel_tol=1e-9):
+            out.append(("keras adam", f"Keras' Adam as it comes: epsilon {KERAS_EPS:g} (its "
+                        "default) added before the bias correction (sqrt(v) + eps, the rate "
+                        "scaled by sqrt(1 - b2^t) / (1 - b1^t)), where the recipe has "
+                        f"eps={r.eps:g} added to sqrt(v_hat) (PyTorch's)",
+                        ("eps", ("hat", KERAS_EPS))))
     if r.schedule != "constant":
         out.append(("schedule ahead", "the schedule one step ahead (the scheduler stepped "
                     "before the optimiser's first step: step k used the rate of step k + 1)",
@@ -301,6 +319,8 @@ def _torch_run(config, state, recipe, steps, data, change) -> List[dict]:
     import torch
     from densenet_torch import adapter
     kind, arg = change
+    if kind == "eps" and isinstance(arg, tuple):  # the placement and another epsilon
+        arg, recipe = arg[0], dataclasses.replace(recipe, eps=arg[1])
     text = str(arg) if kind == "recipe" else str(recipe)
     session = adapter.recipe_session(config.to_dict(), state, text, 1, steps, "float64")
     opt, sched = session.optimizer
