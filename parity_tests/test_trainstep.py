@@ -299,7 +299,7 @@ def test_keras_adam_is_named_by_its_epsilon_placement(where):
     t = r.training
     assert r.same and not r.same_training, r.render()
     assert t["optimizer"]["optimizer"] == "keras.optimizers.Adam" and t["reference"] == "torch"
-    assert t["first"]["step"] == 1 and t["first"]["distance"] > 1e-3, t["first"]
+    assert t["first"]["step"] == 1 and t["first"]["distance"] > 1e-4, t["first"]
     assert [c["key"] for c in t["causes"]] == ["eps before bias correction"], (
         t["candidates"], t["causes"])
     assert t["loss"][0] == pytest.approx(t["reference_loss"][0], rel=1e-12)
@@ -314,13 +314,16 @@ def test_keras_adam_is_named_by_its_epsilon_placement(where):
 
 def test_keras_sgd_with_momentum_is_the_same_training_step(where):
     """Keras' SGD keeps the learning rate in its momentum buffer (m = 0.9 m - lr g; w += m),
-    PyTorch's outside it: the same update at a constant rate, within the JAX programs' 1e-6."""
+    PyTorch's outside it: the same update at a constant rate, within the JAX programs' 1e-6;
+    in fact within float64's rounding: Keras' float32 rate (0.0500000007) is read as the 0.05
+    the user typed (read as it was, every parameter was 1e-8 off after the first step)."""
     subject_keras.import_keras()
     r = _check(where, "keras", "sgd", "sgd lr=0.05 momentum=0.9", steps=2, preset=TINY)
     assert r.same and r.same_training, r.render()
     t = r.training
     assert t["optimizer"]["optimizer"] == "keras.optimizers.SGD" and t["first"] is None
-    assert t["tolerance"] == 1e-6 and len(t["loss"]) == 2
+    assert t["tolerance"] == 1e-6 and len(t["loss"]) == 2 and t["lr"][0] == 0.05
+    assert max(t["distance"]) < 1e-12, t["distance"]
     assert r.verdict == "same network; same training step"
 
 

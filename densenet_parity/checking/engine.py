@@ -29,15 +29,16 @@ def default_size(cfg) -> int:
     return 96 if cfg is None or cfg.name == "book" else (16 if cfg.stem == "cifar" else 64)
 
 
-def _inputs(config, size, seed):
+def _inputs(config, size, seed, mlp_batch=MLP_BATCH):
     """The check's input (canonical) and targets: integer labels for the conv family, float
     targets for the MLP family (its loss is the mean squared error). The MLP's batch is 8, not
     2: train-mode BatchNorm1d over 2 examples maps every feature to -1 or +1 whatever came
-    before, and the step could not tell many a bug from the reference."""
+    before, and the step could not tell many a bug from the reference (the training part's
+    batches: ``mlp_batch``, trainstep.MLP_TRAIN_BATCH)."""
     rng = np.random.default_rng(seed + 2)
     if config.family == "mlp":
-        x = rng.standard_normal(spec.input_shape(config, MLP_BATCH)).astype(np.float32)
-        return x, rng.standard_normal((MLP_BATCH, config.num_outputs))
+        x = rng.standard_normal(spec.input_shape(config, mlp_batch)).astype(np.float32)
+        return x, rng.standard_normal((mlp_batch, config.num_outputs))
     x = rng.standard_normal(spec.input_shape(config, BATCH, size, size)).astype(np.float32)
     return x, rng.integers(0, config.num_classes, BATCH).astype(np.int64)
 

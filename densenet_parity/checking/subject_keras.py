@@ -132,8 +132,11 @@ class KerasSubject(Subject):
         a = np.asarray(self.keras.ops.convert_to_numpy(v.value))
         if not np.issubdtype(a.dtype, np.floating):
             return jnp.asarray(a)
-        if rate and a.dtype == np.float32 and a.ndim == 0:
-            return jnp.asarray(float(np.format_float_positional(a, unique=True)), jnp.float64)
+        # the rate as Keras holds it, a float32 (already widened when read inside
+        # _optimizer_at_float64: the widened value is the float32's, 0.0500000007)
+        if rate and a.ndim == 0 and float(np.float32(a)) == float(a):
+            return jnp.asarray(float(np.format_float_positional(np.float32(a), unique=True)),
+                               jnp.float64)
         return jnp.asarray(a, jnp.float64)
 
     @contextlib.contextmanager
