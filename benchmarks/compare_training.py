@@ -33,6 +33,10 @@ BEGIN_MLP, END_MLP = "<!-- optimizers-mlp:begin -->", "<!-- optimizers-mlp:end -
 #: 0.875: its loss is not a number by step 18): its SGD rows run at these rates instead, each
 #: exact in float32 where the book's is (2^-10), and not where it is not (0.001 for 0.03).
 MLP_SGD_LR = {"0.03125": "0.0009765625", "0.03": "0.001"}
+#: ... and its Adam rows at 1e-4: at the book's 1e-3 the MLP's run amplifies rounding (two
+#: PyTorch runs whose inputs differ by 1e-13 are 1.3e-9 apart by step 11 and 3.2e-2 by step
+#: 100; at 1e-4, 2.8e-12 after 100 steps), so that no two programs can agree to 1e-9 there.
+MLP_ADAM_LR = {"0.001": "0.0001"}
 MACHINE = "AMD EPYC, 2 cores, 24 GB, no GPU"
 
 #: (what, recipe, how PyTorch / Gluon / optax users write it: build_optimizer in each mirror)
@@ -86,12 +90,13 @@ def is_mlp(preset: str) -> bool:
 
 
 def recipe_for(preset: str, recipe: str) -> str:
-    """A row's recipe for ``preset``: the MLP's SGD rows at MLP_SGD_LR's rates."""
-    if not is_mlp(preset) or not recipe.startswith("sgd "):
+    """A row's recipe for ``preset``: the MLP's rows at MLP_SGD_LR's and MLP_ADAM_LR's
+    rates."""
+    if not is_mlp(preset):
         return recipe
-    words = recipe.split()
-    return " ".join(f"lr={MLP_SGD_LR.get(w[3:], w[3:])}" if w.startswith("lr=") else w
-                    for w in words)
+    rates = MLP_SGD_LR if recipe.startswith("sgd ") else MLP_ADAM_LR
+    return " ".join(f"lr={rates.get(w[3:], w[3:])}" if w.startswith("lr=") else w
+                    for w in recipe.split())
 
 
 def run(rows, preset: str, steps: int, batch_size: int, size, backends, log=print,

@@ -7,7 +7,8 @@ statistics, per stage.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple
+import math
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -102,6 +103,37 @@ def distance(got: Dict[str, np.ndarray], ref: Dict[str, np.ndarray], names: Iter
 
 # ------------------------------------------------------------------ densenet compare-training
 
+#: The measured amplification (compare-training, and check --recipe): the reference runs again
+#: on inputs this far apart (relative, float64: ~450 units of rounding, above any two
+#: programs' difference in one step: Keras' against PyTorch's, the forum's MLP, 1e-15 after a
+#: step), and each step is judged within
+#: CHAOS_MARGIN times the distance the two reference runs reach there, where that is more than
+#: the tolerance: a run that amplifies rounding (a rate that makes the loss grow a
+#: thousandfold in two steps, train-mode BatchNorm over few examples) parts two correct
+#: programs by that much, and no porting mistake moves the parameters by less than 1e-3.
+SHAKE = 1e-13
+CHAOS_MARGIN = 100.0
+#: Where the two reference runs are this far apart, the run is chaos from there on: those
+#: steps are not judged (the report says from which step).
+CHAOS_LIMIT = 1e-4
+
+
+def shaken(data) -> list:
+    """``data``'s batches with their inputs SHAKE apart (float64)."""
+    return [(np.asarray(x, np.float64) * (1 + SHAKE), y) for x, y in data]
+
+
+def step_tolerances(tol: float, drift: List[float]) -> List[float]:
+    """Each step's tolerance: ``tol``, or CHAOS_MARGIN times the reference's own drift where
+    that is larger; inf from the first step where the drift passes CHAOS_LIMIT (or is not a
+    number)."""
+    out, lost = [], False
+    for d in drift:
+        lost = lost or not d <= CHAOS_LIMIT
+        out.append(math.inf if lost else max(tol, CHAOS_MARGIN * d))
+    return out
+
+
 #: float64: every backend that expresses the recipe exactly agrees with PyTorch to this, at
 #: every step, in every parameter and BatchNorm statistic (relative distance: ``distance``).
 AGREE64 = 1e-9
@@ -193,6 +225,15 @@ def compare_training(preset: str, recipe: str, steps: int, dtype: str = "float64
             sessions[n] = b.call("recipe_session", config=config.to_dict(), state=data.state,
                                  recipe=recipe, steps_per_epoch=data.steps_per_epoch,
                                  total_steps=steps, dtype=dtype)
+        # float64: how far the run itself amplifies rounding, measured by PyTorch again on
+        # inputs SHAKE apart; each step judged within CHAOS_MARGIN times that where it is more
+        # than AGREE64 (step_tolerances)
+        shake = made["torch"] if dtype == "float64" else None
+        if shake is not None:
+            result["drift"] = []
+            sessions["shaken"] = shake.call(
+                "recipe_session", config=config.to_dict(), state=data.state, recipe=recipe,
+                steps_per_epoch=data.steps_per_epoch, total_steps=steps, dtype=dtype)
         for t, (x, y) in enumerate(data.batches):
             ref = None
             for n, b in made.items():
@@ -224,6 +265,10 @@ def compare_training(preset: str, recipe: str, steps: int, dtype: str = "float64
                         got, ref, [k for k in groups.get((s, "param"), ()) if k in params])[0])
                     entry["stages"][s]["stats"].append(distance(
                         got, ref, [k for k in groups.get((s, "state"), ()) if k in stats])[0])
+            if shake is not None:
+                (xs, _), = shaken([(x, y)])
+                fig = shake.call("recipe_step", session=sessions["shaken"], x=xs, labels=y)
+                result["drift"].append(distance(fig["arrays"], ref, params)[0])
             loss = result["backends"]["torch"]["loss"][-1]
             if not np.isfinite(loss):
                 # PyTorch's own run has diverged: nothing after this step can be compared
@@ -237,13 +282,13 @@ def compare_training(preset: str, recipe: str, steps: int, dtype: str = "float64
                 say(f"step {t + 1}/{steps}: torch loss {_num(loss)}; largest parameter distance "
                     f"from torch: {', '.join(parts) or '(no other backend)'}")
     finally:
-        for n, b in made.items():
+        for n, b in [*made.items(), ("shaken", made.get("torch"))]:
             if n in sessions:
                 try:
                     b.call("recipe_end", session=sessions[n])
                 except Exception:  # noqa: BLE001 - closing; the run's own error matters
                     pass
-            if hasattr(b, "close"):
+            if n != "shaken" and hasattr(b, "close"):
                 b.close()
     _verdict(result)
     return result
@@ -274,21 +319,26 @@ def _verdict(result: dict) -> None:
     # the steps compared: up to the one before PyTorch's loss stopped being a number
     run = result.get("steps") or max((len(e.get("params", ())) for e in
                                       result["backends"].values()), default=0)
-    judged = result["diverged"] - 1 if result.get("diverged") else run
-    result["steps_judged"] = judged
+    shown = result["diverged"] - 1 if result.get("diverged") else run
+    tols = step_tolerances(tol, result["drift"][:shown]) if float64 and result.get("drift") \
+        else [tol] * shown
+    # from the first step where PyTorch's own two runs part by CHAOS_LIMIT: not judged
+    judged = tols.index(math.inf) if math.inf in tols else shown
+    result["steps_judged"], result["steps_shown"] = judged, shown
+    result["tolerances"] = tols[:judged]
     for n, e in result["backends"].items():
         if n == "torch":
             continue
-        e["steps_until"] = {f"{th:g}": next((t + 1 for t, d in enumerate(e["params"][:judged])
+        e["steps_until"] = {f"{th:g}": next((t + 1 for t, d in enumerate(e["params"][:shown])
                                              if not d <= th), None) for th in THRESHOLDS32}
-        last = judged - 1
-        e["final"] = ({"params": e["params"][last], "stats": e["stats"][last]} if judged else
+        last = shown - 1
+        e["final"] = ({"params": e["params"][last], "stats": e["stats"][last]} if shown else
                       {"params": None, "stats": None})
         if e["limits"]:
             e["verdict"] = "limits named: measured, not judged"
             continue
         bad = None
-        if not float64 and judged:
+        if not float64 and shown:
             for what in ("loss", "grad_norm"):
                 got, want = e[what][0], ref[what][0]
                 d = abs(got - want) / max(abs(want), 1e-30)
@@ -297,9 +347,9 @@ def _verdict(result: dict) -> None:
                            "distance": d, "tolerance": tol}
                     break
         for t in range(judged if float64 else 0):
-            checks = [("params", e["params"][t], e["params_where"][t], tol)]
+            checks = [("params", e["params"][t], e["params_where"][t], tols[t])]
             if not e["stats_not_judged"]:
-                checks.append(("stats", e["stats"][t], e["stats_where"][t], tol))
+                checks.append(("stats", e["stats"][t], e["stats_where"][t], tols[t]))
             if e["absolute_floor"][t]:
                 checks.append(("absolute", e["absolute"][t], "a zero-gradient bias or running "
                                "mean", e["absolute_floor"][t]))
@@ -332,7 +382,7 @@ def render(result: dict) -> str:
             continue
         until = ", ".join(f"{k}: {'step ' + str(v) if v else 'never'}"
                           for k, v in e["steps_until"].items())
-        last = result["steps_judged"]
+        last = result["steps_shown"]
         if not last:
             lines.append(f"{n}: {e['verdict']}; no step to compare")
             continue
@@ -350,6 +400,7 @@ def render(result: dict) -> str:
             lines.append(f"    note: {e['stats_not_judged']}")
     if result["absolute_why"]:
         lines.append(f"note: {len(result['absolute_names'])} tensors {result['absolute_why']}")
+    lines += amplification_lines(result)
     if result.get("diverged"):
         t = result["diverged"]
         lines.append(f"DIVERGED: torch's loss is {_num(torch_e['loss'][t - 1])} at step {t}: "
@@ -361,9 +412,14 @@ def render(result: dict) -> str:
                         ", where every backend that expresses the recipe exactly agrees"
                         if t > 1 else ""))
     elif result["agree"]:
+        widened = any(t > result["tolerance"] for t in result.get("tolerances", ()))
+        judged, shown = result.get("steps_judged"), result.get("steps_shown")
         lines.append(f"AGREE: every backend that expresses the recipe exactly is within "
                      f"{result['tolerance']:g} of torch "
-                     + ("at every step" if result["dtype"] == "float64" else
+                     + (("or the run's own amplification " if widened else "")
+                        + ("at every step" if judged == shown else
+                           f"at each of the first {judged} steps (not judged after)")
+                        if result["dtype"] == "float64" else
                         "in the first step's loss and gradient norm (float32; the parameters' "
                         "drift is measured, not judged)"))
     else:
@@ -371,6 +427,28 @@ def render(result: dict) -> str:
         lines.append(f"DIFFER: {f['backend']} first differs at step {f['step']} in {f['tensor']} "
                      f"({_e(f['distance'])} > {f['tolerance']:g})")
     return "\n".join(lines)
+
+
+def amplification_lines(result: dict) -> List[str]:
+    """What the run's own amplification of rounding (result["drift"]: PyTorch's run against
+    its run on inputs SHAKE apart) did to the judging, where it changed anything."""
+    drift, tols, tol = result.get("drift"), result.get("tolerances", []), result["tolerance"]
+    if not drift:
+        return []
+    out = []
+    loose = next((t for t, v in enumerate(tols) if v > tol), None)
+    if loose is not None:
+        out.append(f"the run amplifies rounding: two torch runs {SHAKE:g} apart (relative) at "
+                   f"the start are {_e(drift[loose])} apart at step {loose + 1} and "
+                   f"{_e(max(drift[:len(tols)]))} at most by step {len(tols)}; from step "
+                   f"{loose + 1} each step is judged within {CHAOS_MARGIN:g}x their distance")
+    if result["steps_judged"] < result["steps_shown"]:
+        t = result["steps_judged"]
+        out.append(f"steps {t + 1}-{result['steps_shown']} not judged: there two torch runs "
+                   f"{SHAKE:g} apart at the start are more than {CHAOS_LIMIT:g} apart "
+                   f"({_e(drift[t])} at step {t + 1}): a recipe this run cannot hold steady "
+                   "(a smaller lr?); the distances above are shown, not judged")
+    return out
 
 
 def write_outputs(result: dict, out) -> list:
@@ -386,13 +464,16 @@ def write_outputs(result: dict, out) -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = np.arange(1, result["steps"] + 1)
     for n, e in result["backends"].items():
         if n == "torch":
             continue
+        steps = np.arange(1, len(e["params"]) + 1)  # fewer where torch's run diverged
         ax.plot(steps, np.maximum(e["params"], PLOT_FLOOR), label=f"{n} parameters")
         if not e["stats_not_judged"]:
             ax.plot(steps, np.maximum(e["stats"], PLOT_FLOOR), "--", label=f"{n} BN statistics")
+    if result.get("drift"):
+        ax.plot(np.arange(1, len(result["drift"]) + 1), np.maximum(result["drift"], PLOT_FLOOR),
+                color="black", lw=0.8, ls="-.", label=f"torch, inputs {SHAKE:g} apart")
     ax.axhline(result["tolerance"], color="grey", lw=0.8, ls=":", label="tolerance")
     ax.set_yscale("log")
     ax.set_xlabel("step")

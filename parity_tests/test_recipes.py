@@ -292,3 +292,14 @@ def test_compare_training_verdict_names_the_first_difference():
     _verdict(result)
     assert result["steps_judged"] == 2 and result["first_difference"] is None
     assert result["agree"] is False and result["backends"]["a"]["final"]["params"] == 1e-12
+    # a run that amplifies rounding (result["drift"]: torch against torch on inputs 1e-13
+    # apart): a step is judged within 100x that where it is more than 1e-9, and from where
+    # torch's own two runs are 1e-4 apart not at all
+    result = {"dtype": "float64", "steps": 3, "drift": [1e-13, 1e-10, 5e-4], "backends": {
+        "torch": {}, "a": entry([1e-12, 5e-9, 1e-3], [1e-12] * 3)}}
+    _verdict(result)
+    assert result["agree"] is True and result["steps_judged"] == 2, result
+    assert result["tolerances"] == pytest.approx([1e-9, 1e-8])
+    result["backends"]["a"]["params"][1] = 2e-8
+    _verdict(result)
+    assert result["first_difference"]["step"] == 2 and result["agree"] is False

@@ -348,3 +348,34 @@ def test_a_bad_recipe_exits_2(where):
                          cwd=where, env=cli_env(), capture_output=True, text=True)
     assert out.returncode == 2 and "expected a torch.nn.Module" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_run_that_amplifies_rounding_is_judged_within_its_own_amplification():
+    """The tolerance of each step (trainstep.step_tolerances): the check's own, or 100x the
+    distance two reference runs 1e-13 apart reach there where that is larger; from the first
+    step where they are 1e-4 apart (or not a number) nothing is judged, and the report says
+    from which step and why, in words (no nan)."""
+    from densenet_parity.checking import trainstep
+    inf = float("inf")
+    assert trainstep.step_tolerances(1e-6, [1e-13, 1e-9, 2e-7]) == pytest.approx([1e-6, 1e-6, 2e-5])
+    assert trainstep.step_tolerances(1e-9, [1e-13, 5e-4, 1e-5]) == [1e-9, inf, inf]
+    assert trainstep.step_tolerances(1e-9, [float("nan"), 0.0]) == [inf, inf]
+    training = {"checked": True, "steps": 4, "recipe": "sgd lr=0.5", "reference": "torch",
+                "optimizer": {"optimizer": "torch.optim.SGD"}, "loss": [1.0, 9.0, 80.0, 700.0],
+                "reference_loss": [1.0, 9.0, 80.0, 700.0], "stats_judged": "all",
+                "tolerance": 1e-9, "drift": [1e-13, 3e-10, 5e-4, float("nan")],
+                "distance": [0.0, 2e-9, 1e-3, 1.0],
+                "first": None, "causes": [], "candidates": []}
+    training["tolerances"] = trainstep.step_tolerances(1e-9, training["drift"])
+    text = "\n".join(trainstep.lines(training))
+    assert ("two reference runs 1e-13 apart (relative) at the start are 3.00e-10 apart at "
+            "step 2") in text
+    assert "steps 3-4 not judged" in text and "after each of the first 2 steps" in text
+    assert "nan" not in text.lower().replace("not a number", "")
+    assert "or the run's own amplification (above)" in text
+    # where the amplification changed nothing (every step within the tolerance), not a word
+    training.update(drift=[1e-13, 3e-10], distance=[0.0, 1e-12], steps=2, loss=[1.0, 9.0],
+                    reference_loss=[1.0, 9.0])
+    training["tolerances"] = trainstep.step_tolerances(1e-9, training["drift"])
+    text = "\n".join(trainstep.lines(training))
+    assert "amplif" not in text and "within 1e-09 (relative) after every step" in text

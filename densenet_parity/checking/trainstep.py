@@ -31,8 +31,9 @@ import numpy as np
 
 import densenet_spec as spec
 from densenet_parity.checking.numbers import STEP_RTOL, _to_canonical
-from densenet_parity.side_by_side import (AGREE64, absolute_floor, distance, moved,
-                                          zero_gradient_names)
+from densenet_parity.side_by_side import (AGREE64, CHAOS_LIMIT, CHAOS_MARGIN, SHAKE,
+                                          absolute_floor, distance, moved, shaken,
+                                          step_tolerances, zero_gradient_names)
 
 #: float64: the user's parameters and BatchNorm statistics agree with the reference's to this
 #: (relative, side_by_side.distance) after every step (PyTorch's, Gluon's and optax's own
@@ -91,10 +92,10 @@ def check_training(config, state, user, mapping, layout, framework: str, recipe:
     tol = PROGRAM_RTOL if backend.startswith("flax") or framework == "keras" else TRAIN_RTOL
     # how much this run amplifies rounding, measured: the reference again on inputs SHAKE apart
     say(f"[{framework}] how far the reference's own run amplifies rounding ...")
-    shaken = _reference(backend, config, state, recipe, steps, _shaken(data),
-                        getattr(user, "backend", None))
+    again = _reference(backend, config, state, recipe, steps, shaken(data),
+                       getattr(user, "backend", None))
     drift = [distance(a["arrays"], r["arrays"], names["params"])[0]
-             for a, r in zip(shaken, ref)]
+             for a, r in zip(again, ref)]
     tols = step_tolerances(tol, drift)
     first = _first(names, parsed, got, ref, state, steps, tols)
     out = {"checked": True, "recipe": str(parsed), "recipe_given": recipe, "steps": steps,
@@ -143,35 +144,6 @@ def _names(config, recipe, judge_stats: str) -> dict:
         judge_stats == "all" or judge_stats == "mean" and n.endswith("running_mean"))]
     return {"params": params, "stats": judged,
             "noisy": sorted(n for n in noisy if n in zero or judge_stats != "none")}
-
-
-#: The measured amplification: the reference runs again on inputs this far apart (relative,
-#: float64: ~450 units of rounding, above any two programs' difference in one step: Keras'
-#: against PyTorch's, the forum's MLP, 1e-15 after a step), and each step is judged within
-#: CHAOS_MARGIN times the distance the two reference runs reach there, where that is more than
-#: the tolerance: a run that amplifies rounding (a rate that makes the loss grow a
-#: thousandfold in two steps, train-mode BatchNorm over few examples) parts two correct
-#: programs by that much, and no porting mistake moves the parameters by less than 1e-3.
-SHAKE = 1e-13
-CHAOS_MARGIN = 100.0
-#: Where the two reference runs are this far apart, the run is chaos from there on: those
-#: steps are not judged (the report says from which step).
-CHAOS_LIMIT = 1e-4
-
-
-def _shaken(data) -> list:
-    return [(np.asarray(x, np.float64) * (1 + SHAKE), y) for x, y in data]
-
-
-def step_tolerances(tol: float, drift: List[float]) -> List[float]:
-    """Each step's tolerance: ``tol``, or CHAOS_MARGIN times the reference's own drift where
-    that is larger; inf from the first step where the drift passes CHAOS_LIMIT (or is not a
-    number)."""
-    out, lost = [], False
-    for d in drift:
-        lost = lost or not d <= CHAOS_LIMIT
-        out.append(math.inf if lost else max(tol, CHAOS_MARGIN * d))
-    return out
 
 
 def _first(names, recipe, got, ref, init, steps, tols) -> Optional[dict]:
@@ -534,7 +506,7 @@ def lines(training: Optional[dict]) -> List[str]:
     f = training["first"]
     if f is None:
         judged = sum(1 for t in training.get("tolerances", ()) if math.isfinite(t))
-        loose = any(t > training["tolerance"] for t in training.get("tolerances", ()))
+        loose = any(d > training["tolerance"] for d in training.get("distance", ()))
         out.append(f"  every parameter and BatchNorm statistic within {training['tolerance']:g} "
                    "(relative)" + (" or the run's own amplification (above)" if loose else "")
                    + (" after every step" if judged == training["steps"] else
@@ -559,6 +531,13 @@ def _chaos_lines(training: dict) -> List[str]:
     """What the reference's own amplification did to the judging, if anything."""
     tol, tols, drift = training["tolerance"], training.get("tolerances"), training.get("drift")
     if not tols or all(t == tol for t in tols):
+        return []
+    # said where it mattered: a step not judged, a step judged beyond the tolerance, or the
+    # first difference reported against a tolerance it widened
+    first, apart = training.get("first"), training.get("distance") or []
+    widened = (first.get("tolerance") not in (None, tol) and not first.get("absolute")
+               if first else any(d > tol for d in apart))
+    if not (widened or any(math.isinf(t) for t in tols)):
         return []
     loose = next(t for t, v in enumerate(tols) if v != tol)
     out = [f"  this run amplifies rounding: two reference runs {SHAKE:g} apart (relative) at "
