@@ -207,7 +207,8 @@ def main(argv=None) -> int:
         f" --{k.replace('_', '-')} {v}" for k, v in (
             ("preset", args.preset), ("steps", args.steps), ("batch_size", args.batch_size),
             ("size", None if mlp else args.size), ("rows", args.rows),
-            ("backends", args.backends)) if v is not None and v != ap.get_default(k))
+            ("backends", args.backends)) if v is not None and v != ap.get_default(k)) + (
+        " --merge" if args.merge else "")
     commands, before = [command], []
     if args.merge and json_path.exists():
         old = json.loads(json_path.read_text())
