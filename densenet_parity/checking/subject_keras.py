@@ -322,10 +322,9 @@ class KerasSubject(Subject):
 
                 def backward(pullback, loss):
                     return pullback(jnp.ones_like(loss))[0]
-                args = (tv, ntv, xs, _targets(labels, dtype))
-                fwd, bwd = self._compile_pair(jax.jit(train_forward), jax.jit(backward), args)
-                loss, pullback, (logits, outs, new_ntv) = fwd(*args)
-                grads = bwd(pullback, loss)
+                loss, pullback, (logits, outs, new_ntv) = self._compiled(
+                    jax.jit(train_forward), tv, ntv, xs, _targets(labels, dtype))
+                grads = self._compiled(jax.jit(backward), pullback, loss)
                 res = {"logits": np.asarray(logits, dtype), "loss": float(loss),
                        "grads": {v.path: np.asarray(g, dtype) for v, g in zip(tv_vars, grads)},
                        "state": {v.path: np.asarray(a, dtype) for v, a in zip(ntv_vars, new_ntv)}}
@@ -342,28 +341,20 @@ class KerasSubject(Subject):
         ``compile_s``."""
         import time
         t = time.perf_counter()
-        compiled = _compile_lowered(_lower(jitted, args))
+        gc.disable()  # tracing makes many objects, none of them garbage: no collections then
+        try:
+            lowered = jitted.lower(*args)
+        finally:
+            gc.enable()
+        for options in COMPILER_OPTIONS:
+            try:
+                compiled = lowered.compile(options)
+                break
+            except Exception:  # noqa: BLE001 - an XLA that does not know an option
+                if options is None:
+                    raise
         self.compile_s += time.perf_counter() - t
         return compiled
-
-    def _compile_pair(self, forward, backward, args):
-        """The float64 step's two programs compiled at once: the forward pass's, for ``args``,
-        in a second thread (XLA compiles without Python's lock) while this one traces and
-        compiles the backward pass's for the forward's output shapes (its pullback's
-        residuals). Keras' DenseNet-169 float64 step at 64 px: 8.8 s and 19.9 s back to back
-        (benchmarks: docs/performance/check-speed-keras-idle.md). The seconds added to
-        ``compile_s``."""
-        import time
-        from concurrent.futures import ThreadPoolExecutor
-        t = time.perf_counter()
-        lowered = _lower(forward, args)
-        loss, pullback, _ = lowered.out_info
-        with ThreadPoolExecutor(1) as pool:
-            fwd = pool.submit(_compile_lowered, lowered)
-            bwd = _compile_lowered(_lower(backward, (pullback, loss)))
-            fwd = fwd.result()
-        self.compile_s += time.perf_counter() - t
-        return fwd, bwd
 
     def _nhwc(self, x, dtype):
         """The canonical NCHW input in the model's layout (an (N, features) input as it is)."""
@@ -374,26 +365,6 @@ class KerasSubject(Subject):
         y = np.asarray(y, dtype)
         return np.ascontiguousarray(y.transpose(0, 3, 1, 2) if y.ndim == 4 and
                                     not self.channels_first else y)
-
-
-def _lower(jitted, args):
-    """``jitted`` traced and lowered for ``args`` (no garbage collection meanwhile: tracing
-    makes many objects, none of them garbage)."""
-    gc.disable()
-    try:
-        return jitted.lower(*args)
-    finally:
-        gc.enable()
-
-
-def _compile_lowered(lowered):
-    """A lowered program compiled with the first of COMPILER_OPTIONS this XLA knows."""
-    for options in COMPILER_OPTIONS:
-        try:
-            return lowered.compile(options)
-        except Exception:  # noqa: BLE001 - an XLA that does not know an option
-            if options is None:
-                raise
 
 
 def _targets(labels, dtype):
