@@ -164,3 +164,44 @@ def test_keras_weights_files_are_told_by_content(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
     with pytest.raises(formats.WeightsFormatError, match="junk.h5"):
         formats.read(tmp_path / "junk.h5")
+
+
+def test_the_factory_draws_its_initial_values_without_compiling_them(caplog):
+    """While the user's factory runs, the JAX backend's random draws and its zeros and ones are
+    NumPy's (subject_keras._numpy_initializers): Keras' own compile a program for each shape
+    (keras.applications' DenseNet-201: 109 programs, about 8 s on this 2-core CPU) for values
+    the check replaces before it compares a number. The model is built as Keras builds it (every
+    variable's shape and dtype, a random kernel, BatchNorm's ones and zeros), no XLA program but
+    Keras' own variable staging is compiled, and the backend's functions are its own again
+    after."""
+    import logging
+
+    import jax
+    keras = subject_keras.import_keras()
+    from keras.src.backend.jax import numpy as backend_numpy, random as backend_random
+    own = (backend_random.uniform, backend_random.normal, backend_random.truncated_normal,
+           backend_numpy.zeros, backend_numpy.ones)
+
+    def build():  # shapes no other test uses: nothing comes from a cache
+        inp = keras.Input((5, 5, 2))
+        x = keras.layers.BatchNormalization()(keras.layers.Conv2D(7, 3)(inp))
+        x = keras.layers.Dense(3, kernel_initializer="he_normal")(keras.layers.Flatten()(x))
+        return keras.Model(inp, keras.layers.Dense(11, kernel_initializer="truncated_normal")(x))
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        with subject_keras._numpy_initializers(keras):
+            model = build()
+    compiled = [r.getMessage() for r in caplog.records
+                if "Finished XLA compilation of" in r.getMessage()]
+    assert all("jit(stage)" in m for m in compiled), compiled
+    assert (backend_random.uniform, backend_random.normal, backend_random.truncated_normal,
+            backend_numpy.zeros, backend_numpy.ones) == own
+    weights = [np.asarray(w.value) for w in model.weights]
+    assert sorted(w.shape for w in weights) == sorted(
+        [(3, 3, 2, 7), (7,), (7,), (7,), (7,), (7,), (63, 3), (3,), (3, 11), (11,)])
+    assert all(w.dtype == np.float32 for w in weights)
+    kernel = np.asarray(model.layers[1].kernel.value)  # Glorot uniform: within its limit
+    assert np.std(kernel) > 0 and np.all(np.abs(kernel) <= np.sqrt(6 / (18 + 63)) + 1e-7)
+    bn = [np.asarray(v.value) for v in model.layers[2].weights]
+    assert np.all(bn[0] == 1) and np.all(bn[1] == 0) and np.all(bn[3] == 1)
+    truncated = np.asarray(model.layers[-1].kernel.value)
+    assert np.all(np.abs(truncated) <= 2 * 0.05 + 1e-7) and np.std(truncated) > 0

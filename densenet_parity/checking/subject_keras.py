@@ -427,7 +427,8 @@ def user(factory: str, path: Optional[str], size: int, in_channels: Optional[int
 
     def build():
         with sites.recording([(keras.layers.Layer, "__init__", "self")]) as built:
-            model = spec.call_factory(factory, path)  # where each layer is built, recorded
+            with _numpy_initializers(keras):
+                model = spec.call_factory(factory, path)  # where each layer is built, recorded
         if not isinstance(model, keras.Model):
             raise TypeError(f"{factory} returned {type(model).__name__}, not a keras.Model")
         record[:] = [built]
@@ -440,7 +441,8 @@ def user(factory: str, path: Optional[str], size: int, in_channels: Optional[int
             shape = (1, c, size, size) if keras.config.image_data_format() == "channels_first" \
                 else (1, size, size, c)
             try:
-                model(np.zeros(shape, np.float32))
+                with _numpy_initializers(keras):
+                    model(np.zeros(shape, np.float32))
                 break
             except Exception as e:  # noqa: BLE001 - try the next channel count, then report all
                 errors.append(f"{c} input channel(s): {str(e).splitlines()[0]}")
@@ -451,6 +453,59 @@ def user(factory: str, path: Optional[str], size: int, in_channels: Optional[int
     subject.built_at = {name: record[0].of(layer) for name, layer in
                         subject._layers_by_module().items() if record[0].of(layer)}
     return subject
+
+
+@contextlib.contextmanager
+def _numpy_initializers(keras):
+    """While the user's factory builds the model: the JAX backend's random draws (normal,
+    uniform, truncated normal) and its zeros and ones made by NumPy. Keras' own compile a
+    program for every shape (keras.applications' DenseNet-201: 109 programs, 8 s of a 10 s
+    build on this 2-core CPU); the check never uses the values they make (every parameter and
+    statistic is set from the canonical state before a number is compared), and zeros and ones
+    are the same either way. Restored after, whatever happens; another backend: unchanged."""
+    try:
+        from keras.src.backend.jax import numpy as jnp_backend, random as random_backend
+    except ImportError:  # not the JAX backend, or another Keras layout: Keras' own draws
+        yield
+        return
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+
+    def made(a, dtype):  # a NumPy array as the backend's tensor of ``dtype``
+        return jnp.asarray(a.astype(keras.backend.standardize_dtype(
+            dtype or keras.backend.floatx())))
+
+    def normal(shape, mean=0.0, stddev=1.0, dtype=None, seed=None):
+        return made(rng.normal(mean, stddev, shape), dtype)
+
+    def uniform(shape, minval=0.0, maxval=1.0, dtype=None, seed=None):
+        return made(rng.uniform(minval, maxval, shape), dtype)
+
+    def truncated_normal(shape, mean=0.0, stddev=1.0, dtype=None, seed=None):
+        x = rng.standard_normal(shape)  # within 2 stddev, as Keras' own
+        out = np.abs(x) > 2
+        while out.any():
+            x[out] = rng.standard_normal(int(out.sum()))
+            out = np.abs(x) > 2
+        return made(mean + stddev * x, dtype)
+
+    def zeros(shape, dtype=None):
+        return made(np.zeros(shape), dtype)
+
+    def ones(shape, dtype=None):
+        return made(np.ones(shape), dtype)
+    made_here = {(random_backend, "normal"): normal, (random_backend, "uniform"): uniform,
+                 (random_backend, "truncated_normal"): truncated_normal,
+                 (jnp_backend, "zeros"): zeros, (jnp_backend, "ones"): ones}
+    own = {k: getattr(*k) for k in made_here if hasattr(*k)}
+    try:
+        for (module, name), f in made_here.items():
+            if (module, name) in own:
+                setattr(module, name, f)
+        yield
+    finally:
+        for (module, name), f in own.items():
+            setattr(module, name, f)
 
 
 APPLICATIONS = {"densenet121": "DenseNet121", "densenet169": "DenseNet169",
@@ -465,8 +520,11 @@ def applications_model(config, size: int) -> KerasSubject:
     if name is None:
         raise CheckError(f"keras.applications has no DenseNet of preset '{config.name}' (it has "
                          f"{', '.join(APPLICATIONS)}); check the file with another --framework")
-    return KerasSubject(getattr(keras.applications, name)(
-        weights=None, input_shape=(size, size, config.in_channels), classes=config.num_classes))
+    with _numpy_initializers(keras):  # the file's weights replace every value
+        model = getattr(keras.applications, name)(
+            weights=None, input_shape=(size, size, config.in_channels),
+            classes=config.num_classes)
+    return KerasSubject(model)
 
 
 def run_weights(config, state, x, size: int):
