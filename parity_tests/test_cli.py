@@ -99,7 +99,7 @@ def test_train_usage_error_and_bench_help():
     assert r.returncode == 0 and "python -m benchmarks.bench" in r.stdout
 
 
-def test_compare_training_runs_every_backend_and_writes_its_figures(tmp_path):
+def test_compare_training_runs_every_backend_and_writes_its_figures(tmp_path, capsys):
     """`densenet compare-training` on the book at 64 px (its last block at 2x2: at 32 px it is
     1x1 and BatchNorm over 2 values makes even float64 runs chaotic), 3 float32 steps in the four backends:
     progress on the console, exit 0 (the first step's float32 loss and gradient norm agree
@@ -107,13 +107,15 @@ def test_compare_training_runs_every_backend_and_writes_its_figures(tmp_path):
     JSON of every figure (per step and per stage, the steps until each threshold) and the
     log-scale plot; MXNet names its limit (its momentum holds the cosine's learning rate)."""
     need_mxnet()
-    r = densenet("compare-training", "--preset", "book", "--size", 64, "--batch-size", 2,
-                 "--steps", 3, "--every", 1, "--dtype", "float32", "--recipe",
-                 "sgd lr=0.05 momentum=0.9 weight_decay=0.001 exclude=bn schedule=cosine",
-                 "--out", tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "step 1/3: torch loss" in r.stdout and "step 3/3" in r.stdout
-    assert "AGREE" in r.stdout and "Traceback" not in r.stderr
+    rc = COMMANDS["compare-training"][0]([  # in this process: its start is not what is tested
+        "--preset", "book", "--size", "64", "--batch-size", "2", "--steps", "3", "--every", "1",
+        "--dtype", "float32", "--recipe",
+        "sgd lr=0.05 momentum=0.9 weight_decay=0.001 exclude=bn schedule=cosine",
+        "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    assert "step 1/3: torch loss" in out and "step 3/3" in out
+    assert "AGREE" in out and "Traceback" not in err
     result = json.loads((tmp_path / "compare_training.json").read_text())
     assert result["steps"] == 3 and result["dtype"] == "float32" and result["agree"] is True
     assert set(result["backends"]) == {"torch", "mxnet", "flax-nnx", "flax-linen"}
@@ -130,21 +132,22 @@ def test_compare_training_runs_every_backend_and_writes_its_figures(tmp_path):
     assert (tmp_path / "divergence.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_compare_training_stops_where_torchs_run_diverges():
-    """The MLP on the house prices under the book's SGD rate with momentum: PyTorch's own loss
-    is not a number by step 18; the command stops there, says so in words (never nan or inf
-    where a number is meant), judges the steps before it and exits 1."""
+def test_compare_training_stops_where_torchs_run_diverges(capsys):
+    """The MLP on the house prices at lr 1 with momentum (batches of 16): PyTorch's own loss
+    is not a number by step 7; the command (run in this process: its start is not what is
+    tested) stops there, says so in words (never nan or inf where a number is meant), judges
+    the steps before it and exits 1."""
     need_mxnet()
-    r = densenet("compare-training", "--preset", "house_mlp", "--backends", "torch,mxnet",
-                 "--steps", 30, "--every", 10, "--recipe",
-                 "sgd lr=0.03125 momentum=0.875 weight_decay=0.0009765625 exclude=bn,bias")
-    assert r.returncode == 1, r.stdout + r.stderr
-    out = r.stdout
+    rc = COMMANDS["compare-training"][0]([
+        "--preset", "house_mlp", "--backends", "torch,mxnet", "--steps", "30", "--every", "2",
+        "--batch-size", "16", "--recipe", "sgd lr=1.0 momentum=0.875"])
+    out, err = capsys.readouterr()
+    assert rc == 1, out + err
     assert "torch's loss is not a number: the recipe diverges on this data; stopping" in out
     assert "DIVERGED: torch's loss is not a number at step" in out
     assert "the backends are compared up to step" in out and "step 30/30" not in out
     assert not re.search(r"\b(nan|inf|-inf)\b", out, re.IGNORECASE), out
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in err
 
 
 def test_compare_training_bad_recipe_is_a_usage_error():
