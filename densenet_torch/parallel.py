@@ -70,10 +70,10 @@ def data_parallel_step(config: dict, state: dict, x, labels, devices: int = 2,
                f"--nproc-per-node={devices}", "-m", "densenet_torch.parallel", d]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        return outcome(proc.returncode, proc.stderr, d, devices)
+        return _outcome(proc.returncode, proc.stderr, d, devices)
 
 
-def outcome(returncode: int, stderr: str, d: str, devices: int) -> dict:
+def _outcome(returncode: int, stderr: str, d: str, devices: int) -> dict:
     """Rank 0's message in folder ``d`` after torchrun exited with ``returncode``. A rank that
     aborts while gloo closes its connections (``terminate called without an active
     exception``: seen once in a suite run, a race in gloo's teardown) fails torchrun after the
@@ -141,7 +141,7 @@ def _rank_main(d: str) -> None:
                 "platform": "cuda" if args["cuda"] else "cpu", "step_seconds": times,
                 "semantics": batchnorm_semantics(args["sync_bn"])})
         dist.barrier()  # every rank done before any leaves: gloo aborts a rank whose peer left
-        open(os.path.join(d, f"passed.{rank}"), "w").close()  # the step is complete (outcome)
+        open(os.path.join(d, f"passed.{rank}"), "w").close()  # the step is complete (_outcome)
     finally:
         dist.destroy_process_group()
 

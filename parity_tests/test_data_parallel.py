@@ -133,7 +133,7 @@ def test_a_batch_that_does_not_split_is_a_clear_error(name):
 
 
 def test_a_rank_that_fails_while_closing_gloo_after_the_step_is_said_not_fatal(tmp_path):
-    """torchrun's exit status after the step (densenet_torch.parallel.outcome): a rank that
+    """torchrun's exit status after the step (densenet_torch.parallel._outcome): a rank that
     aborts while gloo closes its connections, once every rank passed the final barrier (each
     rank's passed.RANK file), leaves rank 0's complete message, with that said; torchrun's
     failure before that (a rank missing its file, or no message) is an error with its output."""
@@ -145,14 +145,14 @@ def test_a_rank_that_fails_while_closing_gloo_after_the_step_is_said_not_fatal(t
     abort = ("E1205 ... failed (exitcode: -6) local_rank: 1\n"
              "terminate called without an active exception\nChildFailedError: ...\n")
     with pytest.raises(RuntimeError, match="(?s)torchrun with 2 processes failed:\n.*terminate called"):
-        parallel.outcome(1, abort, d, 2)  # rank 1 never passed the barrier
+        parallel._outcome(1, abort, d, 2)  # rank 1 never passed the barrier
     (tmp_path / "passed.1").touch()
-    out = parallel.outcome(1, abort, d, 2)
+    out = parallel._outcome(1, abort, d, 2)
     assert out["loss"] == 1.5 and np.array_equal(out["arrays"]["w"], np.ones(3, np.float32))
     assert out["teardown"].startswith("torchrun exited with status 1 after every rank had passed")
     assert "terminate called without an active exception" in out["teardown"]
-    assert "teardown" not in parallel.outcome(0, "", d, 2)
+    assert "teardown" not in parallel._outcome(0, "", d, 2)
     for ext in ("json", "npz"):
         (tmp_path / f"out.{ext}").unlink()
     with pytest.raises(RuntimeError, match="torchrun with 2 processes failed"):
-        parallel.outcome(1, abort, d, 2)  # no message from rank 0
+        parallel._outcome(1, abort, d, 2)  # no message from rank 0
