@@ -117,7 +117,8 @@ def run(rows, preset: str, steps: int, batch_size: int, size, backends, log=prin
             if name == "torch":
                 continue
             record["backends"][name] = {"limits": e["limits"], "params": e["final"]["params"],
-                                        "params_where": e["params_where"][-1],
+                                        "params_where": e["params_where"][
+                                            max(result["steps_shown"], 1) - 1],
                                         "stats": e["final"]["stats"], "verdict": e["verdict"]}
         log(f"{what}: {record['seconds']} s, " + ", ".join(
             f"{n} {b['params']:.1e}" for n, b in record["backends"].items()))

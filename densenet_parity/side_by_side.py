@@ -400,7 +400,8 @@ def render(result: dict) -> str:
             lines.append(f"    note: {e['stats_not_judged']}")
     if result["absolute_why"]:
         lines.append(f"note: {len(result['absolute_names'])} tensors {result['absolute_why']}")
-    lines += amplification_lines(result)
+    amplified = amplification_lines(result)
+    lines += amplified
     if result.get("diverged"):
         t = result["diverged"]
         lines.append(f"DIVERGED: torch's loss is {_num(torch_e['loss'][t - 1])} at step {t}: "
@@ -412,7 +413,7 @@ def render(result: dict) -> str:
                         ", where every backend that expresses the recipe exactly agrees"
                         if t > 1 else ""))
     elif result["agree"]:
-        widened = bool(amplification_lines(result))
+        widened = bool(amplified)
         judged, shown = result.get("steps_judged"), result.get("steps_shown")
         lines.append(f"AGREE: every backend that expresses the recipe exactly is within "
                      f"{result['tolerance']:g} of torch "
