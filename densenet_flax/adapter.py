@@ -26,7 +26,8 @@ import densenet_spec as spec
 from densenet_spec import sites
 from densenet_flax import linen, model as nnx_model
 from densenet_flax.runtime import (_DROPOUT, abstract as _abstract, loss as _loss,
-                                   device, from_config as _build, linen_loss as _linen_loss,
+                                   device, from_config as _build, jit_in_pieces as _jit_in_pieces,
+                                   linen_loss as _linen_loss,
                                    loaded as _loaded, nhwc as _nhwc, numerics as _numerics,
                                    sgd as _sgd, targets as _targets)
 from densenet_flax.state import _device_array, export_state, load_state, to_canonical
@@ -217,52 +218,72 @@ def book_examples(variant: str = "nnx") -> dict:
 # train_step, the parity suite's gradient check) computes in double precision: JAX's x64 mode
 # for the call, the loaded weights cast to float64, float64 results.
 
-# The computations are compiled (nnx.jit / jax.jit), as Flax code runs them: op-by-op
-# ("eager") JAX compiles every primitive for every new shape, which for a DenseNet (a new
-# channel count at every layer) is many times slower than one compilation of the network.
+# The computations are compiled, as Flax code runs them: op-by-op ("eager") JAX compiles every
+# primitive for every new shape, which for a DenseNet (a new channel count at every layer) is
+# many times slower than one compilation of the network.
 #
-# Gradients come from jax.vjp in two compiled programs, the forward pass (which returns the
-# residuals the backward pass needs) and the backward pass, rather than one program for both:
-# the same autodiff of the same model code, but XLA's compile time and memory grow faster than
-# the program, and for the deepest presets one program needs ~50% more of both (DenseNet-264 in
-# float64: 43 s and 4.8 GB as one program, 30 s and 3.2 GB as two). The SGD step is optax.sgd,
-# compiled once over the whole tree of parameters.
+# The float64 step and the stages' forward pass are traced once and compiled in pieces
+# (runtime.jit_in_pieces): the equations JAX traced, in their order, as consecutive programs.
+# XLA's compile time on the CPU grows much faster than the program: DenseNet-264's float64 step
+# took 43 s as a forward program (jax.vjp) and a backward one, 8.4 + 21.5 s of it compiling, and
+# takes about 19 s as 32 pieces on one thread. The gradients are jax.value_and_grad's, the
+# same autodiff of the same model code; the SGD step is optax.sgd, compiled once over the
+# whole tree of parameters.
+#
+# NNX and linen trace the same programs, equation for equation: ``model`` below is NNX's
+# GraphDef (its mode set before the split) or the linen module, and ``params`` and ``stats``
+# are plain nested dicts with the same paths in both (NNX's as ``nnx.to_pure_dict``). The
+# suite's persistent compilation cache (parity_tests/conftest.py) then compiles each piece once
+# for both variants.
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _stages(model, params, stats, x, train):
-    """Every stage's output. As _train_forward: NNX's GraphDef (its mode set before the split)
-    or the linen module, and plain dicts of parameters and statistics, so that both variants
-    trace the same program and compile it once."""
-    if isinstance(model, nnx.GraphDef):
-        return nnx.merge(model, params, stats).forward_stages(x)
-    out = model.apply({"params": params, "batch_stats": stats}, x, train=train,
-                      method="forward_stages", mutable=["batch_stats"] if train else False,
-                      rngs=_DROPOUT)
-    return out[0] if train else out
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _train_forward(model, params, stats, x, labels):
-    """Train mode: (loss, the backward pass, updated BatchNorm statistics). ``model`` is NNX's
-    GraphDef or the linen module; ``params`` and ``stats`` are plain nested dicts in both, with
-    the same paths (NNX's as ``nnx.to_pure_dict``), so that one function with one argument
-    order serves both. NNX and linen then trace the same program, byte for byte, and the suite's
-    persistent compilation cache (parity_tests/conftest.py) compiles it once: the second
-    variant's float64 step of a deep preset loads in a second or two what took 10-30 s."""
-    if isinstance(model, nnx.GraphDef):
-        def loss_fn(params):
-            # the statistics become Variables in this trace: NNX lets a Variable change only
-            # in the trace that made it
-            m = nnx.merge(model, params, stats)
-            return _loss(m(x), labels), nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
-    else:
-        loss_fn = _linen_loss(model, stats, x, labels)
-    return jax.vjp(loss_fn, params, has_aux=True)
+def _stages_fn(model, train):
+    """Every stage's output, as a function of (params, stats, x)."""
+    def stages(params, stats, x):
+        if isinstance(model, nnx.GraphDef):
+            return nnx.merge(model, params, stats).forward_stages(x)
+        out = model.apply({"params": params, "batch_stats": stats}, x, train=train,
+                          method="forward_stages", mutable=["batch_stats"] if train else False,
+                          rngs=_DROPOUT)
+        return out[0] if train else out
+    return stages
 
 
-@jax.jit
-def _backward(pullback, loss):
-    return pullback(jnp.ones_like(loss))[0]
+def _train_fn(model):
+    """Train mode, as a function of (params, stats, x, labels): (loss, gradients, updated
+    BatchNorm statistics)."""
+    def train(params, stats, x, labels):
+        if isinstance(model, nnx.GraphDef):
+            def loss_fn(params):
+                # the statistics become Variables in this trace: NNX lets a Variable change
+                # only in the trace that made it
+                m = nnx.merge(model, params, stats)
+                return _loss(m(x), labels), nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+        else:
+            loss_fn = _linen_loss(model, stats, x, labels)
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, grads, new_stats
+    return train
+
+
+#: Compiled programs by (what, model, train mode, the arguments' structure, shapes and dtypes):
+#: the last few, as jax.jit keeps its own (a preset's gradients and train step share one).
+_PROGRAMS: dict = {}
+_KEEP_PROGRAMS = 2
+
+
+def _run(what, model, train, *args):
+    """``what`` ('stages' or 'train') of ``model`` on ``args``, compiled in pieces once for
+    their structure, shapes and dtypes."""
+    leaves, tree = jax.tree.flatten(args)
+    key = (what, model, train, tree, tuple((a.shape, a.dtype) for a in leaves))
+    program = _PROGRAMS.pop(key, None)
+    if program is None:
+        fn = _stages_fn(model, train) if what == "stages" else _train_fn(model)
+        program = _jit_in_pieces(fn, *args)
+    _PROGRAMS[key] = program  # the newest last
+    while len(_PROGRAMS) > _KEEP_PROGRAMS:
+        _PROGRAMS.pop(next(iter(_PROGRAMS)))
+    return program(*args)
 
 
 def _step(config, state, x, labels, variant, memory_efficient, dtype):
@@ -274,12 +295,13 @@ def _step(config, state, x, labels, variant, memory_efficient, dtype):
         model.train()
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-        loss, pullback, stats = _train_forward(graphdef, params, rest, x, labels)
+        loss, grads, stats = _run("train", graphdef, True, params, rest, x, labels)
     else:
         model, variables = _loaded(config, state, memory_efficient, variant, dtype)
         params = variables["params"]
-        loss, pullback, stats = _train_forward(model, params, variables["batch_stats"], x, labels)
-    return model, loss, _backward(pullback, loss), params, stats
+        loss, grads, stats = _run("train", model, True, params, variables["batch_stats"], x,
+                                  labels)
+    return model, loss, grads, params, stats
 
 
 def forward(config: dict, state: dict, x, train: bool = False, variant: str = "nnx",
@@ -291,10 +313,11 @@ def forward(config: dict, state: dict, x, train: bool = False, variant: str = "n
             model = _loaded(config, state, memory_efficient)
             model.train() if train else model.eval()
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-            out = _stages(graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest), x, train)
+            out = _run("stages", graphdef, train, nnx.to_pure_dict(params),
+                       nnx.to_pure_dict(rest), x)
         else:
             model, variables = _loaded(config, state, memory_efficient, variant)
-            out = _stages(model, variables["params"], variables["batch_stats"], x, train)
+            out = _run("stages", model, train, variables["params"], variables["batch_stats"], x)
         return {"arrays": {k: _nchw(v) for k, v in out.items()}}
 
 
@@ -734,6 +757,7 @@ def release_memory(variant: str = "nnx") -> int:
     running a large network the allocator keeps gigabytes it no longer uses). Returns the
     process's resident memory afterwards, in bytes."""
     jax.clear_caches()
+    _PROGRAMS.clear()
     gc.collect()
     return _trim_heap()
 

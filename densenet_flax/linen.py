@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 import densenet_spec as spec
@@ -55,9 +56,11 @@ class BatchNorm(nn.Module):
             return normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
         mean, var, unbiased = batch_moments(x)
         if not self.is_initializing():  # like nn.BatchNorm: init does not count as a step
+            # not differentiated, as NNX's (model.BatchNorm): both variants trace the same
+            # program, equation for equation (densenet_flax/adapter.py compiles it in pieces)
             m = self.momentum
-            ra_mean.value = m * ra_mean.value + (1 - m) * mean
-            ra_var.value = m * ra_var.value + (1 - m) * unbiased
+            ra_mean.value = jax.lax.stop_gradient(m * ra_mean.value + (1 - m) * mean)
+            ra_var.value = jax.lax.stop_gradient(m * ra_var.value + (1 - m) * unbiased)
         return normalize(x, mean, var, scale, bias, self.epsilon)
 
 

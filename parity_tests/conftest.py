@@ -213,9 +213,12 @@ def _trim() -> int:
     return process_memory(os.getpid())
 
 
-#: Compiled programs a worker keeps in memory, by the persistent cache's key: the newest few of
-#: those the disk keeps (a second or more to compile).
-KEEP_EXECUTABLES = 4
+#: Compiled programs a worker keeps in memory, by the persistent cache's key: the newest of
+#: those that took KEEP_ABOVE_S or more to compile (the Flax adapter compiles a deep preset's
+#: float64 step as ~40 pieces of 0.1-0.5 s each: densenet_flax.runtime.jit_in_pieces; the disk
+#: keeps only what took a second or more).
+KEEP_EXECUTABLES = 256
+KEEP_ABOVE_S = 0.05
 _executables: dict = {}
 
 
@@ -245,7 +248,7 @@ def _executables_in_memory():
         return read(module_name, cache_key, *args)
 
     def cache_write(cache_key, compile_time, module_name, backend, executable, *args):
-        if compile_time >= compiler.config.persistent_cache_min_compile_time_secs.value:
+        if compile_time >= KEEP_ABOVE_S:
             _executables[cache_key] = (executable, compile_time)
         while len(_executables) > KEEP_EXECUTABLES:
             _executables.pop(next(iter(_executables)))

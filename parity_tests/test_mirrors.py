@@ -36,7 +36,9 @@ EXTRA_NAMES: Dict[str, Dict[str, Dict[str, str]]] = {
                  "nhwc": "Flax's NHWC input", "targets": "labels or regression targets as JAX arrays",
                  "loss": "cross-entropy or MSE, shared with parallel.py",
                  "linen_loss": "linen's functional train-mode loss",
-                 "sgd": "optax's SGD update, compiled once"},
+                 "sgd": "optax's SGD update, compiled once",
+                 "jit_in_pieces": "a large JAX program compiled as consecutive pieces (XLA's "
+                                  "compile time on the CPU grows faster than the program)"},
     },
     "train.py": {
         "flax": {"enable_compilation_cache": "JAX's persistent compilation cache",

@@ -324,3 +324,72 @@ def test_max_pool_transitions_match_torch(other):
     assert_close(step["grads"], step_ref["grads"], compare.TRAIN_RTOL, f"{other} max-pool grads",
                  floor=1e-8, zero=zero_gradients(cfg),
                  atol=zero_floor(x, step_ref["grads"], np.finfo(np.float64).eps))
+
+
+def test_a_program_compiled_in_pieces_computes_what_one_program_does():
+    """densenet_flax.runtime.jit_in_pieces (the Flax float64 steps and forwards, Keras' check):
+    the equations JAX traced, as consecutive programs, give what jax.jit of the whole gives,
+    for any number of pieces: pytrees in and out, a captured constant, an input returned as it
+    is, a constant output, values that cross several pieces and values no later piece reads."""
+    import jax
+    import jax.numpy as jnp
+    from densenet_flax.runtime import jit_in_pieces
+    w = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)  # captured: a constant of the program
+
+    def fn(tree, x):
+        h = jnp.tanh(x @ w)  # read again at the end: crosses every piece
+        unused = jnp.exp(h) * 3.0  # read by no one
+        for i in range(6):
+            h = jnp.sin(h * tree["scale"] + i) + jnp.cos(tree["shift"])
+        g = jax.grad(lambda t: jnp.sum(jnp.tanh(x @ w * t) ** 2))(tree["scale"])
+        del unused
+        return {"out": h + jnp.tanh(x @ w), "grad": g, "x": x, "two": 2.0}, jnp.sum(h)
+
+    rng = np.random.default_rng(0)
+    tree = {"scale": jnp.asarray(rng.standard_normal(4)), "shift": jnp.asarray(rng.standard_normal(4))}
+    x = jnp.asarray(rng.standard_normal((5, 3)))
+    want = jax.jit(fn)(tree, x)
+    counts = set()
+    for pieces in (1, 2, 3, 7, 1000):
+        program = jit_in_pieces(fn, tree, x, pieces=pieces, threads=2)
+        counts.add(program.pieces)
+        got = program(tree, x)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert np.shape(g) == np.shape(e)
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-6, atol=1e-6)
+        # a second call of the same program, other numbers
+        tree2 = {k: v + 0.5 for k, v in tree.items()}
+        for g, e in zip(jax.tree.leaves(program(tree2, x)), jax.tree.leaves(jax.jit(fn)(tree2, x))):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-6, atol=1e-6)
+    assert min(counts) == 1 and len(counts) == 5, counts  # 1000: one piece per equation
+    with pytest.raises(TypeError, match="traced for"):
+        program(x, tree)
+
+
+def test_nnx_and_linen_trace_the_same_float64_step():
+    """The Flax adapter's train step traces one program for both variants, equation for
+    equation (its pieces are then compiled once for both in the suite: conftest's
+    _executables_in_memory); a BatchNorm that differs in one equation (linen's running
+    statistics without NNX's stop_gradient) doubled the giants' compiling."""
+    import jax
+    from flax import nnx
+    from densenet_flax import adapter
+    cfg = spec.make_config("book", block_config=(2, 2))
+    state = get_backend("torch").call("init_state", config=cfg.to_dict(), seed=1)["arrays"]
+    x = np.zeros((2, cfg.in_channels, 32, 32), np.float32)
+    with adapter._numerics("float64"):
+        xs, ys = adapter._nhwc(x, "float64"), adapter._targets(np.zeros(2, np.int64), "float64")
+        model = adapter._loaded(cfg.to_dict(), state, False, dtype="float64")
+        model.train()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        nnx_jaxpr = jax.make_jaxpr(adapter._train_fn(graphdef))(
+            nnx.to_pure_dict(params), nnx.to_pure_dict(rest), xs, ys)
+        module, variables = adapter._loaded(cfg.to_dict(), state, False, "linen", "float64")
+        linen_jaxpr = jax.make_jaxpr(adapter._train_fn(module))(
+            variables["params"], variables["batch_stats"], xs, ys)
+    a, b = nnx_jaxpr.jaxpr.eqns, linen_jaxpr.jaxpr.eqns
+    first = next((i for i, (e, f) in enumerate(zip(a, b)) if str(e) != str(f)), None)
+    assert first is None and len(a) == len(b), (
+        f"{len(a)} and {len(b)} equations; the first that differs, #{first}: "
+        f"{a[first] if first is not None else ''} / {b[first] if first is not None else ''}")

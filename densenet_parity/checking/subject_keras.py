@@ -4,7 +4,7 @@ the reference is our PyTorch DenseNet, given the same canonical weights.
 
 Keras is imported with KERAS_BACKEND=jax unless the user set another backend first (Keras reads
 the variable once, at its import); on another backend the check says so and stops (its train
-step is JAX's: ``stateless_call`` under ``jax.vjp``).
+step is JAX's: ``stateless_call`` under ``jax.value_and_grad``).
 
 Conventions handled here: NHWC input (``keras.config.image_data_format()`` 'channels_last';
 'channels_first' models get NCHW), HWIO kernels and [in, out] dense kernels (layout 'flax'),
@@ -113,13 +113,13 @@ class KerasSubject(Subject):
                         lr = jnp.asarray(opt.learning_rate, jnp.float64)
                     new_tv, new_ov = opt.stateless_apply(ov, grads, tv)
                     return loss, lr, new_tv, new_ntv, new_ov
-                st["jit"] = jax.jit(step)
+                st["step"] = step
                 st["fn"] = None
             xs = jnp.asarray(self._nhwc(x, np.float64))
             ys = _targets(labels, np.float64)
             args = (st["tv"], st["ntv"], st["ov"], xs, ys)
             if st["fn"] is None:  # compiled once, for every step
-                st["fn"] = self._compile(st["jit"], *args)
+                st["fn"] = self._pieces(st["step"], *args)
             loss, lr, st["tv"], st["ntv"], st["ov"] = st["fn"](*args)
             arrays = {v.path: np.asarray(a, np.float64) for v, a in zip(
                 model.trainable_variables + model.non_trainable_variables, st["tv"] + st["ntv"])}
@@ -286,8 +286,9 @@ class KerasSubject(Subject):
                 self.softmax.activation = softmax
 
     def run(self, x, labels=None, modules=(), train: bool = False, dtype: str = "float32") -> dict:
-        """Compiled (jax.jit over stateless_call): the logits, the outputs of ``modules``
-        (NCHW), and with labels the loss, gradients and BatchNorm statistics after the step."""
+        """Compiled (``stateless_call``, traced once and compiled in pieces): the logits, the
+        outputs of ``modules`` (NCHW), and with labels the loss, gradients and BatchNorm
+        statistics after the step."""
         import jax
         import jax.numpy as jnp
         model = self.model
@@ -305,56 +306,52 @@ class KerasSubject(Subject):
                 return out, dict(captured), new_ntv
 
             if labels is None:
-                logits, outs, _ = self._compiled(jax.jit(forward), tv, ntv, xs)
+                logits, outs, _ = self._pieces(forward, tv, ntv, xs)(tv, ntv, xs)
                 res = {"logits": np.asarray(logits, dtype)}
             else:
-                def loss_fn(tv, ntv, xs, ys):
-                    logits, outs, new_ntv = forward(tv, ntv, xs)
-                    return _loss(logits, ys), (logits, outs, new_ntv)
-                # the float64 step as two compiled programs, the forward pass (jax.vjp: the
-                # loss, the residuals and the pullback) and the backward pass: the same autodiff
-                # as one jax.value_and_grad program, but XLA's compile time grows faster than
-                # the program (keras.applications' DenseNet-169 at 64 px, back to back in one
-                # process: 33.7 s as one program, 8.8 + 19.9 s as two; DenseNet-121 about the
-                # same either way), as densenet_flax's step
-                def train_forward(tv, ntv, xs, ys):
-                    return jax.vjp(lambda tv: loss_fn(tv, ntv, xs, ys), tv, has_aux=True)
-
-                def backward(pullback, loss):
-                    return pullback(jnp.ones_like(loss))[0]
-                loss, pullback, (logits, outs, new_ntv) = self._compiled(
-                    jax.jit(train_forward), tv, ntv, xs, _targets(labels, dtype))
-                grads = self._compiled(jax.jit(backward), pullback, loss)
+                # the float64 step: jax.value_and_grad of the loss, traced once and compiled
+                # in pieces (densenet_flax.runtime.jit_in_pieces): XLA's compile time grows
+                # much faster than the program (keras.applications' DenseNet-169 at 64 px,
+                # back to back in one process: 21.9 s as one program, 4.1 s as 16 pieces on
+                # two threads; it took 8.8 + 19.9 s as a forward and a backward program)
+                def step(tv, ntv, xs, ys):
+                    def loss_fn(tv):
+                        logits, outs, new_ntv = forward(tv, ntv, xs)
+                        return _loss(logits, ys), (logits, outs, new_ntv)
+                    return jax.value_and_grad(loss_fn, has_aux=True)(tv)
+                ys = _targets(labels, dtype)
+                (loss, (logits, outs, new_ntv)), grads = self._pieces(step, tv, ntv, xs, ys)(
+                    tv, ntv, xs, ys)
                 res = {"logits": np.asarray(logits, dtype), "loss": float(loss),
                        "grads": {v.path: np.asarray(g, dtype) for v, g in zip(tv_vars, grads)},
                        "state": {v.path: np.asarray(a, dtype) for v, a in zip(ntv_vars, new_ntv)}}
         res["outputs"] = {n: self._nchw(o, dtype) for n, o in outs.items()}
         return res
 
-    def _compiled(self, jitted, *args):
-        """``jitted(*args)``, traced and compiled first (ahead of time), the seconds that took
-        added to ``compile_s`` (the check's timings say how much of a phase was compilation)."""
-        return self._compile(jitted, *args)(*args)
-
-    def _compile(self, jitted, *args):
-        """``jitted`` compiled for ``args`` (COMPILER_OPTIONS), the seconds added to
-        ``compile_s``."""
+    def _pieces(self, fn, *args):
+        """``fn`` traced for ``args`` and compiled in pieces (COMPILER_OPTIONS), on as many
+        threads as this process has CPUs: a callable for arguments like ``args``; the seconds
+        that took added to ``compile_s`` (the check's timings say how much of a phase was
+        compilation)."""
         import time
+        from densenet_flax.runtime import jit_in_pieces
         t = time.perf_counter()
         gc.disable()  # tracing makes many objects, none of them garbage: no collections then
         try:
-            lowered = jitted.lower(*args)
+            return jit_in_pieces(fn, *args, compile=self._compile)
         finally:
             gc.enable()
+            self.compile_s += time.perf_counter() - t
+
+    @staticmethod
+    def _compile(lowered):
+        """A lowered program compiled with the first of COMPILER_OPTIONS this XLA knows."""
         for options in COMPILER_OPTIONS:
             try:
-                compiled = lowered.compile(options)
-                break
+                return lowered.compile(options)
             except Exception:  # noqa: BLE001 - an XLA that does not know an option
                 if options is None:
                     raise
-        self.compile_s += time.perf_counter() - t
-        return compiled
 
     def _nhwc(self, x, dtype):
         """The canonical NCHW input in the model's layout (an (N, features) input as it is)."""
