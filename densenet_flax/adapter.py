@@ -24,7 +24,7 @@ from flax import nnx
 
 import densenet_spec as spec
 from densenet_spec import sites
-from densenet_flax import linen, model as nnx_model
+from densenet_flax import linen, model as nnx_model, runtime as _runtime
 from densenet_flax.runtime import (_DROPOUT, abstract as _abstract, loss as _loss,
                                    device, from_config as _build, jit_in_pieces as _jit_in_pieces,
                                    linen_loss as _linen_loss,
@@ -274,12 +274,21 @@ _KEEP_PROGRAMS = 2
 def _run(what, model, train, *args):
     """``what`` ('stages' or 'train') of ``model`` on ``args``, compiled in pieces once for
     their structure, shapes and dtypes."""
+    fn = (lambda: _stages_fn(model, train)) if what == "stages" else (lambda: _train_fn(model))
+    return _compiled((what, model, train), fn, *args)
+
+
+def _compiled(key, make, *args):
+    """The function ``make()`` builds, for ``key`` (what it computes, with its static
+    arguments), run on ``args``: compiled in pieces once for their structure, shapes and
+    dtypes (the newest few kept)."""
     leaves, tree = jax.tree.flatten(args)
-    key = (what, model, train, tree, tuple((a.shape, a.dtype) for a in leaves))
+    sig = tuple((np.shape(a), a.dtype if hasattr(a, "dtype") else np.result_type(a))
+                for a in leaves)
+    key = (key, tree, sig)
     program = _PROGRAMS.pop(key, None)
     if program is None:
-        fn = _stages_fn(model, train) if what == "stages" else _train_fn(model)
-        program = _jit_in_pieces(fn, *args)
+        program = _jit_in_pieces(make(), *args)
     _PROGRAMS[key] = program  # the newest last
     while len(_PROGRAMS) > _KEEP_PROGRAMS:
         _PROGRAMS.pop(next(iter(_PROGRAMS)))
@@ -717,13 +726,18 @@ def model_run(model, x, labels=None, modules=(), train: bool = False, dtype: str
             m = nnx.clone(model)
             for kind in (nnx.Param, nnx.BatchStat):
                 nnx.update(m, jax.tree.map(cast, nnx.state(m, kind)))
-            out = nnx.jit(_nnx_run, static_argnums=(3, 4))(m, xs, ys, tuple(modules), train)
+            graphdef, state = nnx.split(m)
+            state = nnx.to_pure_dict(state)
+            out = _compiled(("run", graphdef, tuple(modules), train), lambda: (
+                lambda state, xs, ys: _nnx_run(nnx.merge(graphdef, state), xs, ys,
+                                               tuple(modules), train)), state, xs, ys)
             prefix = {"grads": "", "state": ""}
         else:
             module, variables = model
             variables = jax.tree.map(cast, dict(variables))
-            out = jax.jit(_linen_run, static_argnums=(0, 4, 5))(module, variables, xs, ys,
-                                                               tuple(modules), train)
+            out = _compiled(("run", module, tuple(modules), train), lambda: (
+                lambda variables, xs, ys: _linen_run(module, variables, xs, ys, tuple(modules),
+                                                     train)), variables, xs, ys)
             prefix = {"grads": "params/", "state": "batch_stats/"}
         res = {"logits": np.asarray(out["logits"], dtype=dtype),
                "outputs": {k: _nchw_as(v, dtype) for k, v in out["outputs"].items()}}
@@ -758,6 +772,7 @@ def release_memory(variant: str = "nnx") -> int:
     process's resident memory afterwards, in bytes."""
     jax.clear_caches()
     _PROGRAMS.clear()
+    _runtime._COMPILED.clear()
     gc.collect()
     return _trim_heap()
 

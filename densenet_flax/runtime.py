@@ -164,6 +164,14 @@ def jit_in_pieces(fn, *args, pieces=None, threads=None, compile=None):
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     jaxpr, in_tree = closed.jaxpr, jax.tree.structure(args)
     out_tree = jax.tree.structure(out_shape)
+    # the same equations traced again (NNX, then linen: densenet_flax/adapter.py): the pieces
+    # already compiled, by the program's text (every equation, its parameters and every
+    # variable's type; the constants are inputs of the pieces, not part of them)
+    text = (str(jaxpr), in_tree, out_tree, pieces)
+    if text in _COMPILED:
+        _COMPILED[text] = _COMPILED.pop(text)  # the newest last
+        first, parts, programs, drop = _COMPILED[text]  # its variables are the first trace's
+        return _pieces_call(first, closed.consts, in_tree, out_tree, parts, programs, drop)
     eqns = jaxpr.eqns
     weights = np.cumsum([_weight(e) for e in eqns])
     total = int(weights[-1]) if len(eqns) else 0
@@ -201,9 +209,25 @@ def jit_in_pieces(fn, *args, pieces=None, threads=None, compile=None):
     threads = threads or len(os.sched_getaffinity(0))
     with ThreadPoolExecutor(max(1, min(threads, len(parts)))) as pool:
         programs = list(pool.map(build, [p[2] for p in parts]))
-    consts = dict(zip(jaxpr.constvars, closed.consts))
     drop = [[v for v, last in last_use.items() if last == i and v not in final]
             for i in range(len(parts))]
+    _COMPILED[text] = jaxpr, parts, programs, drop
+    while len(_COMPILED) > _KEEP_COMPILED:
+        _COMPILED.pop(next(iter(_COMPILED)))
+    return _pieces_call(jaxpr, closed.consts, in_tree, out_tree, parts, programs, drop)
+
+
+#: jit_in_pieces' compiled pieces by the text of the program they were cut from: the newest.
+_COMPILED: dict = {}
+_KEEP_COMPILED = 2
+
+
+def _pieces_call(jaxpr, const_values, in_tree, out_tree, parts, programs, drop):
+    """The callable of jit_in_pieces: ``programs`` (compiled ``parts`` of ``jaxpr``) run in
+    order on arguments with ``in_tree``, the constants' values beside them."""
+    from jax.extend import core as jcore
+    consts = dict(zip(jaxpr.constvars, const_values))
+    is_var = (lambda v: isinstance(v, jcore.Var) and not isinstance(v, jcore.DropVar))
 
     def call(*call_args):
         leaves, tree = jax.tree.flatten(call_args)
@@ -217,5 +241,5 @@ def jit_in_pieces(fn, *args, pieces=None, threads=None, compile=None):
                 env.pop(v, None)
         return jax.tree.unflatten(out_tree, [env[v] if is_var(v) else v.val
                                              for v in jaxpr.outvars])
-    call.pieces = len(parts)
+    call.pieces, call.programs = len(parts), programs
     return call

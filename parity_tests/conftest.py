@@ -280,8 +280,14 @@ def pytest_runtest_teardown(item, nextitem):
     use them, before ``_release_memory`` measures the worker: a worker that kept a giant's
     programs stayed above RELEASE_ABOVE, and every light test after it paid a release (the
     45 tests of test_spec.py: 1 s to 48 s)."""
-    if not _shares_programs(item, nextitem):
+    _NEXT_SHARES[0] = _shares_programs(item, nextitem)
+    if not _NEXT_SHARES[0]:
         _executables.clear()
+
+
+#: Whether the next test on this worker compiles what the one ending now did (set at its
+#: teardown, before _release_memory runs).
+_NEXT_SHARES = [False]
 
 
 @pytest.fixture(autouse=True)
@@ -291,7 +297,9 @@ def _release_memory(request):
     import sys
     if process_memory(os.getpid()) > TRIM_ABOVE and _trim() > RELEASE_ABOVE:
         for name, module in (("flax-nnx", "jax"), ("torch", "torch")):
-            if module in sys.modules:
+            # the next test compiles what this one did (NNX, then linen): the Flax adapter
+            # keeps its compiled programs for it, by their text (densenet_flax.runtime)
+            if module in sys.modules and not (module == "jax" and _NEXT_SHARES[0]):
                 get_backend(name).call("release_memory")
     mx = _cache.get("mxnet")
     if mx is not None and _group(request.node) == "giants" and "[mxnet-" in request.node.nodeid:

@@ -346,7 +346,8 @@ def test_a_program_compiled_in_pieces_computes_what_one_program_does():
         return {"out": h + jnp.tanh(x @ w), "grad": g, "x": x, "two": 2.0}, jnp.sum(h)
 
     rng = np.random.default_rng(0)
-    tree = {"scale": jnp.asarray(rng.standard_normal(4)), "shift": jnp.asarray(rng.standard_normal(4))}
+    tree = {"scale": jnp.asarray(rng.standard_normal(4)),
+            "shift": jnp.asarray(rng.standard_normal(4))}
     x = jnp.asarray(rng.standard_normal((5, 3)))
     want = jax.jit(fn)(tree, x)
     counts = set()
@@ -365,6 +366,13 @@ def test_a_program_compiled_in_pieces_computes_what_one_program_does():
     assert min(counts) == 1 and len(counts) == 5, counts  # 1000: one piece per equation
     with pytest.raises(TypeError, match="traced for"):
         program(x, tree)
+    # the same program traced again (NNX, then linen) runs the pieces compiled for its text,
+    # with its own constants: another w, the same equations
+    w = w * 2.0
+    again = jit_in_pieces(fn, tree, x, pieces=1000)
+    assert again.programs is program.programs  # not compiled again
+    for g, e in zip(jax.tree.leaves(again(tree, x)), jax.tree.leaves(jax.jit(fn)(tree, x))):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-6, atol=1e-6)
 
 
 def test_nnx_and_linen_trace_the_same_float64_step():
