@@ -19,11 +19,11 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 # One persistent JAX compilation cache for the run, in its own temporary folder, shared by both
 # workers and every process they start (JAX reads the variables when it is imported), removed
-# when the run ends. It pays where one program is compiled twice: NNX and linen trace the same
-# programs (densenet_flax/adapter.py, _train_forward and _stages), so the second variant's
-# float64 step of a deep preset loads its programs instead of compiling them again (DenseNet-264:
-# ~28 s of compiling); a run resumed in a new process compiles what the first one did. Only
-# programs that took a second or more to compile are written.
+# when the run ends. It pays where one program is compiled twice: a run resumed in a new process
+# compiles what the first one did; NNX and linen trace the same programs (densenet_flax/adapter.py,
+# compiled in pieces), and the second variant's pieces come from the worker's memory
+# (_executables_in_memory, below) or from the first's by their text (densenet_flax.runtime).
+# Only programs that took a second or more to compile are written.
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR") and not os.environ.get("PYTEST_XDIST_WORKER"):
     import atexit
     import shutil
@@ -131,8 +131,11 @@ GIANTS = ("densenet264", "densenet161", "densenet_bc190", "densenet_bc250", "den
 #: In the order they run: the lighter trees first (they may still meet the giants' last steps on
 #: the other worker), the float64 groups of (3) after test_memory_efficient, and last the modules
 #: whose tests start heavy subprocesses (torchrun's processes, torch.compile's C++ compiler):
-#: a run at 46a59ae peaked at 7.30 GB where test_benchmarks, then first, met DenseNet-BC-190.
-HEAVY_MODULES = ("parity_tests/test_check.py", "parity_tests/test_keras.py",
+#: a run at 46a59ae peaked at 7.30 GB where test_benchmarks, then first, met DenseNet-BC-190;
+#: one at 076cd4f at 6.49 GB where test_recipes' fixture (every case of every backend, a 3.1 GB
+#: tree), then among the light tests, met the giants' MXNet step: it now comes after test_check.
+HEAVY_MODULES = ("parity_tests/test_check.py", "parity_tests/test_recipes.py",
+                 "parity_tests/test_keras.py",
                  "parity_tests/test_cli.py",
                  "parity_tests/test_convert.py", "parity_tests/test_onnx.py",
                  "parity_tests/test_memory_efficient.py",
@@ -281,13 +284,19 @@ def pytest_runtest_teardown(item, nextitem):
     programs stayed above RELEASE_ABOVE, and every light test after it paid a release (the
     45 tests of test_spec.py: 1 s to 48 s)."""
     _NEXT_SHARES[0] = _shares_programs(item, nextitem)
+    _NEXT_MODULE[0] = nextitem.nodeid.split("::")[0] if nextitem is not None else None
     if not _NEXT_SHARES[0]:
         _executables.clear()
 
 
-#: Whether the next test on this worker compiles what the one ending now did (set at its
-#: teardown, before _release_memory runs).
+#: Whether the next test on this worker compiles what the one ending now did, and its module
+#: (set at its teardown, before _release_memory runs).
 _NEXT_SHARES = [False]
+_NEXT_MODULE = [None]
+#: Modules whose tests start several heavy processes of their own (torchrun's ranks, the
+#: trainers, the GPU check's steps): a worker's idle MXNet worker is stopped before them (a
+#: run at 64f0004 peaked at 6.21 GB in test_train_parallel, its 0.52 GB among the rest).
+SUBPROCESS_MODULES = ("parity_tests/test_train_parallel.py", "parity_tests/test_benchmarks.py")
 
 
 @pytest.fixture(autouse=True)
@@ -306,6 +315,8 @@ def _release_memory(request):
         # The giants' Flax steps (the run's peak) follow: their worker's MXNet worker, left
         # with 0.34-0.39 GB by a giant's step, is stopped (the next preset's starts one, 2 s).
         mx.close()
+    elif mx is not None and _NEXT_MODULE[0] in SUBPROCESS_MODULES:
+        mx.close()  # the next call starts a fresh one (2 s)
     elif mx is not None and mx.memory() > MXNET_RELEASE_ABOVE:
         if mx.call("release_memory") > MXNET_RESTART_ABOVE:
             mx.close()

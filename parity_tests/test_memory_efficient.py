@@ -4,8 +4,8 @@ A backend whose framework cannot do it must say so with a clear error, not fake 
 
 Gradients and steps are compared in float64 (as test_numeric.py's): the recomputation runs in
 the backward pass's program and rounds differently from the forward pass, and float32
-train-mode BatchNorm at random initialisation amplifies that to ~1e-5 (Flax computes the
-forward and backward passes as two compiled programs, densenet_flax/adapter.py). In float64
+train-mode BatchNorm at random initialisation amplifies that to ~1e-5 (Flax compiles its step
+as consecutive pieces, densenet_flax/adapter.py: where a piece ends rounds too). In float64
 the two modes agree to ~1e-12, so the tolerances below are a tighter test than in float32."""
 import numpy as np
 import pytest
