@@ -153,6 +153,10 @@ def _group(item):
         # one process runs a backend's fast paths for all its tests (test_benchmarks._checks):
         # split over the two workers, it ran twice
         return f"fast-paths-{item.callspec.params['backend']}"
+    if item.nodeid.startswith("parity_tests/test_recipes.py::"):
+        # its module fixture runs every case of every backend (46 s, a 3.1 GB tree): split over
+        # the two workers, both ran it at once (a run at c39ebdc: 6.68 GB, 47 s twice)
+        return "recipes"
     if not item.nodeid.startswith("parity_tests/test_numeric.py::"):
         return None
     name = getattr(item, "callspec", None) and item.callspec.params.get("name")
