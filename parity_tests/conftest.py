@@ -289,6 +289,9 @@ def pytest_runtest_teardown(item, nextitem):
     45 tests of test_spec.py: 1 s to 48 s)."""
     _NEXT_SHARES[0] = _shares_programs(item, nextitem)
     _NEXT_MODULE[0] = nextitem.nodeid.split("::")[0] if nextitem is not None else None
+    # the next test reads the same module fixture (test_recipes' runs): nothing to give back
+    _NEXT_SAME_FIXTURE[0] = (_NEXT_MODULE[0] == item.nodeid.split("::")[0]
+                             and _NEXT_MODULE[0] in SHARED_FIXTURE_MODULES)
     if not _NEXT_SHARES[0]:
         _executables.clear()
 
@@ -297,6 +300,11 @@ def pytest_runtest_teardown(item, nextitem):
 #: (set at its teardown, before _release_memory runs).
 _NEXT_SHARES = [False]
 _NEXT_MODULE = [None]
+_NEXT_SAME_FIXTURE = [False]
+#: Modules whose tests read one module fixture that holds what a worker has: a worker above
+#: RELEASE_ABOVE gives nothing back between them (a release after each of test_recipes' 71
+#: tests, 0.7-0.9 s each, at 5256a53).
+SHARED_FIXTURE_MODULES = ("parity_tests/test_recipes.py",)
 #: Modules whose tests start several heavy processes of their own (torchrun's ranks, the
 #: trainers, the GPU check's steps): a worker's idle MXNet worker is stopped before them (a
 #: run at 64f0004 peaked at 6.21 GB in test_train_parallel, its 0.52 GB among the rest).
@@ -308,7 +316,8 @@ def _release_memory(request):
     """After each test, the processes of this worker give memory back (see TRIM_ABOVE)."""
     yield
     import sys
-    if process_memory(os.getpid()) > TRIM_ABOVE and _trim() > RELEASE_ABOVE:
+    if (process_memory(os.getpid()) > TRIM_ABOVE and _trim() > RELEASE_ABOVE
+            and not _NEXT_SAME_FIXTURE[0]):
         for name, module in (("flax-nnx", "jax"), ("torch", "torch")):
             # the next test compiles what this one did (NNX, then linen): the Flax adapter
             # keeps its compiled programs for it, by their text (densenet_flax.runtime)
