@@ -206,7 +206,8 @@ def jit_in_pieces(fn, *args, pieces=None, threads=None, compile=None):
         shapes = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in ins]
         parts.append((ins, outs, jax.jit(jcore.jaxpr_as_fun(sub)).lower(*shapes)))
     build = compile or (lambda lowered: lowered.compile())
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                          else os.cpu_count() or 1)  # macOS and Windows have no affinity
     with ThreadPoolExecutor(max(1, min(threads, len(parts)))) as pool:
         programs = list(pool.map(build, [p[2] for p in parts]))
     drop = [[v for v, last in last_use.items() if last == i and v not in final]
