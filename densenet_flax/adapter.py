@@ -288,7 +288,7 @@ def _compiled(key, make, *args):
     key = (key, tree, sig)
     program = _PROGRAMS.pop(key, None)
     if program is None:
-        program = _jit_in_pieces(make(), *args)
+        program = _jit_in_pieces(make(), *args, reuse=True)
     _PROGRAMS[key] = program  # the newest last
     while len(_PROGRAMS) > _KEEP_PROGRAMS:
         _PROGRAMS.pop(next(iter(_PROGRAMS)))

@@ -141,7 +141,7 @@ def _weight(eqn) -> int:
     return 1 + sum(sum(_weight(e) for e in j.eqns) for j in jcore.jaxprs_in_params(eqn.params))
 
 
-def jit_in_pieces(fn, *args, pieces=None, threads=None, compile=None):
+def jit_in_pieces(fn, *args, pieces=None, threads=None, compile=None, reuse=False):
     """``fn`` traced once for ``args`` (pytrees of arrays) and compiled as ``pieces`` programs
     of about equal size (default: one per PIECE_EQUATIONS equations) that run one after the
     other, each taking from the earlier ones what it needs: a callable for arguments of the
@@ -157,6 +157,9 @@ def jit_in_pieces(fn, *args, pieces=None, threads=None, compile=None):
 
     ``threads``: pieces compiled at once (default: the CPUs this process may use; XLA compiles
     a program on one thread). ``compile``: Lowered -> Compiled (default ``Lowered.compile()``).
+    ``reuse``: a program traced again with the same text runs the pieces already compiled for
+    it (the newest two kept; the text costs ~0.8 s for DenseNet-264's step, so only callers that
+    trace one program twice ask: NNX, then linen).
     """
     import os
     from concurrent.futures import ThreadPoolExecutor
@@ -167,8 +170,8 @@ def jit_in_pieces(fn, *args, pieces=None, threads=None, compile=None):
     # the same equations traced again (NNX, then linen: densenet_flax/adapter.py): the pieces
     # already compiled, by the program's text (every equation, its parameters and every
     # variable's type; the constants are inputs of the pieces, not part of them)
-    text = (str(jaxpr), in_tree, out_tree, pieces)
-    if text in _COMPILED:
+    text = (str(jaxpr), in_tree, out_tree, pieces) if reuse else None
+    if reuse and text in _COMPILED:
         _COMPILED[text] = _COMPILED.pop(text)  # the newest last
         first, parts, programs, drop = _COMPILED[text]  # its variables are the first trace's
         return _pieces_call(first, closed.consts, in_tree, out_tree, parts, programs, drop)
@@ -212,9 +215,10 @@ def jit_in_pieces(fn, *args, pieces=None, threads=None, compile=None):
         programs = list(pool.map(build, [p[2] for p in parts]))
     drop = [[v for v, last in last_use.items() if last == i and v not in final]
             for i in range(len(parts))]
-    _COMPILED[text] = jaxpr, parts, programs, drop
-    while len(_COMPILED) > _KEEP_COMPILED:
-        _COMPILED.pop(next(iter(_COMPILED)))
+    if reuse:
+        _COMPILED[text] = jaxpr, parts, programs, drop
+        while len(_COMPILED) > _KEEP_COMPILED:
+            _COMPILED.pop(next(iter(_COMPILED)))
     return _pieces_call(jaxpr, closed.consts, in_tree, out_tree, parts, programs, drop)
 
 

@@ -287,20 +287,19 @@ def pytest_runtest_teardown(item, nextitem):
     use them, before ``_release_memory`` measures the worker: a worker that kept a giant's
     programs stayed above RELEASE_ABOVE, and every light test after it paid a release (the
     45 tests of test_spec.py: 1 s to 48 s)."""
-    _NEXT_SHARES[0] = _shares_programs(item, nextitem)
-    _NEXT_MODULE[0] = nextitem.nodeid.split("::")[0] if nextitem is not None else None
-    # the next test reads the same module fixture (test_recipes' runs): nothing to give back
-    _NEXT_SAME_FIXTURE[0] = (_NEXT_MODULE[0] == item.nodeid.split("::")[0]
-                             and _NEXT_MODULE[0] in SHARED_FIXTURE_MODULES)
-    if not _NEXT_SHARES[0]:
+    _NEXT[0] = nextitem
+    if not _shares_programs(item, nextitem):
         _executables.clear()
 
 
-#: Whether the next test on this worker compiles what the one ending now did, and its module
-#: (set at its teardown, before _release_memory runs).
-_NEXT_SHARES = [False]
-_NEXT_MODULE = [None]
-_NEXT_SAME_FIXTURE = [False]
+#: The next test on this worker (set at a test's teardown, before _release_memory runs).
+_NEXT: list = [None]
+
+
+def _module(item):
+    return item.nodeid.split("::")[0] if item is not None else None
+
+
 #: Modules whose tests read one module fixture that holds what a worker has: a worker above
 #: RELEASE_ABOVE gives nothing back between them (a release after each of test_recipes' 71
 #: tests, 0.7-0.9 s each, at 5256a53).
@@ -316,19 +315,23 @@ def _release_memory(request):
     """After each test, the processes of this worker give memory back (see TRIM_ABOVE)."""
     yield
     import sys
+    item, nextitem = request.node, _NEXT[0]
+    # the next test reads the same module fixture (test_recipes' runs): nothing to give back
+    same_fixture = _module(nextitem) == _module(item) and _module(item) in SHARED_FIXTURE_MODULES
     if (process_memory(os.getpid()) > TRIM_ABOVE and _trim() > RELEASE_ABOVE
-            and not _NEXT_SAME_FIXTURE[0]):
+            and not same_fixture):
         for name, module in (("flax-nnx", "jax"), ("torch", "torch")):
             # the next test compiles what this one did (NNX, then linen): the Flax adapter
             # keeps its compiled programs for it, by their text (densenet_flax.runtime)
-            if module in sys.modules and not (module == "jax" and _NEXT_SHARES[0]):
+            if module in sys.modules and not (module == "jax"
+                                              and _shares_programs(item, nextitem)):
                 get_backend(name).call("release_memory")
     mx = _cache.get("mxnet")
     if mx is not None and _group(request.node) == "giants" and "[mxnet-" in request.node.nodeid:
         # The giants' Flax steps (the run's peak) follow: their worker's MXNet worker, left
         # with 0.34-0.39 GB by a giant's step, is stopped (the next preset's starts one, 2 s).
         mx.close()
-    elif mx is not None and _NEXT_MODULE[0] in SUBPROCESS_MODULES:
+    elif mx is not None and _module(nextitem) in SUBPROCESS_MODULES:
         mx.close()  # the next call starts a fresh one (2 s)
     elif mx is not None and mx.memory() > MXNET_RELEASE_ABOVE:
         if mx.call("release_memory") > MXNET_RESTART_ABOVE:

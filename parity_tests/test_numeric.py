@@ -352,7 +352,7 @@ def test_a_program_compiled_in_pieces_computes_what_one_program_does():
     want = jax.jit(fn)(tree, x)
     counts = set()
     for pieces in (1, 2, 3, 7, 1000):
-        program = jit_in_pieces(fn, tree, x, pieces=pieces, threads=2)
+        program = jit_in_pieces(fn, tree, x, pieces=pieces, threads=2, reuse=True)
         counts.add(program.pieces)
         got = program(tree, x)
         assert jax.tree.structure(got) == jax.tree.structure(want)
@@ -369,8 +369,9 @@ def test_a_program_compiled_in_pieces_computes_what_one_program_does():
     # the same program traced again (NNX, then linen) runs the pieces compiled for its text,
     # with its own constants: another w, the same equations
     w = w * 2.0
-    again = jit_in_pieces(fn, tree, x, pieces=1000)
+    again = jit_in_pieces(fn, tree, x, pieces=1000, reuse=True)
     assert again.programs is program.programs  # not compiled again
+    assert jit_in_pieces(fn, tree, x, pieces=1000).programs is not program.programs  # unasked
     for g, e in zip(jax.tree.leaves(again(tree, x)), jax.tree.leaves(jax.jit(fn)(tree, x))):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-6, atol=1e-6)
 

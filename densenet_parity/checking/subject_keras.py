@@ -312,8 +312,8 @@ class KerasSubject(Subject):
                 # the float64 step: jax.value_and_grad of the loss, traced once and compiled
                 # in pieces (densenet_flax.runtime.jit_in_pieces): XLA's compile time grows
                 # much faster than the program (keras.applications' DenseNet-169 at 64 px,
-                # back to back in one process: 21.9 s as one program, 4.1 s as 16 pieces on
-                # two threads; it took 8.8 + 19.9 s as a forward and a backward program)
+                # each in its own process: 21.9 s as one program, 4.1 s as 16 pieces on two
+                # threads; it took 8.8 + 19.9 s as a forward and a backward program)
                 def step(tv, ntv, xs, ys):
                     def loss_fn(tv):
                         logits, outs, new_ntv = forward(tv, ntv, xs)
