@@ -248,21 +248,53 @@ def _stages_fn(model, train):
     return stages
 
 
-def _train_fn(model):
-    """Train mode, as a function of (params, stats, x, labels): (loss, gradients, updated
+def _forward_fn(model):
+    """Train mode's forward pass, as a function of (params, stats, x, labels): (loss, updated
     BatchNorm statistics)."""
-    def train(params, stats, x, labels):
-        if isinstance(model, nnx.GraphDef):
-            def loss_fn(params):
-                # the statistics become Variables in this trace: NNX lets a Variable change
-                # only in the trace that made it
-                m = nnx.merge(model, params, stats)
-                return _loss(m(x), labels), nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
-        else:
-            loss_fn = _linen_loss(model, stats, x, labels)
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return loss, grads, new_stats
-    return train
+    if isinstance(model, nnx.GraphDef):
+        def forward(params, stats, x, labels):
+            # the statistics become Variables in this trace: NNX lets a Variable change only
+            # in the trace that made it
+            m = nnx.merge(model, params, stats)
+            return _loss(m(x), labels), nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+        return forward
+    return lambda params, stats, x, labels: _linen_loss(model, stats, x, labels)(params)
+
+
+#: Compiled train steps by the text of the forward pass they differentiate (the newest few).
+_STEPS: dict = {}
+_KEEP_STEPS = 2
+
+
+def _train_program(model, *args):
+    """Train mode of ``model`` on ``args`` (params, stats, x, labels) as a compiled program:
+    (loss, gradients, updated BatchNorm statistics). JAX differentiates the forward pass as
+    traced (its program, which it would differentiate equation by equation anyway), so a
+    forward pass of the same text reuses the step compiled for it: the second variant's
+    (NNX, then linen) costs a forward trace (DenseNet-264's: ~1 s), not the autodiff's (~7 s)
+    and its lowering (~4 s). The forward's constants are arguments of the step, not part of it."""
+    from jax.extend import core as jcore
+    closed, out_shape = jax.make_jaxpr(_forward_fn(model), return_shape=True)(*args)
+    j, out_tree = closed.jaxpr, jax.tree.structure(out_shape)
+    key = (str(j), jax.tree.structure(args), out_tree)
+    step = _STEPS.pop(key, None)
+    if step is None:
+        forward = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(
+            jcore.Jaxpr([], [*j.constvars, *j.invars], j.outvars, j.eqns, j.effects,
+                        j.debug_info), []))
+
+        def train(consts, params, stats, x, labels):
+            def loss_fn(p):
+                flat = forward(*consts, *jax.tree.leaves((p, stats, x, labels)))
+                return jax.tree.unflatten(out_tree, flat)
+            (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            return loss, grads, new_stats
+        step = _jit_in_pieces(train, list(closed.consts), *args)
+    _STEPS[key] = step  # the newest last
+    while len(_STEPS) > _KEEP_STEPS:
+        _STEPS.pop(next(iter(_STEPS)))
+    consts = list(closed.consts)
+    return lambda *a: step(consts, *a)
 
 
 #: Compiled programs by (what, model, train mode, the arguments' structure, shapes and dtypes):
@@ -274,21 +306,26 @@ _KEEP_PROGRAMS = 2
 def _run(what, model, train, *args):
     """``what`` ('stages' or 'train') of ``model`` on ``args``, compiled in pieces once for
     their structure, shapes and dtypes."""
-    fn = (lambda: _stages_fn(model, train)) if what == "stages" else (lambda: _train_fn(model))
-    return _compiled((what, model, train), fn, *args)
+    if what == "stages":
+        def build(*a):
+            return _jit_in_pieces(_stages_fn(model, train), *a, reuse=True)
+    else:
+        def build(*a):
+            return _train_program(model, *a)
+    return _compiled((what, model, train), build, *args)
 
 
-def _compiled(key, make, *args):
-    """The function ``make()`` builds, for ``key`` (what it computes, with its static
-    arguments), run on ``args``: compiled in pieces once for their structure, shapes and
-    dtypes (the newest few kept)."""
+def _compiled(key, build, *args):
+    """The program ``build(*args)`` compiles, for ``key`` (what it computes, with its static
+    arguments), run on ``args``: built once for their structure, shapes and dtypes (the newest
+    few kept)."""
     leaves, tree = jax.tree.flatten(args)
     sig = tuple((np.shape(a), a.dtype if hasattr(a, "dtype") else np.result_type(a))
                 for a in leaves)
     key = (key, tree, sig)
     program = _PROGRAMS.pop(key, None)
     if program is None:
-        program = _jit_in_pieces(make(), *args, reuse=True)
+        program = build(*args)
     _PROGRAMS[key] = program  # the newest last
     while len(_PROGRAMS) > _KEEP_PROGRAMS:
         _PROGRAMS.pop(next(iter(_PROGRAMS)))
@@ -728,16 +765,17 @@ def model_run(model, x, labels=None, modules=(), train: bool = False, dtype: str
                 nnx.update(m, jax.tree.map(cast, nnx.state(m, kind)))
             graphdef, state = nnx.split(m)
             state = nnx.to_pure_dict(state)
-            out = _compiled(("run", graphdef, tuple(modules), train), lambda: (
+            out = _compiled(("run", graphdef, tuple(modules), train), lambda *a: _jit_in_pieces(
                 lambda state, xs, ys: _nnx_run(nnx.merge(graphdef, state), xs, ys,
-                                               tuple(modules), train)), state, xs, ys)
+                                               tuple(modules), train), *a, reuse=True),
+                state, xs, ys)
             prefix = {"grads": "", "state": ""}
         else:
             module, variables = model
             variables = jax.tree.map(cast, dict(variables))
-            out = _compiled(("run", module, tuple(modules), train), lambda: (
+            out = _compiled(("run", module, tuple(modules), train), lambda *a: _jit_in_pieces(
                 lambda variables, xs, ys: _linen_run(module, variables, xs, ys, tuple(modules),
-                                                     train)), variables, xs, ys)
+                                                     train), *a, reuse=True), variables, xs, ys)
             prefix = {"grads": "params/", "state": "batch_stats/"}
         res = {"logits": np.asarray(out["logits"], dtype=dtype),
                "outputs": {k: _nchw_as(v, dtype) for k, v in out["outputs"].items()}}
@@ -772,6 +810,7 @@ def release_memory(variant: str = "nnx") -> int:
     process's resident memory afterwards, in bytes."""
     jax.clear_caches()
     _PROGRAMS.clear()
+    _STEPS.clear()
     _runtime._COMPILED.clear()
     gc.collect()
     return _trim_heap()

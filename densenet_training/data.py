@@ -225,19 +225,34 @@ def load_digits(test_fraction: float = 0.2
                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits as uint8 images (0..16 scaled to 0..255) with a fixed
     train/test split: 1,437 train, 360 test (a seeded permutation, the same everywhere)."""
-    try:
-        from sklearn.datasets import load_digits as sk_digits
-    except ImportError:
-        raise DataError("the digits dataset needs scikit-learn (it is in the main environment; "
-                        "the MXNet trainer receives data prepared by `densenet train`)"
-                        ) from None
-    d = sk_digits()
-    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
-    labels = d.target.astype(np.int64)
+    flat = _digits_table()
+    images = np.rint(flat[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
+    labels = flat[:, -1].astype(np.int64)
     order = epoch_order(len(labels), seed=20240601, epoch=0)
     n_test = int(np.ceil(len(labels) * test_fraction))
     test, train = order[:n_test], order[n_test:]
     return images[train], labels[train], images[test], labels[test]
+
+
+def _digits_table() -> np.ndarray:
+    """The file behind sklearn.datasets.load_digits (1,797 rows: 64 pixels, then the label),
+    read from scikit-learn's package folder without importing scikit-learn (1.2 s a process:
+    every `densenet train` on the digits paid it for one CSV file)."""
+    import importlib.util
+    spec = importlib.util.find_spec("sklearn")
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if path is None or not path.is_file():
+        raise DataError("the digits dataset needs scikit-learn (it is in the main environment; "
+                        "the MXNet trainer receives data prepared by `densenet train`)"
+                        + ("" if spec is None else f"; {path} is not there"))
+    with gzip.open(path, "rt") as f:
+        flat = np.loadtxt(f, delimiter=",")
+    if flat.shape != (1797, 65):
+        raise DataError(f"{path}: expected 1797 rows of 64 pixels and a label, found a table "
+                        f"of shape {flat.shape}")
+    return flat
 
 
 # --------------------------------------------------------------------------- resize

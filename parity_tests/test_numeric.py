@@ -376,11 +376,46 @@ def test_a_program_compiled_in_pieces_computes_what_one_program_does():
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-6, atol=1e-6)
 
 
+def test_a_piece_is_lowered_as_jax_jit_lowers_it_without_tracing_it_again(monkeypatch):
+    """jit_in_pieces lowers each piece from the equations it holds (densenet_flax.runtime's
+    _lower, JAX's Traced stage built around them): the same module, text for text, as
+    ``jax.jit(jaxpr_as_fun(piece)).lower``, which traces every equation again; and on this
+    JAX without that public path (jax.jit made to fail after the one template it traces)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.extend import core as jcore
+    from densenet_flax import runtime
+
+    def fn(tree, x):
+        y = jnp.tanh(x @ tree["w"]) + jnp.arange(4.0)  # a captured constant
+        return {"y": y, "relu": jax.nn.relu(y) * tree["b"], "sum": jnp.sum(y ** 2)}, x
+
+    tree = {"w": jnp.ones((3, 4)), "b": jnp.float32(2.0)}
+    j = jax.make_jaxpr(fn)(tree, jnp.ones((5, 3))).jaxpr
+    ins = [*j.constvars, *j.invars]
+    piece = jcore.ClosedJaxpr(jcore.Jaxpr([], ins, j.outvars, j.eqns, j.effects,
+                                          runtime._debug_info(j.debug_info, ins, j.outvars)),
+                              [])
+    shapes = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in ins]
+    public = jax.jit(jcore.jaxpr_as_fun(piece)).lower(*shapes).as_text()
+    runtime._template()
+
+    def no_jit(*a, **k):
+        raise AssertionError("_lower took the public path (traced the piece again)")
+    monkeypatch.setattr(jax, "jit", no_jit)
+    lowered = runtime._lower(piece, shapes)
+    assert lowered.as_text() == public
+    monkeypatch.undo()
+    out = lowered.compile()(*[jnp.full(s.shape, 0.5, s.dtype) for s in shapes])
+    want = jcore.jaxpr_as_fun(piece)(*[jnp.full(s.shape, 0.5, s.dtype) for s in shapes])
+    assert all(np.array_equal(a, b) for a, b in zip(out, want))
+
+
 def test_nnx_and_linen_trace_the_same_float64_step():
-    """The Flax adapter's train step traces one program for both variants, equation for
-    equation (its pieces are then compiled once for both in the suite: conftest's
-    _executables_in_memory); a BatchNorm that differs in one equation (linen's running
-    statistics without NNX's stop_gradient) doubled the giants' compiling."""
+    """The Flax adapter's train step differentiates one forward program for both variants,
+    equation for equation, so the second variant runs the step compiled for the first (by the
+    forward's text: densenet_flax/adapter.py); a BatchNorm that differs in one equation
+    (linen's running statistics without NNX's stop_gradient) doubled the giants' compiling."""
     import jax
     from flax import nnx
     from densenet_flax import adapter
@@ -392,13 +427,22 @@ def test_nnx_and_linen_trace_the_same_float64_step():
         model = adapter._loaded(cfg.to_dict(), state, False, dtype="float64")
         model.train()
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        nnx_jaxpr = jax.make_jaxpr(adapter._train_fn(graphdef))(
-            nnx.to_pure_dict(params), nnx.to_pure_dict(rest), xs, ys)
+        nnx_args = (nnx.to_pure_dict(params), nnx.to_pure_dict(rest), xs, ys)
+        nnx_jaxpr = jax.make_jaxpr(adapter._forward_fn(graphdef))(*nnx_args)
         module, variables = adapter._loaded(cfg.to_dict(), state, False, "linen", "float64")
-        linen_jaxpr = jax.make_jaxpr(adapter._train_fn(module))(
-            variables["params"], variables["batch_stats"], xs, ys)
-    a, b = nnx_jaxpr.jaxpr.eqns, linen_jaxpr.jaxpr.eqns
-    first = next((i for i, (e, f) in enumerate(zip(a, b)) if str(e) != str(f)), None)
-    assert first is None and len(a) == len(b), (
-        f"{len(a)} and {len(b)} equations; the first that differs, #{first}: "
-        f"{a[first] if first is not None else ''} / {b[first] if first is not None else ''}")
+        linen_args = (variables["params"], variables["batch_stats"], xs, ys)
+        linen_jaxpr = jax.make_jaxpr(adapter._forward_fn(module))(*linen_args)
+        a, b = nnx_jaxpr.jaxpr.eqns, linen_jaxpr.jaxpr.eqns
+        first = next((i for i, (e, f) in enumerate(zip(a, b)) if str(e) != str(f)), None)
+        assert first is None and len(a) == len(b), (
+            f"{len(a)} and {len(b)} equations; the first that differs, #{first}: "
+            f"{a[first] if first is not None else ''} / {b[first] if first is not None else ''}")
+        adapter._STEPS.clear()
+        nnx_out = adapter._train_program(graphdef, *nnx_args)(*nnx_args)
+        steps = list(adapter._STEPS.values())
+        linen_out = adapter._train_program(module, *linen_args)(*linen_args)
+        assert list(adapter._STEPS.values()) == steps and len(steps) == 1, \
+            "linen compiled a step of its own"
+        assert jax.tree.structure(nnx_out) == jax.tree.structure(linen_out)
+        assert all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(nnx_out),
+                                                       jax.tree.leaves(linen_out)))

@@ -223,7 +223,22 @@ def test_resize_uint8_rounds_and_keeps_constants():
 
 
 def test_digits():
+    """The digits as scikit-learn's load_digits gives them, read without importing it."""
+    import subprocess
+    import sys
+    code = ("import sys; from densenet_training import data; data.load_digits(); "
+            "print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(),
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    from sklearn.datasets import load_digits
+    sk = load_digits()
     xtr, ytr, xte, yte = data.load_digits()
+    order = data.epoch_order(1797, seed=20240601, epoch=0)  # the split: the first 360 test
+    split = np.concatenate([order[360:], order[:360]])
+    assert np.array_equal(np.concatenate([xtr, xte]),
+                          np.rint(sk.images * (255.0 / 16.0)).astype(np.uint8)[split])
+    assert np.array_equal(np.concatenate([ytr, yte]), sk.target[split])
     assert xtr.shape == (1437, 8, 8) and xte.shape == (360, 8, 8) and xtr.dtype == np.uint8
     assert set(np.unique(ytr)) == set(range(10)) == set(np.unique(yte))
     assert xtr.max() == 255 and xtr.min() == 0
