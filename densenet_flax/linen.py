@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 import densenet_spec as spec
 from densenet_spec import DenseNetInputError  # noqa: F401  (re-exported)
-from densenet_flax.model import batch_moments, normalize
+from densenet_flax.model import batch_norm_train, normalize
 
 __all__ = ["conv_block", "DenseBlock", "transition_block", "DenseNet", "build",
            "book", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
@@ -54,14 +54,13 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
         if not train:
             return normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
-        mean, var, unbiased = batch_moments(x)
+        out, mean, var = batch_norm_train(x, ra_mean.value, ra_var.value, scale, bias,
+                                          self.momentum, self.epsilon)
         if not self.is_initializing():  # like nn.BatchNorm: init does not count as a step
-            # not differentiated, as NNX's (model.BatchNorm): both variants trace the same
-            # program, equation for equation (densenet_flax/adapter.py compiles it in pieces)
-            m = self.momentum
-            ra_mean.value = jax.lax.stop_gradient(m * ra_mean.value + (1 - m) * mean)
-            ra_var.value = jax.lax.stop_gradient(m * ra_var.value + (1 - m) * unbiased)
-        return normalize(x, mean, var, scale, bias, self.epsilon)
+            # the same function as NNX's (model.BatchNorm): both variants trace the same
+            # program, equation for equation (densenet_flax/adapter.py compiles it once)
+            ra_mean.value, ra_var.value = mean, var
+        return out
 
 
 def _conv(num_channels, kernel_size, bias, stride=1, padding=0):

@@ -28,17 +28,28 @@ __all__ = ["conv_block", "DenseBlock", "transition_block", "DenseNet", "build",
 # updates the running variance with the *unbiased* one (times n / (n - 1), n = N * H * W), so
 # a ported training run would drift. These two functions are shared with linen.py.
 
-def batch_moments(x):
-    """Per-channel (last axis) mean, biased variance (to normalise with) and unbiased variance
-    (for the running average), as PyTorch computes them."""
+def batch_norm_train(x, running_mean, running_var, scale, bias, momentum, eps=spec.BN_EPS):
+    """Train mode over the channel (last) axis, as PyTorch computes it: the output (normalised
+    with the batch's biased variance) and the new running mean and variance (``momentum`` of
+    the old, the rest the batch's mean and *unbiased* variance).
+
+    The running statistics take the batch's moments through stop_gradient: they are outputs of
+    a train step, never differentiated, and so the autodiff has no derivative of their update
+    to build and drop. The centred batch ``x - mean`` is computed once, for the variance and
+    the output (the same values: one subtraction instead of two equal ones)."""
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(x, axis=axes)
-    var = jnp.mean(jnp.square(x - mean), axis=axes)
+    centred = x - mean
+    var = jnp.mean(jnp.square(centred), axis=axes)
     n = x.size // x.shape[-1]
-    return mean, var, var * (n / max(n - 1, 1))
+    batch_mean, batch_var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+    new_mean = momentum * running_mean + (1 - momentum) * batch_mean
+    new_var = momentum * running_var + (1 - momentum) * (batch_var * (n / max(n - 1, 1)))
+    return centred * jax.lax.rsqrt(var + eps) * scale + bias, new_mean, new_var
 
 
 def normalize(x, mean, var, scale, bias, eps=spec.BN_EPS):
+    """Eval mode: ``x`` normalised with the running statistics."""
     return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
 
 
@@ -59,11 +70,11 @@ class BatchNorm(nnx.Module):
         if self.use_running_average:
             return normalize(x, self.mean[...], self.var[...], self.scale[...],
                              self.bias[...], self.epsilon)
-        mean, var, unbiased = batch_moments(x)
-        m = self.momentum
-        _assign(self.mean, jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean))
-        _assign(self.var, jax.lax.stop_gradient(m * self.var[...] + (1 - m) * unbiased))
-        return normalize(x, mean, var, self.scale[...], self.bias[...], self.epsilon)
+        out, mean, var = batch_norm_train(x, self.mean[...], self.var[...], self.scale[...],
+                                          self.bias[...], self.momentum, self.epsilon)
+        _assign(self.mean, mean)
+        _assign(self.var, var)
+        return out
 
     def set_view(self, use_running_average: bool | None = None):
         """For nnx.view(model, use_running_average=...), like nnx.BatchNorm."""

@@ -22,7 +22,7 @@ EXTRA_FILES = {
 EXTRA_NAMES: Dict[str, Dict[str, Dict[str, str]]] = {
     "model.py": {
         "mxnet": {"MemoryEfficientUnsupported": "Gluon's clear error for memory_efficient=True"},
-        "flax": {"batch_moments": "PyTorch's BatchNorm semantics, shared with linen.py",
+        "flax": {"batch_norm_train": "PyTorch's BatchNorm semantics, shared with linen.py",
                  "normalize": "the same", "BatchNorm": "the same",
                  "Sequential": "nnx.Sequential names its layers 0, 1, ..., not torchvision's"},
     },
