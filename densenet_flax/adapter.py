@@ -91,9 +91,12 @@ def _size(leaf) -> int:
 def _counts(modules):
     """NNX: trainable parameters (nnx.Param) and BatchNorm state (nnx.BatchStat) of modules
     (the functions among them, ReLU and pooling, hold none)."""
-    modules = [m for m in modules if isinstance(m, nnx.Module)]
-    params = sum(_size(a) for m in modules for a in jax.tree.leaves(nnx.state(m, nnx.Param)))
-    state = sum(_size(a) for m in modules for a in jax.tree.leaves(nnx.state(m, nnx.BatchStat)))
+    params = state = 0
+    for m in modules:
+        if isinstance(m, nnx.Module):  # one walk of the module for both kinds
+            p, s = nnx.state(m, nnx.Param, nnx.BatchStat)
+            params += sum(_size(a) for a in jax.tree.leaves(p))
+            state += sum(_size(a) for a in jax.tree.leaves(s))
     return int(params), int(state)
 
 
