@@ -516,7 +516,19 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+#: Python's cyclic garbage collector in the `densenet` program: every 50,000 new container
+#: objects instead of 700 (the first generation's threshold; the others as Python sets them).
+GC_THRESHOLD = (50_000, 10, 10)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    if argv is None:  # the program itself (a caller's process keeps its own settings)
+        # Tracing a deep network allocates millions of objects (JAX's tracers and equations,
+        # NNX's graph walks); at Python's default thresholds the collector's passes over them
+        # take about a fifth of the time (DenseNet-264's float64 step, traced and
+        # differentiated: 7.5 to 6.0 s). Garbage without cycles is still freed at once.
+        import gc
+        gc.set_threshold(*GC_THRESHOLD)
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

@@ -25,7 +25,9 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # after a heavy test (_release_memory, below) collects the rest.
 import gc  # noqa: E402
 
-gc.set_threshold(50_000, 10, 10)
+from densenet_cli.main import GC_THRESHOLD  # noqa: E402  (the `densenet` program's setting)
+
+gc.set_threshold(*GC_THRESHOLD)
 
 # One persistent JAX compilation cache for the run, in its own temporary folder, shared by both
 # workers and every process they start (JAX reads the variables when it is imported), removed
