@@ -229,15 +229,17 @@ def book_examples(variant: str = "nnx") -> dict:
 # (runtime.jit_in_pieces): the equations JAX traced, in their order, as consecutive programs.
 # XLA's compile time on the CPU grows much faster than the program: DenseNet-264's float64 step
 # took 43 s as a forward program (jax.vjp) and a backward one, 8.4 + 21.5 s of it compiling, and
-# takes about 24 s as 37 pieces (7 s of it compiling, on two threads). The gradients are
-# jax.value_and_grad's, the same autodiff of the same model code; the SGD step is optax.sgd,
-# compiled once over the whole tree of parameters.
+# takes about 20 s as pieces (5 s of it compiling, on two threads). The gradients are
+# jax.value_and_grad's of the traced forward pass (_train_program), the same autodiff of the
+# same equations; the SGD step is optax.sgd, compiled once over the whole tree of parameters.
 #
 # NNX and linen trace the same programs, equation for equation: ``model`` below is NNX's
 # GraphDef (its mode set before the split) or the linen module, and ``params`` and ``stats``
 # are plain nested dicts with the same paths in both (NNX's as ``nnx.to_pure_dict``). The second
-# variant's trace then runs the pieces compiled for the first's (jit_in_pieces keeps them by the
-# program's text; parity_tests/test_numeric.py checks that the two traces are the same).
+# variant then runs what was compiled for the first: the train step by its forward pass's text
+# (_STEPS), the stages' forward by the program's text (jit_in_pieces' reuse);
+# parity_tests/test_numeric.py checks that the two forward passes are the same and that linen
+# runs NNX's step.
 
 def _stages_fn(model, train):
     """Every stage's output, as a function of (params, stats, x)."""

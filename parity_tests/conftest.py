@@ -130,11 +130,11 @@ def backends():
 #: ~0.2 GB; an MXNet worker that stays above MXNET_RESTART_ABOVE is stopped (the next call
 #: starts a fresh one, 2 s); after a giant's MXNet step it is stopped whatever it holds (it
 #: kept 0.34-0.39 GB through the Flax steps that follow, the run's peak).
-#: A release also waits until the worker holds RELEASE_MARGIN more than it kept after its last
-#: one: what a release cannot give back (the frameworks' libraries, the tests' module caches:
-#: a worker sits near 1.5 GB late in the run) is not worth another. At b3fe2d7 a run made 122
-#: releases (0.5-1.2 s each, and every compiled program dropped with them); 89 of them gained
-#: less than 0.25 GB, 43 s of the run's test seconds.
+#: Between two tests of one module a release also waits until the worker holds RELEASE_MARGIN
+#: more than it kept after its last one: what a release cannot give back (the frameworks'
+#: libraries, the tests' module caches: a worker sits near 1.5 GB late in the run) is not
+#: worth another. At b3fe2d7 a run made 122 releases (0.5-1.2 s each, and every compiled
+#: program dropped with them); 89 of them gained less than 0.25 GB, 43 of its test seconds.
 TRIM_ABOVE = 1.0e9
 RELEASE_ABOVE = 1.5e9
 RELEASE_MARGIN = 0.25e9
@@ -354,8 +354,12 @@ def _release_memory(request):
     item, nextitem = request.node, _NEXT[0]
     # the next test reads the same module fixture (test_recipes' runs): nothing to give back
     same_fixture = _module(nextitem) == _module(item) and _module(item) in SHARED_FIXTURE_MODULES
+    # within a module, only when the worker holds RELEASE_MARGIN more than its last release
+    # kept; before another module's tests, whenever it is above RELEASE_ABOVE (a run that
+    # waited there too met test_keras' worker at 3.4 GB beside test_recipes' fixture: 6.65 GB)
+    margin = RELEASE_MARGIN if _module(nextitem) == _module(item) else 0
     if (process_memory(os.getpid()) > TRIM_ABOVE
-            and _trim() > max(RELEASE_ABOVE, _KEPT[0] + RELEASE_MARGIN) and not same_fixture):
+            and _trim() > max(RELEASE_ABOVE, _KEPT[0] + margin) and not same_fixture):
         for name, module in (("flax-nnx", "jax"), ("torch", "torch")):
             # the next test compiles what this one did (NNX, then linen): the Flax adapter
             # keeps its compiled programs for it, by their text (densenet_flax.runtime)
