@@ -130,14 +130,15 @@ def backends():
 #: ~0.2 GB; an MXNet worker that stays above MXNET_RESTART_ABOVE is stopped (the next call
 #: starts a fresh one, 2 s); after a giant's MXNet step it is stopped whatever it holds (it
 #: kept 0.34-0.39 GB through the Flax steps that follow, the run's peak).
-#: Between two tests of one module a release also waits until the worker holds RELEASE_MARGIN
-#: more than it kept after its last one: what a release cannot give back (the frameworks'
-#: libraries, the tests' module caches: a worker sits near 1.5 GB late in the run) is not
-#: worth another. At b3fe2d7 a run made 122 releases (0.5-1.2 s each, and every compiled
-#: program dropped with them); 89 of them gained less than 0.25 GB, 43 of its test seconds.
+#: Between two tests of one module the release waits until the worker is above
+#: RELEASE_WITHIN_MODULE: what a release cannot give back (the frameworks' libraries, the tests'
+#: module caches: a worker sits near 1.5 GB late in the run) is not worth another. At b3fe2d7 a
+#: run made 122 releases (0.5-1.2 s each, and every compiled program dropped with them); 89 of
+#: them gained less than 0.25 GB, 43 of its test seconds. (A margin over what the last release
+#: kept, instead of a fixed level, let the workers creep up: a run at da5f962 peaked at 7.55 GB.)
 TRIM_ABOVE = 1.0e9
 RELEASE_ABOVE = 1.5e9
-RELEASE_MARGIN = 0.25e9
+RELEASE_WITHIN_MODULE = 1.75e9
 MXNET_RELEASE_ABOVE = 0.5e9
 MXNET_RESTART_ABOVE = 0.8e9
 #: The giants, heaviest first (the peak of their Flax steps' process tree: 4.8, 4.3, 4.0, 3.6,
@@ -342,10 +343,6 @@ SHARED_FIXTURE_MODULES = ("parity_tests/test_recipes.py",)
 SUBPROCESS_MODULES = ("parity_tests/test_train_parallel.py", "parity_tests/test_benchmarks.py")
 
 
-#: This worker's resident memory right after its last release (RELEASE_MARGIN).
-_KEPT: list = [0]
-
-
 @pytest.fixture(autouse=True)
 def _release_memory(request):
     """After each test, the processes of this worker give memory back (see TRIM_ABOVE)."""
@@ -354,19 +351,17 @@ def _release_memory(request):
     item, nextitem = request.node, _NEXT[0]
     # the next test reads the same module fixture (test_recipes' runs): nothing to give back
     same_fixture = _module(nextitem) == _module(item) and _module(item) in SHARED_FIXTURE_MODULES
-    # within a module, only when the worker holds RELEASE_MARGIN more than its last release
-    # kept; before another module's tests, whenever it is above RELEASE_ABOVE (a run that
-    # waited there too met test_keras' worker at 3.4 GB beside test_recipes' fixture: 6.65 GB)
-    margin = RELEASE_MARGIN if _module(nextitem) == _module(item) else 0
-    if (process_memory(os.getpid()) > TRIM_ABOVE
-            and _trim() > max(RELEASE_ABOVE, _KEPT[0] + margin) and not same_fixture):
+    # before another module's tests the worker is brought under RELEASE_ABOVE where it can be
+    # (a run that waited there too met test_keras' worker at 3.4 GB beside test_recipes'
+    # fixture: 6.65 GB); between two tests of one module, above RELEASE_WITHIN_MODULE only
+    level = RELEASE_WITHIN_MODULE if _module(nextitem) == _module(item) else RELEASE_ABOVE
+    if (process_memory(os.getpid()) > TRIM_ABOVE and _trim() > level and not same_fixture):
         for name, module in (("flax-nnx", "jax"), ("torch", "torch")):
             # the next test compiles what this one did (NNX, then linen): the Flax adapter
             # keeps its compiled programs for it, by their text (densenet_flax.runtime)
             if module in sys.modules and not (module == "jax"
                                               and _shares_programs(item, nextitem)):
                 get_backend(name).call("release_memory")
-        _KEPT[0] = process_memory(os.getpid())
     mx = _cache.get("mxnet")
     if mx is not None and _group(request.node) == "giants" and "[mxnet-" in request.node.nodeid:
         # The giants' Flax steps (the run's peak) follow: their worker's MXNet worker, left
