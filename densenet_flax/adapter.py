@@ -282,6 +282,7 @@ def _train_program(model, *args):
     closed, out_shape = jax.make_jaxpr(_forward_fn(model), return_shape=True)(*args)
     j, out_tree = closed.jaxpr, jax.tree.structure(out_shape)
     key = (str(j), jax.tree.structure(args), out_tree)
+    consts = list(closed.consts)
     step = _STEPS.pop(key, None)
     if step is None:
         forward = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(
@@ -294,11 +295,10 @@ def _train_program(model, *args):
                 return jax.tree.unflatten(out_tree, flat)
             (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             return loss, grads, new_stats
-        step = _jit_in_pieces(train, list(closed.consts), *args)
+        step = _jit_in_pieces(train, consts, *args)
     _STEPS[key] = step  # the newest last
     while len(_STEPS) > _KEEP_STEPS:
         _STEPS.pop(next(iter(_STEPS)))
-    consts = list(closed.consts)
     return lambda *a: step(consts, *a)
 
 

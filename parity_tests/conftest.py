@@ -33,8 +33,8 @@ gc.set_threshold(*GC_THRESHOLD)
 # workers and every process they start (JAX reads the variables when it is imported), removed
 # when the run ends. It pays where one program is compiled twice: a run resumed in a new process
 # compiles what the first one did; NNX and linen trace the same programs (densenet_flax/adapter.py,
-# compiled in pieces), and the second variant's pieces come from the worker's memory
-# (_executables_in_memory, below) or from the first's by their text (densenet_flax.runtime).
+# compiled in pieces), and the second variant runs what the first compiled, kept by the Flax
+# adapter (densenet_flax/adapter.py) or in the worker's memory (_executables_in_memory, below).
 # Only programs that took a second or more to compile are written.
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR") and not os.environ.get("PYTEST_XDIST_WORKER"):
     import atexit
@@ -229,7 +229,6 @@ def _freeze_what_is_imported():
     collection for them alone; the releases' collections took ~135 CPU-seconds of a run
     before). Frozen objects are still freed by their reference counts; only a reference cycle
     among them would stay, and what is imported once is not dropped."""
-    import gc
     gc.collect()
     gc.freeze()
 
@@ -358,7 +357,8 @@ def _release_memory(request):
     if (process_memory(os.getpid()) > TRIM_ABOVE and _trim() > level and not same_fixture):
         for name, module in (("flax-nnx", "jax"), ("torch", "torch")):
             # the next test compiles what this one did (NNX, then linen): the Flax adapter
-            # keeps its compiled programs for it, by their text (densenet_flax.runtime)
+            # keeps its compiled programs for it (the train step by its forward pass's text,
+            # the stages' forward by the program's: densenet_flax/adapter.py)
             if module in sys.modules and not (module == "jax"
                                               and _shares_programs(item, nextitem)):
                 get_backend(name).call("release_memory")
