@@ -583,5 +583,8 @@ def recipe_step(session, x, labels, variant: str = "mxnet") -> dict:
 
 
 def recipe_end(session, variant: str = "mxnet") -> None:
-    """Let go of a session's model and optimiser (its memory back)."""
+    """Let go of a session's model and optimiser (its memory back). Gluon's blocks, parameters
+    and trainer refer to each other in cycles: only a collection frees them (without it the
+    worker grew 25 MB a book session, 0.14 to 0.49 GB over test_recipes' thirteen)."""
     session.__dict__.clear()
+    gc.collect()

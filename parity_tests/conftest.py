@@ -336,10 +336,14 @@ def _module(item):
 #: RELEASE_ABOVE gives nothing back between them (a release after each of test_recipes' 71
 #: tests, 0.7-0.9 s each, at 5256a53).
 SHARED_FIXTURE_MODULES = ("parity_tests/test_recipes.py",)
-#: Modules whose tests start several heavy processes of their own (torchrun's ranks, the
-#: trainers, the GPU check's steps): a worker's idle MXNet worker is stopped before them (a
-#: run at 64f0004 peaked at 6.21 GB in test_train_parallel, its 0.52 GB among the rest).
-SUBPROCESS_MODULES = ("parity_tests/test_train_parallel.py", "parity_tests/test_benchmarks.py")
+#: Modules whose tests start heavy processes of their own (torchrun's ranks, the trainers, the
+#: GPU check's steps; test_keras its own MXNet worker) and never call this worker's MXNet
+#: worker: it is stopped before them (a run at 64f0004 peaked at 6.21 GB in
+#: test_train_parallel, its 0.52 GB among the rest; runs at ec26c2b at 5.64-6.65 GB where
+#: test_keras' DenseNet-121 met test_recipes' fixture, each worker's MXNet worker idle at
+#: 0.15-0.71 GB beside them).
+SUBPROCESS_MODULES = ("parity_tests/test_keras.py", "parity_tests/test_train_parallel.py",
+                      "parity_tests/test_benchmarks.py")
 
 
 @pytest.fixture(autouse=True)
