@@ -344,6 +344,12 @@ SHARED_FIXTURE_MODULES = ("parity_tests/test_recipes.py",)
 #: 0.15-0.71 GB beside them).
 SUBPROCESS_MODULES = ("parity_tests/test_keras.py", "parity_tests/test_train_parallel.py",
                       "parity_tests/test_benchmarks.py")
+#: Modules that start with a fresh MXNet worker: test_recipes' fixture (every case of every
+#: backend, ~1 GB more in its worker) runs beside the other worker's heavy tests, the run's
+#: peak; a fresh MXNet worker runs its thirteen sessions at ~0.2 GB, where one carried in from
+#: earlier tests held 0.45-0.56 GB (a working-tree run after cfb36dd peaked there at 5.69 GB,
+#: 0.56 of it the MXNet worker).
+FRESH_MXNET_MODULES = ("parity_tests/test_recipes.py",)
 
 
 @pytest.fixture(autouse=True)
@@ -359,19 +365,24 @@ def _release_memory(request):
     # fixture: 6.65 GB); between two tests of one module, above RELEASE_WITHIN_MODULE only
     level = RELEASE_WITHIN_MODULE if _module(nextitem) == _module(item) else RELEASE_ABOVE
     if (process_memory(os.getpid()) > TRIM_ABOVE and _trim() > level and not same_fixture):
-        for name, module in (("flax-nnx", "jax"), ("torch", "torch")):
-            # the next test compiles what this one did (NNX, then linen): the Flax adapter
-            # keeps its compiled programs for it (the train step by its forward pass's text,
-            # the stages' forward by the program's: densenet_flax/adapter.py)
-            if module in sys.modules and not (module == "jax"
-                                              and _shares_programs(item, nextitem)):
-                get_backend(name).call("release_memory")
+        # One adapter's release: the Flax one drops JAX's compiled programs, then collects
+        # garbage and trims the heap, all that the PyTorch one does (both, one after the
+        # other, collected twice: the second collection took 13 CPU-seconds of a run at
+        # cfb36dd, in py-spy). Where the next test compiles what this one did (NNX, then
+        # linen), the Flax adapter keeps its compiled programs for it (the train step by its
+        # forward pass's text, the stages' forward by the program's: densenet_flax/adapter.py),
+        # and PyTorch's release collects and trims.
+        if "jax" in sys.modules and not _shares_programs(item, nextitem):
+            get_backend("flax-nnx").call("release_memory")
+        elif "torch" in sys.modules:
+            get_backend("torch").call("release_memory")
     mx = _cache.get("mxnet")
     if mx is not None and _group(request.node) == "giants" and "[mxnet-" in request.node.nodeid:
         # The giants' Flax steps (the run's peak) follow: their worker's MXNet worker, left
         # with 0.34-0.39 GB by a giant's step, is stopped (the next preset's starts one, 2 s).
         mx.close()
-    elif mx is not None and _module(nextitem) in SUBPROCESS_MODULES:
+    elif mx is not None and (_module(nextitem) in SUBPROCESS_MODULES or (
+            _module(nextitem) in FRESH_MXNET_MODULES and _module(nextitem) != _module(item))):
         mx.close()  # the next call starts a fresh one (2 s)
     elif mx is not None and mx.memory() > MXNET_RELEASE_ABOVE:
         if mx.call("release_memory") > MXNET_RESTART_ABOVE:

@@ -11,9 +11,12 @@ slow to sample several times a second on two cores.)
   coordinates the workers) samples the whole tree every ``INTERVAL`` seconds: itself, every
   worker and everything they started (the MXNet workers, command-line subprocesses). Its peak
   is the suite's peak.
-* Every process that runs tests (each xdist worker, or the only process without xdist)
-  samples its own tree the same way and records, per test, the peak while that test ran
-  (setup, call and teardown); the value travels to the controller with the test's report.
+* Each sample also keeps what each worker's own tree held (a worker and what it started).
+  Every test's report carries the pid of the process that ran it and when it ran; a test's
+  peak is the largest sample of that process's tree while it ran (a test shorter than the
+  interval: the sample nearest it). The workers themselves sample nothing: a sampling thread
+  in each worker cost ~30 CPU-seconds of a run (psutil lists every process on the machine to
+  find a tree's children), on the cores the tests need.
 
 At the end the run prints the peak, when it happened and what each process held then, the
 heaviest tests by memory and by time, and a line per test module; ``--suite-profile PATH``
@@ -24,6 +27,7 @@ reads as a message and not as a worker killed by the kernel at random.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import threading
@@ -33,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 
 INTERVAL = 0.2  # seconds between samples
-PROPERTY = "suite_monitor_peak_bytes"
+PROPERTY = "suite_monitor_pid"  # the pid of the process that ran a test
 GB = 1e9
 
 
@@ -54,73 +58,102 @@ def _read_rss(pid: int) -> Optional[int]:
         return None
 
 
-def _label(p) -> str:
+def _label(pid: int) -> str:
     """A short name for a process: 'pytest-xdist worker', or its command line's start."""
     try:
-        argv = p.cmdline()
-    except Exception:  # noqa: BLE001 - gone, or not ours to read
-        return "?"
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        try:
+            import psutil
+            argv = psutil.Process(pid).cmdline()
+        except Exception:  # noqa: BLE001 - gone, or not ours to read
+            return "?"
     if any("exec(eval(sys.stdin" in a for a in argv):
         return "pytest-xdist worker"
     return " ".join([os.path.basename(argv[0])] + argv[1:4]) if argv else "?"
 
 
-def tree_memory(root_pid: int, labels: Optional[Dict[int, str]] = None
-                ) -> Tuple[int, Dict[int, Tuple[int, str]]]:
-    """(total bytes, {pid: (bytes, short command)}) for ``root_pid`` and its descendants.
-    ``labels`` caches the commands by pid (reading a command line costs more than its memory)."""
-    import psutil
-    labels = {} if labels is None else labels
+def _children(pid: int) -> List[int]:
+    """The pids of ``pid``'s children: /proc/PID/task/TID/children, one small file per thread
+    (a JAX worker: ~20), where psutil reads the status of every process on the machine."""
     try:
-        root = psutil.Process(root_pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0, {}
-    total, per = 0, {}
-    for p in procs:
-        b = _read_rss(p.pid)
-        if b is None:
-            continue
-        if p.pid not in labels:
-            labels[p.pid] = _label(p)
-        total += b
-        per[p.pid] = (b, labels[p.pid])
-    return total, per
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tasks = None
+    if tasks is not None and os.path.exists(f"/proc/{pid}/task/{tasks[0]}/children"):
+        out: List[int] = []
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    out += [int(c) for c in f.read().split()]
+            except OSError:  # the thread ended between listing and reading
+                pass
+        return out
+    try:  # a kernel without the children files, or not Linux
+        import psutil
+        return [c.pid for c in psutil.Process(pid).children()]
+    except Exception:  # noqa: BLE001 - gone
+        return []
+
+
+def _subtree(pid: int) -> List[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += _children(p)
+    return out
+
+
+def tree_memory(root_pid: int, labels: Optional[Dict[int, str]] = None
+                ) -> Tuple[int, Dict[int, Tuple[int, str]], Dict[int, int]]:
+    """(total bytes, {pid: (bytes, short command)}, {pid: bytes of its own tree}) for
+    ``root_pid`` and its descendants; the last for ``root_pid`` (its whole tree) and each of
+    its children (with xdist, each worker's). ``labels`` caches the commands by pid."""
+    labels = {} if labels is None else labels
+    total, per, trees = 0, {}, {}
+    top = [(root_pid, [root_pid])] + [(c, _subtree(c)) for c in _children(root_pid)]
+    for head, pids in top:
+        held = 0
+        for pid in pids:
+            b = _read_rss(pid)
+            if b is None:
+                continue
+            if pid not in labels:
+                labels[pid] = _label(pid)
+            held += b
+            per[pid] = (b, labels[pid])
+        trees[head] = held
+        total += held
+    trees[root_pid] = total
+    return total, per, trees
 
 
 class Sampler(threading.Thread):
-    """Samples a process tree until stopped; keeps the overall peak and a resettable one."""
+    """Samples a process tree until stopped; keeps the overall peak and, per sample, the time
+    and what each top-level process's tree held (``timeline``)."""
 
     def __init__(self, root_pid: int, interval: float = INTERVAL):
         super().__init__(daemon=True, name="suite-monitor")
         self.root_pid, self.interval = root_pid, interval
         self.peak, self.peak_at, self.peak_procs = 0, 0.0, {}
-        self.window_peak = 0
         self.samples = 0
+        self.timeline: List[Tuple[float, Dict[int, int]]] = []  # (epoch seconds, {pid: bytes})
         self.labels: Dict[int, str] = {}
         self.started = time.monotonic()
         self._halt = threading.Event()
         self._lock = threading.Lock()
 
     def sample(self) -> int:
-        total, per = tree_memory(self.root_pid, self.labels)
+        total, per, trees = tree_memory(self.root_pid, self.labels)
         with self._lock:
             self.samples += 1
-            self.window_peak = max(self.window_peak, total)
+            self.timeline.append((time.time(), trees))
             if total > self.peak:
                 self.peak, self.peak_procs = total, per
                 self.peak_at = time.monotonic() - self.started
         return total
-
-    def reset_window(self) -> None:
-        with self._lock:
-            self.window_peak = 0
-        self.sample()
-
-    def take_window(self) -> int:
-        self.sample()
-        with self._lock:
-            return self.window_peak
 
     def run(self):
         while not self._halt.wait(self.interval):
@@ -130,6 +163,21 @@ class Sampler(threading.Thread):
         self._halt.set()
         self.join(timeout=5)
         self.sample()
+
+
+def window_peak(timeline: List[Tuple[float, Dict[int, int]]], pid: int, start: float,
+                stop: float, times: Optional[List[float]] = None) -> int:
+    """The largest sample of ``pid``'s tree from ``start`` to ``stop`` (epoch seconds) in a
+    timeline sorted by time (``times``: its times, when the caller has them); with no sample in
+    between, the sample nearest the window (0 if the timeline never saw ``pid``)."""
+    times = [t for t, _ in timeline] if times is None else times
+    lo, hi = bisect.bisect_left(times, start), bisect.bisect_right(times, stop)
+    inside = [trees[pid] for _, trees in timeline[lo:hi] if pid in trees]
+    if inside:
+        return max(inside)
+    near = [(abs(timeline[i][0] - (start + stop) / 2), timeline[i][1][pid])
+            for i in (lo - 1, hi) if 0 <= i < len(timeline) and pid in timeline[i][1]]
+    return min(near)[1] if near else 0
 
 
 def _is_worker(config) -> bool:
@@ -161,26 +209,17 @@ class Monitor:
         self.started = time.time()
         self.profile: Optional[dict] = None
         self.over_limit = False
-        # Every process that runs tests measures each test's tree; only the controller the
-        # whole run's (without xdist the one process does both).
-        runs_tests = _is_worker(config) or not getattr(config.option, "numprocesses", None)
-        self.test_sampler = Sampler(os.getpid()) if runs_tests else None
+        # Only the controller samples (without xdist the one process): the tree's peak and, for
+        # each test's peak, what the tree of the process that ran it held.
         self.sampler = None if _is_worker(config) else Sampler(os.getpid())
-        for s in (self.test_sampler, self.sampler):
-            if s is not None:
-                s.start()
+        if self.sampler is not None:
+            self.sampler.start()
 
-    # -- per test, where tests run
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_protocol(self, item, nextitem):
-        if self.test_sampler is not None:
-            self.test_sampler.reset_window()
-        yield
-
+    # -- per test, where tests run: which process ran it
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
-        if self.test_sampler is not None and call.when == "teardown":
-            item.user_properties.append((PROPERTY, self.test_sampler.take_window()))
+        if call.when == "teardown":
+            item.user_properties.append((PROPERTY, os.getpid()))
         yield
 
     # -- collected in the controller (xdist forwards the workers' reports)
@@ -200,7 +239,17 @@ class Monitor:
             t["outcome"] = "skipped"
         for key, value in getattr(report, "user_properties", []):
             if key == PROPERTY:
-                t["peak_bytes"] = max(t["peak_bytes"], int(value))
+                t["pid"] = int(value)
+
+    def _test_peaks(self) -> None:
+        """Each test's peak_bytes from the sampler's timeline (see the module's docstring)."""
+        with self.sampler._lock:
+            timeline = list(self.sampler.timeline)
+        times = [t for t, _ in timeline]
+        for t in self.tests.values():
+            pid = t.pop("pid", None)
+            if pid is not None and "start" in t:
+                t["peak_bytes"] = window_peak(timeline, pid, t["start"], t["stop"], times)
 
     def make_profile(self) -> dict:
         """The run's profile: peak, per process at the peak, per test, per module."""
@@ -228,11 +277,10 @@ class Monitor:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session, exitstatus):
-        if self.test_sampler is not None:
-            self.test_sampler.stop()
         if self.sampler is None:
             return
         self.sampler.stop()
+        self._test_peaks()
         prof = self.profile = self.make_profile()
         path = self.config.getoption("--suite-profile") or os.environ.get("DENSENET_SUITE_PROFILE")
         if path:

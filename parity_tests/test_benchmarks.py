@@ -201,6 +201,50 @@ def test_suite_profile_formats_what_the_monitor_wrote(tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["meta"]["run"]["command"] == "bash .ci/run"
 
 
+def test_the_suite_monitor_gives_each_test_the_peak_of_the_process_that_ran_it(tmp_path):
+    """The monitor (parity_tests/suite_monitor.py) as `make test` runs it, under pytest-xdist:
+    the controller samples the tree, and a test's peak is what the tree of the worker that ran
+    it held while it ran, with what that worker started (a child process's memory) and without
+    what the other worker held at the same time."""
+    from parity_tests import suite_monitor as sm
+    # the window: the largest sample inside it, else the nearest; a process never seen: 0
+    timeline = [(10.0, {1: 5, 2: 50}), (10.2, {1: 7, 2: 60}), (10.4, {1: 6, 2: 70}),
+                (10.6, {1: 9})]
+    assert sm.window_peak(timeline, 1, 10.1, 10.5) == 7
+    assert sm.window_peak(timeline, 2, 10.1, 10.5) == 70
+    assert sm.window_peak(timeline, 1, 10.45, 10.5) == 6  # nearest: 10.4, not 10.6
+    assert sm.window_peak(timeline, 1, 10.55, 10.58) == 9
+    assert sm.window_peak(timeline, 3, 10.0, 10.6) == 0
+    (tmp_path / "test_inner.py").write_text(
+        "import subprocess, sys, time\n"
+        "def test_big():\n"
+        "    held = b'x' * 400_000_000\n"
+        "    time.sleep(1.0)\n"
+        "    assert len(held)\n"
+        "def test_child():\n"
+        "    subprocess.run([sys.executable, '-c', "
+        "\"import time; held = b'x' * 300_000_000; time.sleep(1.0)\"], check=True)\n"
+        "def test_small():\n"
+        "    time.sleep(1.0)\n")
+    out = tmp_path / "profile.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    env.pop("DENSENET_SUITE_PROFILE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "xdist.plugin", "-p",
+         "parity_tests.suite_monitor", "-n", "2", "-p", "no:cacheprovider",
+         f"--suite-profile={out}", "--rootdir", str(tmp_path), str(tmp_path / "test_inner.py")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    prof = json.loads(out.read_text())
+    peak = {n.split("::")[1]: t["peak_bytes"] for n, t in prof["tests"].items()}
+    assert set(peak) == {"test_big", "test_child", "test_small"}, prof["tests"]
+    assert all("pid" not in t for t in prof["tests"].values()), prof["tests"]
+    assert 0 < peak["test_small"] < peak["test_big"] - 0.3e9, peak
+    assert peak["test_child"] > peak["test_small"] + 0.2e9, peak
+    assert prof["peak_bytes"] >= peak["test_big"] and prof["samples"] >= 5, prof
+    assert "peak memory of the whole run" in proc.stdout, proc.stdout
+
+
 def test_data_parallel_scaling_benchmark_runs(tmp_path):
     """benchmarks.data_parallel: 1 and 2 devices through data_parallel_step with timed steps
     (PyTorch's torchrun processes here, the quickest to start), the table with the command."""
