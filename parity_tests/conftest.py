@@ -248,6 +248,22 @@ def _groups_in_effect(request):
                     "the versions pinned in constraints.txt", pytrace=False)
 
 
+#: What a worker held after its last trim: a worker under the release level that has not grown
+#: by TRIM_STEP since is not trimmed again (malloc_trim walks the whole heap: ~7 ms a test late
+#: in the run, 4.8 CPU-seconds at cfb36dd in py-spy, mostly for nothing to give back).
+_LAST_TRIM: list = [0]
+TRIM_STEP = 64e6
+
+
+def _trimmed(level: float) -> int:
+    """This worker's memory after a trim where one is due (see TRIM_ABOVE): above ``level``
+    (a release is decided on trimmed memory) or grown by TRIM_STEP since the last trim."""
+    held = process_memory(os.getpid())
+    if held > TRIM_ABOVE and (held > level or held > _LAST_TRIM[0] + TRIM_STEP):
+        held = _LAST_TRIM[0] = _trim()
+    return held
+
+
 def _trim() -> int:
     """malloc_trim(0): freed heap pages back to the system; this process's RSS afterwards."""
     try:
@@ -369,7 +385,7 @@ def _release_memory(request):
     # (a run that waited there too met test_keras' worker at 3.4 GB beside test_recipes'
     # fixture: 6.65 GB); between two tests of one module, above RELEASE_WITHIN_MODULE only
     level = RELEASE_WITHIN_MODULE if _module(nextitem) == _module(item) else RELEASE_ABOVE
-    if (process_memory(os.getpid()) > TRIM_ABOVE and _trim() > level and not same_fixture):
+    if _trimmed(level) > level and not same_fixture:
         # One adapter's release: the Flax one drops JAX's compiled programs, then collects
         # garbage and trims the heap, all that the PyTorch one does (both, one after the
         # other, collected twice: the second collection took 13 CPU-seconds of a run at
@@ -378,9 +394,9 @@ def _release_memory(request):
         # forward pass's text, the stages' forward by the program's: densenet_flax/adapter.py),
         # and PyTorch's release collects and trims.
         if "jax" in sys.modules and not _shares_programs(item, nextitem):
-            get_backend("flax-nnx").call("release_memory")
+            _LAST_TRIM[0] = get_backend("flax-nnx").call("release_memory")  # trims too
         elif "torch" in sys.modules:
-            get_backend("torch").call("release_memory")
+            _LAST_TRIM[0] = get_backend("torch").call("release_memory")
     mx = _cache.get("mxnet")
     if mx is not None and _group(request.node) == "giants" and "[mxnet-" in request.node.nodeid:
         # The giants' Flax steps (the run's peak) follow: their worker's MXNet worker, left
