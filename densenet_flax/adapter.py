@@ -311,13 +311,15 @@ _KEEP_PROGRAMS = 2
 def _run(what, model, train, *args):
     """``what`` ('stages' or 'train') of ``model`` on ``args``, compiled in pieces once for
     their structure, shapes and dtypes."""
-    if what == "stages":
-        def build(*a):
-            return _jit_in_pieces(_stages_fn(model, train), *a, reuse=True)
-    else:
-        def build(*a):
-            return _train_program(model, *a)
+    build = (_in_pieces(lambda: _stages_fn(model, train)) if what == "stages"
+             else functools.partial(_train_program, model))
     return _compiled((what, model, train), build, *args)
+
+
+def _in_pieces(make):
+    """A builder for _compiled: the function ``make()`` returns, compiled in pieces on the
+    arguments (jit_in_pieces, its pieces kept by the program's text)."""
+    return lambda *args: _jit_in_pieces(make(), *args, reuse=True)
 
 
 def _compiled(key, build, *args):
@@ -770,17 +772,16 @@ def model_run(model, x, labels=None, modules=(), train: bool = False, dtype: str
                 nnx.update(m, jax.tree.map(cast, nnx.state(m, kind)))
             graphdef, state = nnx.split(m)
             state = nnx.to_pure_dict(state)
-            out = _compiled(("run", graphdef, tuple(modules), train), lambda *a: _jit_in_pieces(
+            out = _compiled(("run", graphdef, tuple(modules), train), _in_pieces(lambda: (
                 lambda state, xs, ys: _nnx_run(nnx.merge(graphdef, state), xs, ys,
-                                               tuple(modules), train), *a, reuse=True),
-                state, xs, ys)
+                                               tuple(modules), train))), state, xs, ys)
             prefix = {"grads": "", "state": ""}
         else:
             module, variables = model
             variables = jax.tree.map(cast, dict(variables))
-            out = _compiled(("run", module, tuple(modules), train), lambda *a: _jit_in_pieces(
+            out = _compiled(("run", module, tuple(modules), train), _in_pieces(lambda: (
                 lambda variables, xs, ys: _linen_run(module, variables, xs, ys, tuple(modules),
-                                                     train), *a, reuse=True), variables, xs, ys)
+                                                     train))), variables, xs, ys)
             prefix = {"grads": "params/", "state": "batch_stats/"}
         res = {"logits": np.asarray(out["logits"], dtype=dtype),
                "outputs": {k: _nchw_as(v, dtype) for k, v in out["outputs"].items()}}

@@ -229,7 +229,7 @@ def pytest_collection_finish(session):
 def _freeze_what_is_imported():
     """What collection imported (torch, JAX, Keras, ONNX, the tests' modules: ~0.43 million
     objects) out of the garbage collector's sight (gc.freeze): a full collection, after each
-    test above RELEASE_ABOVE (each adapter's release_memory) and whenever Python's thresholds
+    test above RELEASE_ABOVE (an adapter's release_memory) and whenever Python's thresholds
     call one, walks every tracked object, and these live as long as the worker (0.18 s a
     collection for them alone; the releases' collections took ~135 CPU-seconds of a run
     before). Frozen objects are still freed by their reference counts; only a reference cycle

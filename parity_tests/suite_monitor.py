@@ -81,7 +81,7 @@ def _children(pid: int) -> List[int]:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         tasks = None
-    if tasks is not None and os.path.exists(f"/proc/{pid}/task/{tasks[0]}/children"):
+    if tasks and os.path.exists(f"/proc/{pid}/task/{tasks[0]}/children"):
         out: List[int] = []
         for tid in tasks:
             try:
@@ -112,9 +112,8 @@ def tree_memory(root_pid: int, labels: Optional[Dict[int, str]] = None
     ``root_pid`` and its descendants; the last for ``root_pid`` (its whole tree) and each of
     its children (with xdist, each worker's). ``labels`` caches the commands by pid."""
     labels = {} if labels is None else labels
-    total, per, trees = 0, {}, {}
-    top = [(root_pid, [root_pid])] + [(c, _subtree(c)) for c in _children(root_pid)]
-    for head, pids in top:
+    per, trees = {}, {}
+    for pids in [[root_pid]] + [_subtree(c) for c in _children(root_pid)]:
         held = 0
         for pid in pids:
             b = _read_rss(pid)
@@ -124,9 +123,8 @@ def tree_memory(root_pid: int, labels: Optional[Dict[int, str]] = None
                 labels[pid] = _label(pid)
             held += b
             per[pid] = (b, labels[pid])
-        trees[head] = held
-        total += held
-    trees[root_pid] = total
+        trees[pids[0]] = held
+    total = trees[root_pid] = sum(trees.values())
     return total, per, trees
 
 
